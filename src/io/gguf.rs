@@ -1,0 +1,420 @@
+//! GGUF (llama.cpp) LLM files: config from metadata, tensors dequantized to f32 under HF
+//! checkpoint names, tokenizer and chat template from `tokenizer.*` metadata.
+//!
+//! Dequantization follows ggml (`ggml-quants.c`), block size 32:
+//! - Q4_0: f16 d, 16 bytes qs: `w[j] = d·((qs[j] & 0xF) − 8)`, `w[j+16] = d·((qs[j] >> 4) − 8)`
+//! - Q4_1: f16 d, f16 m, 16 bytes qs: `w[j] = d·(qs[j] & 0xF) + m`, `w[j+16] = d·(qs[j] >> 4) + m`
+//! - Q8_0: f16 d, 32 × i8 q: `w = d·q`
+//!
+//! plus F32, F16 and BF16; other types go through candle's dequantizer.
+//! llama.cpp permutes the rows of `attn_q`/`attn_k` for the `llama` architecture so that
+//! RoPE pairs adjacent dims; `unpermute_qk_rows` undoes it for HF's rotate-half RoPE.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use super::store::Store;
+use crate::model::config::{LlmArch, LlmConfig, RopeConfig, RopeScaling};
+
+pub struct GgufModel {
+    pub path: PathBuf,
+    pub content: Content,
+    mmap: Mmap,
+}
+
+/// ggml block sizes in bytes for the types dequantized here.
+const Q4_0_BYTES: usize = 18;
+const Q4_1_BYTES: usize = 20;
+const Q8_0_BYTES: usize = 34;
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes `n` values of ggml type `dtype` from `bytes`.
+pub fn dequantize(dtype: GgmlDType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(n);
+    match dtype {
+        GgmlDType::F32 => out.extend(
+            bytes[..4 * n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        GgmlDType::F16 => out.extend(bytes[..2 * n].chunks_exact(2).map(|c| f16_at(c, 0))),
+        GgmlDType::BF16 => out.extend(
+            bytes[..2 * n]
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        GgmlDType::Q4_0 => {
+            for blk in bytes[..n / 32 * Q4_0_BYTES].chunks_exact(Q4_0_BYTES) {
+                let d = f16_at(blk, 0);
+                let qs = &blk[2..18];
+                out.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
+                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+            }
+        }
+        GgmlDType::Q4_1 => {
+            for blk in bytes[..n / 32 * Q4_1_BYTES].chunks_exact(Q4_1_BYTES) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                let qs = &blk[4..20];
+                out.extend(qs.iter().map(|&q| d * (q & 0xF) as f32 + m));
+                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for blk in bytes[..n / 32 * Q8_0_BYTES].chunks_exact(Q8_0_BYTES) {
+                let d = f16_at(blk, 0);
+                out.extend(blk[2..34].iter().map(|&q| d * (q as i8) as f32));
+            }
+        }
+        other => {
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                other,
+                bytes,
+                vec![n],
+                &Device::Cpu,
+            )?;
+            out = q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?;
+        }
+    }
+    Ok(out)
+}
+
+/// Undoes llama.cpp's Q/K row permutation: rows of a (n_head·hd, n_in) matrix, stored as
+/// `hf.reshape(n_head, 2, hd/2, n_in).swapaxes(1, 2)`, back to HF order:
+/// `hf_row[h·hd + t·hd/2 + j] = gguf_row[h·hd + 2j + t]`.
+pub fn unpermute_qk_rows(w: &[f32], n_head: usize, n_in: usize) -> Vec<f32> {
+    let n_out = w.len() / n_in;
+    let hd = n_out / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for t in 0..2 {
+            for j in 0..hd / 2 {
+                let dst = h * hd + t * hd / 2 + j;
+                let src = h * hd + 2 * j + t;
+                out[dst * n_in..(dst + 1) * n_in].copy_from_slice(&w[src * n_in..(src + 1) * n_in]);
+            }
+        }
+    }
+    out
+}
+
+/// GGUF tensor name -> HF LLaMA checkpoint name.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+impl GgufModel {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file =
+            File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+        // SAFETY: read-only mapping of a file we do not modify.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot memory-map", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            mmap,
+        })
+    }
+
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(v) => {
+                let x = match v {
+                    Value::U8(x) => *x as u64,
+                    Value::U16(x) => *x as u64,
+                    Value::U32(x) => *x as u64,
+                    Value::U64(x) => *x,
+                    Value::I32(x) if *x >= 0 => *x as u64,
+                    Value::I64(x) if *x >= 0 => *x as u64,
+                    other => bail!(
+                        "{}: metadata `{key}` is {other:?}, expected an unsigned integer",
+                        self.path.display()
+                    ),
+                };
+                Ok(Some(x as usize))
+            }
+        }
+    }
+
+    fn need_usize(&self, key: &str) -> Result<usize> {
+        self.meta_usize(key)?
+            .with_context(|| format!("{}: missing metadata `{key}`", self.path.display()))
+    }
+
+    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+        Ok(match self.meta(key) {
+            None => None,
+            Some(Value::F32(x)) => Some(*x as f64),
+            Some(Value::F64(x)) => Some(*x),
+            Some(other) => bail!(
+                "{}: metadata `{key}` is {other:?}, expected a float",
+                self.path.display()
+            ),
+        })
+    }
+
+    pub fn meta_string(&self, key: &str) -> Result<Option<String>> {
+        Ok(match self.meta(key) {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => bail!(
+                "{}: metadata `{key}` is {other:?}, expected a string",
+                self.path.display()
+            ),
+        })
+    }
+
+    pub fn meta_string_array(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => bail!(
+                        "{}: metadata `{key}` holds {other:?}, expected strings",
+                        self.path.display()
+                    ),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(other) => bail!(
+                "{}: metadata `{key}` is {other:?}, expected an array",
+                self.path.display()
+            ),
+        }
+    }
+
+    pub fn meta_int_array(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::I32(x) => Ok(*x as i64),
+                    Value::U32(x) => Ok(*x as i64),
+                    Value::I8(x) => Ok(*x as i64),
+                    Value::U8(x) => Ok(*x as i64),
+                    Value::I64(x) => Ok(*x),
+                    other => bail!(
+                        "{}: metadata `{key}` holds {other:?}, expected integers",
+                        self.path.display()
+                    ),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(other) => bail!(
+                "{}: metadata `{key}` is {other:?}, expected an array",
+                self.path.display()
+            ),
+        }
+    }
+
+    pub fn meta_u32(&self, key: &str) -> Result<Option<u32>> {
+        Ok(self.meta_usize(key)?.map(|x| x as u32))
+    }
+
+    pub fn meta_bool(&self, key: &str) -> Option<bool> {
+        match self.meta(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub fn architecture(&self) -> Result<String> {
+        self.meta_string("general.architecture")?.with_context(|| {
+            format!("{}: missing metadata `general.architecture`", self.path.display())
+        })
+    }
+
+    /// The decoder config from `<arch>.*` metadata.
+    pub fn llm_config(&self) -> Result<LlmConfig> {
+        let arch_name = self.architecture()?;
+        let arch = match arch_name.as_str() {
+            "llama" => LlmArch::Llama,
+            "qwen2" => LlmArch::Qwen2,
+            other => bail!(
+                "{}: unknown architecture `{other}` in metadata `general.architecture`; supported: llama, qwen2",
+                self.path.display()
+            ),
+        };
+        let k = |s: &str| format!("{arch_name}.{s}");
+        let hidden = self.need_usize(&k("embedding_length"))?;
+        let heads = self.need_usize(&k("attention.head_count"))?;
+        let kv_heads = self.meta_usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
+        let head_dim = match self.meta_usize(&k("rope.dimension_count"))? {
+            Some(d) => d,
+            None => self.meta_usize(&k("attention.key_length"))?.unwrap_or(hidden / heads),
+        };
+        let vocab = match self.meta_usize(&k("vocab_size"))? {
+            Some(v) => v,
+            None => self
+                .content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .with_context(|| format!("{}: missing tensor `token_embd.weight`", self.path.display()))?,
+        };
+        let scaling = match self.meta_string(&k("rope.scaling.type"))?.as_deref() {
+            None | Some("none") => RopeScaling::Default,
+            Some("linear") => RopeScaling::Linear {
+                factor: self.meta_f64(&k("rope.scaling.factor"))?.with_context(|| {
+                    format!("{}: missing metadata `{}`", self.path.display(), k("rope.scaling.factor"))
+                })?,
+            },
+            Some(other) => bail!(
+                "{}: metadata `{}` is `{other}`, which is not supported (linear)",
+                self.path.display(),
+                k("rope.scaling.type")
+            ),
+        };
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            bail!(
+                "{}: tensor `rope_freqs.weight` (llama3 rope scaling) is not supported",
+                self.path.display()
+            );
+        }
+        let has = |n: &str| self.content.tensor_infos.contains_key(n);
+        let qkv_bias = has("blk.0.attn_q.bias");
+        Ok(LlmConfig {
+            arch,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.need_usize(&k("feed_forward_length"))?,
+            num_layers: self.need_usize(&k("block_count"))?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: self
+                .meta_f64(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            rope: RopeConfig {
+                theta: self.meta_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+                scaling,
+            },
+            max_position_embeddings: self.meta_usize(&k("context_length"))?.unwrap_or(2048),
+            tie_word_embeddings: !has("output.weight"),
+            qkv_bias,
+            o_bias: has("blk.0.attn_output.bias"),
+            mlp_bias: has("blk.0.ffn_up.bias"),
+            bos_token_id: self.meta_u32("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: self.meta_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            sliding_window: None,
+        })
+    }
+
+    /// The raw bytes of a tensor, bounds-checked against the file.
+    fn tensor_bytes(&self, name: &str) -> Result<(&[u8], GgmlDType, Vec<usize>)> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", self.path.display()))?;
+        let dims = info.shape.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let bs = info.ggml_dtype.block_size();
+        if n % bs != 0 {
+            bail!(
+                "{}: tensor `{name}` has {n} values, not a multiple of the {:?} block size {bs}",
+                self.path.display(),
+                info.ggml_dtype
+            );
+        }
+        let size = n / bs * info.ggml_dtype.type_size();
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        let end = start + size;
+        if end > self.mmap.len() {
+            bail!(
+                "{}: tensor `{name}` needs bytes {start}..{end} but the file has {} bytes; truncated?",
+                self.path.display(),
+                self.mmap.len()
+            );
+        }
+        Ok((&self.mmap[start..end], info.ggml_dtype, dims))
+    }
+
+    /// Dequantizes one tensor by its GGUF name to f32 with its row-major (out, in) shape.
+    pub fn dequantize_tensor(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (bytes, dtype, dims) = self.tensor_bytes(name)?;
+        let n = dims.iter().product();
+        let data = dequantize(dtype, bytes, n)
+            .with_context(|| format!("{}: tensor `{name}`", self.path.display()))?;
+        Ok((data, dims))
+    }
+
+    /// Every tensor, dequantized to f32 under HF names, Q/K un-permuted for `llama`.
+    pub fn hf_store(&self, cfg: &LlmConfig, device: &Device) -> Result<Store> {
+        let permuted = cfg.arch == LlmArch::Llama;
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        names.sort();
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(hf) = hf_name(name) else {
+                if name == "rope_freqs.weight" {
+                    continue;
+                }
+                bail!(
+                    "{}: tensor `{name}` has no HF LLaMA equivalent",
+                    self.path.display()
+                );
+            };
+            let (mut data, dims) = self.dequantize_tensor(name)?;
+            if permuted {
+                let n_in = if dims.len() == 2 { dims[1] } else { 1 };
+                if name.contains(".attn_q.") {
+                    data = unpermute_qk_rows(&data, cfg.num_heads, n_in);
+                } else if name.contains(".attn_k.") {
+                    data = unpermute_qk_rows(&data, cfg.num_kv_heads, n_in);
+                }
+            }
+            tensors.push((hf, Tensor::from_vec(data, dims, device)?));
+        }
+        let mut store = Store::new(device);
+        store.add_owned(&self.path, tensors)?;
+        Ok(store)
+    }
+
+    /// Tokenizer and chat template from the `tokenizer.*` metadata.
+    pub fn text_tools(&self) -> Result<super::tokenizer::TextTools> {
+        super::tokenizer::TextTools::from_gguf(self)
+    }
+}

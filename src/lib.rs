@@ -1,0 +1,13 @@
+//! lntune: LayerNorm tuning (arXiv 2312.11420) and its baselines for LLaVA-style multimodal
+//! LLMs, on candle tensors with a hand-written, frozen-weight-aware backward.
+//!
+//! Layers, bottom to top: `ops` (forward/backward pairs), `model` (configs, decoder, vision
+//! towers, projector, composition), `io` (checkpoints, GGUF, tokenizers), `cli` (commands).
+//!
+//! Error policy: ops return `candle_core::Result`; everything that touches files or user
+//! input returns `anyhow::Result` with the file and field named in the message.
+
+pub mod cli;
+pub mod io;
+pub mod model;
+pub mod ops;

@@ -1,0 +1,21 @@
+//! The `lntune` binary: parse, run, map the result to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = lntune::cli::Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle's CPU kernels and gemm read the rayon thread count; set it before any
+        // kernel runs (nothing else is running yet).
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    match lntune::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

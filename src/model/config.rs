@@ -1,0 +1,510 @@
+//! Model configs. Two layers, as in candle-transformers: serde structs that mirror the HF
+//! `config.json` files field by field (every field optional, because hub configs often spell
+//! out only what differs from the transformers class defaults), and plain runtime configs
+//! with every value resolved. The defaults below are the transformers class defaults for
+//! each `model_type`, so that e.g. llava-hf/llava-1.5-7b-hf's sparse `text_config` resolves
+//! to Vicuna-7B.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::ops::act::Act;
+
+// ---------------------------------------------------------------------------------------
+// config.json mirrors
+
+/// An integer or a list of integers (`eos_token_id`, `vision_feature_layer`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<i64> {
+        match self {
+            OneOrMany::One(v) => vec![*v],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeParamsFile {
+    pub rope_type: Option<String>,
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    pub rope_theta: Option<f64>,
+    pub factor: Option<f64>,
+    pub low_freq_factor: Option<f64>,
+    pub high_freq_factor: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// A decoder's config.json (LlamaConfig, MistralConfig, Qwen2Config) or a llava `text_config`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TextConfigFile {
+    pub model_type: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub hidden_act: Option<Act>,
+    pub max_position_embeddings: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<RopeParamsFile>,
+    pub rope_parameters: Option<RopeParamsFile>,
+    pub tie_word_embeddings: Option<bool>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub bos_token_id: Option<OneOrMany>,
+    pub eos_token_id: Option<OneOrMany>,
+    pub pad_token_id: Option<OneOrMany>,
+    pub sliding_window: Option<usize>,
+    pub use_sliding_window: Option<bool>,
+}
+
+/// A vision config.json (CLIPVisionConfig, Dinov2Config) or a llava `vision_config`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VisionConfigFile {
+    pub model_type: Option<String>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub image_size: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub num_channels: Option<usize>,
+    pub hidden_act: Option<Act>,
+    pub layer_norm_eps: Option<f64>,
+    pub mlp_ratio: Option<f64>,
+    pub qkv_bias: Option<bool>,
+    pub layerscale_value: Option<f64>,
+    pub use_swiglu_ffn: Option<bool>,
+    /// A full CLIPConfig nests the tower here.
+    pub vision_config: Option<Box<VisionConfigFile>>,
+}
+
+/// LlavaForConditionalGeneration's config.json.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LlavaConfigFile {
+    pub model_type: Option<String>,
+    pub text_config: Option<TextConfigFile>,
+    pub vision_config: Option<VisionConfigFile>,
+    #[serde(alias = "image_token_id")]
+    pub image_token_index: Option<i64>,
+    pub projector_hidden_act: Option<Act>,
+    pub vision_feature_layer: Option<OneOrMany>,
+    pub vision_feature_select_strategy: Option<String>,
+    pub multimodal_projector_bias: Option<bool>,
+    pub image_seq_length: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+}
+
+/// Reads and parses a JSON file, naming the file in every error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------
+// runtime configs
+
+/// How RoPE frequencies are scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// positions divided by `factor`
+    Linear { factor: f64 },
+    /// Llama 3.1 frequency-dependent scaling
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// `inv_freq[j] = theta^(-2j/HD)` in f32 as transformers computes it, then scaled.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        let base = self.theta as f32;
+        let mut inv: Vec<f32> = (0..head_dim / 2)
+            .map(|j| 1.0f32 / base.powf((2 * j) as f32 / head_dim as f32))
+            .collect();
+        match &self.scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => {
+                for f in &mut inv {
+                    *f /= *factor as f32;
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high) =
+                    (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let old_ctx = *original_max_position_embeddings as f32;
+                let low_wavelen = old_ctx / low;
+                let high_wavelen = old_ctx / high;
+                for f in &mut inv {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    *f = if medium {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                }
+            }
+        }
+        inv
+    }
+}
+
+/// Which decoder family: they differ only in biases and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmArch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// A LLaMA-family decoder, fully resolved.
+#[derive(Debug, Clone)]
+pub struct LlmConfig {
+    pub arch: LlmArch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// biases on q, k, v (Qwen2, or LLaMA with `attention_bias`)
+    pub qkv_bias: bool,
+    /// bias on o_proj (LLaMA `attention_bias`)
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub sliding_window: Option<usize>,
+}
+
+fn first_id(v: &Option<OneOrMany>) -> Option<u32> {
+    v.as_ref()
+        .and_then(|v| v.to_vec().first().copied())
+        .and_then(|x| u32::try_from(x).ok())
+}
+
+impl TextConfigFile {
+    /// Resolves with the transformers defaults of `model_type` (`default_type` when absent).
+    /// `origin` names the file/field for messages.
+    pub fn resolve(
+        &self,
+        default_type: &str,
+        tie_default: Option<bool>,
+        origin: &str,
+    ) -> Result<LlmConfig> {
+        let mt = self.model_type.as_deref().unwrap_or(default_type);
+        // (vocab, hidden, intermediate, layers, heads, kv heads or None = heads, max pos,
+        //  rms eps, tie)
+        let (arch, d) = match mt {
+            "llama" => (LlmArch::Llama, (32000, 4096, 11008, 32, 32, None, 2048, 1e-6, false)),
+            "mistral" => (
+                LlmArch::Mistral,
+                (32000, 4096, 14336, 32, 32, Some(8), 4096 * 32, 1e-6, false),
+            ),
+            "qwen2" => (
+                LlmArch::Qwen2,
+                (151936, 4096, 22016, 32, 32, Some(32), 32768, 1e-6, false),
+            ),
+            other => bail!(
+                "{origin}: unknown architecture `{other}` in field `model_type`; supported: llama, mistral, qwen2"
+            ),
+        };
+        let hidden_size = self.hidden_size.unwrap_or(d.1);
+        let num_heads = self.num_attention_heads.unwrap_or(d.4);
+        let num_kv_heads = self.num_key_value_heads.or(d.5).unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!(
+                "{origin}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            );
+        }
+        let head_dim = self.head_dim.unwrap_or(hidden_size / num_heads);
+        if head_dim % 2 != 0 {
+            bail!("{origin}: head_dim {head_dim} must be even for RoPE");
+        }
+        if let Some(act) = self.hidden_act
+            && act != Act::Silu
+        {
+            bail!("{origin}: hidden_act {act:?} is not supported for the decoder MLP (only silu)");
+        }
+        let rope = resolve_rope(self, origin)?;
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            LlmArch::Qwen2 => (true, false),
+            _ => (attention_bias, attention_bias),
+        };
+        let sliding_window = match arch {
+            LlmArch::Mistral => self.sliding_window,
+            LlmArch::Qwen2 if self.use_sliding_window.unwrap_or(false) => self.sliding_window,
+            _ => None,
+        };
+        Ok(LlmConfig {
+            arch,
+            vocab_size: self.vocab_size.unwrap_or(d.0),
+            hidden_size,
+            intermediate_size: self.intermediate_size.unwrap_or(d.2),
+            num_layers: self.num_hidden_layers.unwrap_or(d.3),
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(d.7),
+            rope,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(d.6),
+            tie_word_embeddings: self.tie_word_embeddings.or(tie_default).unwrap_or(d.8),
+            qkv_bias,
+            o_bias,
+            mlp_bias: self.mlp_bias.unwrap_or(false),
+            bos_token_id: first_id(&self.bos_token_id),
+            eos_token_ids: self
+                .eos_token_id
+                .as_ref()
+                .map(|e| e.to_vec().into_iter().filter_map(|x| u32::try_from(x).ok()).collect())
+                .unwrap_or_default(),
+            sliding_window,
+        })
+    }
+}
+
+fn resolve_rope(c: &TextConfigFile, origin: &str) -> Result<RopeConfig> {
+    let params = c.rope_parameters.clone().or(c.rope_scaling.clone()).unwrap_or_default();
+    let theta = params.rope_theta.or(c.rope_theta).unwrap_or(10000.0);
+    let kind = params.rope_type.clone().or(params.type_.clone());
+    let need = |v: Option<f64>, name: &str| {
+        v.with_context(|| format!("{origin}: rope scaling needs field `{name}`"))
+    };
+    let scaling = match kind.as_deref() {
+        None | Some("default") => RopeScaling::Default,
+        Some("linear") => RopeScaling::Linear {
+            factor: need(params.factor, "factor")?,
+        },
+        Some("llama3") => RopeScaling::Llama3 {
+            factor: need(params.factor, "factor")?,
+            low_freq_factor: need(params.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: need(params.high_freq_factor, "high_freq_factor")?,
+            original_max_position_embeddings: params
+                .original_max_position_embeddings
+                .with_context(|| {
+                    format!("{origin}: rope scaling needs field `original_max_position_embeddings`")
+                })?,
+        },
+        Some(other) => bail!(
+            "{origin}: rope type `{other}` is not supported (supported: default, linear, llama3)"
+        ),
+    };
+    Ok(RopeConfig { theta, scaling })
+}
+
+/// CLIP vision transformer.
+#[derive(Debug, Clone)]
+pub struct ClipConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub hidden_act: Act,
+    pub layer_norm_eps: f64,
+}
+
+/// DINOv2 vision transformer.
+#[derive(Debug, Clone)]
+pub struct Dinov2Config {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub mlp_hidden: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub hidden_act: Act,
+    pub layer_norm_eps: f64,
+    pub qkv_bias: bool,
+    pub use_swiglu_ffn: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum VisionConfig {
+    Clip(ClipConfig),
+    Dinov2(Dinov2Config),
+}
+
+impl VisionConfig {
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            VisionConfig::Clip(c) => c.hidden_size,
+            VisionConfig::Dinov2(c) => c.hidden_size,
+        }
+    }
+    pub fn num_layers(&self) -> usize {
+        match self {
+            VisionConfig::Clip(c) => c.num_layers,
+            VisionConfig::Dinov2(c) => c.num_layers,
+        }
+    }
+    pub fn patch_size(&self) -> usize {
+        match self {
+            VisionConfig::Clip(c) => c.patch_size,
+            VisionConfig::Dinov2(c) => c.patch_size,
+        }
+    }
+    pub fn image_size(&self) -> usize {
+        match self {
+            VisionConfig::Clip(c) => c.image_size,
+            VisionConfig::Dinov2(c) => c.image_size,
+        }
+    }
+}
+
+impl VisionConfigFile {
+    /// Resolves with the transformers defaults of `model_type` (`default_type` when absent).
+    pub fn resolve(&self, default_type: &str, origin: &str) -> Result<VisionConfig> {
+        if let Some(inner) = &self.vision_config {
+            // a full CLIPConfig: the tower's config is nested
+            return inner.resolve("clip_vision_model", origin);
+        }
+        let mt = self.model_type.as_deref().unwrap_or(default_type);
+        match mt {
+            "clip_vision_model" | "clip" => Ok(VisionConfig::Clip(ClipConfig {
+                hidden_size: self.hidden_size.unwrap_or(768),
+                intermediate_size: self.intermediate_size.unwrap_or(3072),
+                num_layers: self.num_hidden_layers.unwrap_or(12),
+                num_heads: self.num_attention_heads.unwrap_or(12),
+                image_size: self.image_size.unwrap_or(224),
+                patch_size: self.patch_size.unwrap_or(32),
+                num_channels: self.num_channels.unwrap_or(3),
+                hidden_act: self.hidden_act.unwrap_or(Act::QuickGelu),
+                layer_norm_eps: self.layer_norm_eps.unwrap_or(1e-5),
+            })),
+            "dinov2" => {
+                let hidden = self.hidden_size.unwrap_or(768);
+                let mlp_ratio = self.mlp_ratio.unwrap_or(4.0);
+                Ok(VisionConfig::Dinov2(Dinov2Config {
+                    hidden_size: hidden,
+                    num_layers: self.num_hidden_layers.unwrap_or(12),
+                    num_heads: self.num_attention_heads.unwrap_or(12),
+                    mlp_hidden: (hidden as f64 * mlp_ratio) as usize,
+                    image_size: self.image_size.unwrap_or(224),
+                    patch_size: self.patch_size.unwrap_or(14),
+                    num_channels: self.num_channels.unwrap_or(3),
+                    hidden_act: self.hidden_act.unwrap_or(Act::GeluErf),
+                    layer_norm_eps: self.layer_norm_eps.unwrap_or(1e-6),
+                    qkv_bias: self.qkv_bias.unwrap_or(true),
+                    use_swiglu_ffn: self.use_swiglu_ffn.unwrap_or(false),
+                }))
+            }
+            other => bail!(
+                "{origin}: unknown vision architecture `{other}` in field `model_type`; supported: clip_vision_model, dinov2"
+            ),
+        }
+    }
+}
+
+/// Which tokens of the tower's output feed the projector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectStrategy {
+    /// drop the CLS token
+    Default,
+    /// keep every token
+    Full,
+}
+
+impl SelectStrategy {
+    pub fn parse(s: &str, origin: &str) -> Result<Self> {
+        match s {
+            "default" => Ok(Self::Default),
+            "full" => Ok(Self::Full),
+            other => bail!(
+                "{origin}: vision_feature_select_strategy `{other}` is not supported (default, full)"
+            ),
+        }
+    }
+}
+
+/// Which vision hidden state(s) the projector sees.
+#[derive(Debug, Clone)]
+pub struct FeatureSelect {
+    /// indices into `hidden_states` (embeddings output first), negative from the end;
+    /// several are concatenated along channels as transformers does
+    pub layers: Vec<i64>,
+    pub strategy: SelectStrategy,
+    /// apply the tower's final layernorm (DINOv2 `last_hidden_state`)
+    pub final_layernorm: bool,
+}
+
+/// Projector layout: `linear_1`, act, `linear_2`, act, ... (llava-hf names).
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    pub num_linears: usize,
+    pub act: Act,
+    pub bias: bool,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl ProjectorConfig {
+    /// `linear` or `mlp{N}x_gelu` (LLaVA's `mm_projector_type` names).
+    pub fn parse_type(
+        t: &str,
+        bias: bool,
+        in_features: usize,
+        out_features: usize,
+        origin: &str,
+    ) -> Result<Self> {
+        let num_linears = if t == "linear" {
+            1
+        } else if let Some(n) = t.strip_prefix("mlp").and_then(|r| r.strip_suffix("x_gelu")) {
+            n.parse::<usize>()
+                .ok()
+                .filter(|&n| n >= 1)
+                .with_context(|| format!("{origin}: bad projector type `{t}`"))?
+        } else {
+            bail!("{origin}: projector type `{t}` is not supported (linear, mlp<N>x_gelu)");
+        };
+        Ok(Self {
+            num_linears,
+            act: Act::GeluErf,
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+}

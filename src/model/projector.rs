@@ -1,0 +1,41 @@
+//! The vision-language connector: `linear_1` (Dv -> Dl), then for an MLP projector
+//! act -> `linear_2` (Dl -> Dl) -> act -> ... (llava-hf `LlavaMultiModalProjector` names;
+//! LLaVA's `mm_projector_type` `linear` / `mlp2x_gelu`).
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::Linear;
+use super::config::ProjectorConfig;
+use crate::io::store::Weights;
+use crate::ops::act::act_forward;
+
+pub struct Projector {
+    pub cfg: ProjectorConfig,
+    /// `linear_1`, `linear_2`, ...
+    pub linears: Vec<Linear>,
+}
+
+impl Projector {
+    pub fn load(w: &Weights, cfg: &ProjectorConfig) -> Result<Self> {
+        let linears = (0..cfg.num_linears)
+            .map(|i| {
+                let in_f = if i == 0 { cfg.in_features } else { cfg.out_features };
+                Linear::load(w, &format!("linear_{}", i + 1), cfg.out_features, in_f, cfg.bias)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            linears,
+        })
+    }
+
+    /// features (N, P, Dv) -> (N, P, Dl)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.linears[0].forward(x)?;
+        for lin in &self.linears[1..] {
+            x = lin.forward(&act_forward(&x, self.cfg.act)?)?;
+        }
+        Ok(x)
+    }
+}

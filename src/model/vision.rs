@@ -1,0 +1,164 @@
+//! Pieces shared by the ViT towers, and `VisionTower`, which picks the hidden states the
+//! projector sees (`vision_feature_layer`, select strategy, final layernorm).
+
+use anyhow::{Result, bail};
+use candle_core::{D, Tensor};
+
+use super::clip::ClipVision;
+use super::config::{FeatureSelect, SelectStrategy, VisionConfig};
+use super::dinov2::Dinov2Vision;
+use super::{Linear, merge_heads, split_heads};
+use crate::io::store::Weights;
+use crate::ops::act::{Act, act_forward};
+use crate::ops::attention::attention_forward;
+
+/// Non-overlapping patch embedding (a conv with stride = kernel) as one matmul:
+/// pixels (N, C, H, W), kernel (D, C·P·P), bias (D) -> (N, gh·gw, D), patches row-major.
+pub fn patch_embed(
+    pixels: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    p: usize,
+) -> Result<Tensor> {
+    let (n, c, h, w) = pixels.dims4()?;
+    if h % p != 0 || w % p != 0 {
+        bail!("pixel_values {h}x{w} is not a multiple of the patch size {p}");
+    }
+    let (gh, gw) = (h / p, w / p);
+    let patches = pixels
+        .to_dtype(candle_core::DType::F32)?
+        .reshape((n, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))? // (N, gh, gw, C, P, P)
+        .contiguous()?
+        .reshape((n, gh * gw, c * p * p))?;
+    Ok(crate::ops::linear::linear_forward(&patches, kernel, bias)?)
+}
+
+/// Multi-head self-attention of a ViT layer (no mask; every head has its own K/V).
+pub struct ViTAttention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub num_heads: usize,
+}
+
+impl ViTAttention {
+    /// x (N, L, D) -> (N, L, D)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let (nh, hd) = (self.num_heads, d / self.num_heads);
+        let q = split_heads(&self.q.forward(x)?, nh, hd)?;
+        let k = split_heads(&self.k.forward(x)?, nh, hd)?;
+        let v = split_heads(&self.v.forward(x)?, nh, hd)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (att, _) = attention_forward(&q, &k, &v, None, scale, self.q.weight.dtype())?;
+        Ok(self.o.forward(&merge_heads(&att)?)?)
+    }
+}
+
+/// fc1 -> act -> fc2
+pub struct ViTMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Act,
+}
+
+impl ViTMlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.fc2.forward(&act_forward(&self.fc1.forward(x)?, self.act)?)?)
+    }
+}
+
+/// The frozen image encoder of a multimodal model.
+pub enum VisionTower {
+    Clip(ClipVision),
+    Dinov2(Dinov2Vision),
+}
+
+impl VisionTower {
+    pub fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        Ok(match cfg {
+            VisionConfig::Clip(c) => Self::Clip(ClipVision::load(w, c)?),
+            VisionConfig::Dinov2(c) => Self::Dinov2(Dinov2Vision::load(w, c)?),
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Clip(m) => m.cfg.hidden_size,
+            Self::Dinov2(m) => m.cfg.hidden_size,
+        }
+    }
+
+    fn num_layers(&self) -> usize {
+        match self {
+            Self::Clip(m) => m.cfg.num_layers,
+            Self::Dinov2(m) => m.cfg.num_layers,
+        }
+    }
+
+    /// Resolves a `vision_feature_layer` (negative counts from the end of `hidden_states`,
+    /// which has num_layers + 1 entries) to an index.
+    pub fn resolve_layer(&self, layer: i64) -> Result<usize> {
+        let len = self.num_layers() as i64 + 1;
+        let idx = if layer < 0 { len + layer } else { layer };
+        if idx < 0 || idx >= len {
+            bail!(
+                "vision_feature_layer {layer} is out of range for a tower with {} layers",
+                self.num_layers()
+            );
+        }
+        Ok(idx as usize)
+    }
+
+    /// Number of patch tokens for an input of `h`×`w` pixels, before the select strategy.
+    pub fn num_patches(&self, h: usize, w: usize) -> usize {
+        let p = match self {
+            Self::Clip(m) => m.cfg.patch_size,
+            Self::Dinov2(m) => m.cfg.patch_size,
+        };
+        (h / p) * (w / p)
+    }
+
+    /// pixels (N, C, H, W) -> features (N, P', D·k) for the projector, P' = P without CLS
+    /// (`default`) or 1 + P (`full`), k = number of selected layers.
+    pub fn features(&self, pixels: &Tensor, sel: &FeatureSelect) -> Result<Tensor> {
+        let wanted = sel
+            .layers
+            .iter()
+            .map(|&l| self.resolve_layer(l))
+            .collect::<Result<Vec<_>>>()?;
+        let states = match self {
+            Self::Clip(m) => {
+                if sel.final_layernorm {
+                    bail!("a CLIP tower has no final layernorm on its hidden states");
+                }
+                m.hidden_states(pixels, &wanted)?
+            }
+            Self::Dinov2(m) => {
+                let states = m.hidden_states(pixels, &wanted)?;
+                if sel.final_layernorm {
+                    states
+                        .iter()
+                        .map(|s| m.layernorm.forward(s).map_err(Into::into))
+                        .collect::<Result<Vec<_>>>()?
+                } else {
+                    states
+                }
+            }
+        };
+        let x = if states.len() == 1 {
+            states.into_iter().next().expect("one state")
+        } else {
+            Tensor::cat(&states, D::Minus1)?
+        };
+        Ok(match sel.strategy {
+            SelectStrategy::Default => {
+                let l = x.dim(1)?;
+                x.narrow(1, 1, l - 1)?
+            }
+            SelectStrategy::Full => x,
+        })
+    }
+}

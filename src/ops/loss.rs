@@ -1,0 +1,63 @@
+//! Masked cross-entropy: token mean over targets that are not `IGNORE_INDEX`.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// Label value that is not scored (PyTorch's `ignore_index` default, used by LLaVA/HF).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// What the cross-entropy backward needs.
+pub struct CrossEntropyCtx {
+    pub probs: Tensor,   // (M, V) softmax of the scored rows
+    pub rows: Tensor,    // (M) u32 row index into the (N, V) logits
+    pub targets: Tensor, // (M) u32
+    pub n_rows: usize,   // N
+}
+
+/// logits (N, V) f32, targets (N) with `IGNORE_INDEX` for unscored rows ->
+/// (mean loss over the M scored rows as a scalar f32 tensor, ctx).
+/// Errors when no row is scored: the mean would be 0/0.
+pub fn cross_entropy_forward(
+    logits: &Tensor,
+    targets: &[i64],
+) -> Result<(Tensor, CrossEntropyCtx)> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n {
+        candle_core::bail!("cross-entropy: {} targets for {n} logit rows", targets.len());
+    }
+    let mut rows = Vec::new();
+    let mut tgt = Vec::new();
+    for (i, &t) in targets.iter().enumerate() {
+        if t == IGNORE_INDEX {
+            continue;
+        }
+        if t < 0 || t as usize >= v {
+            candle_core::bail!("cross-entropy: target {t} at row {i} is outside the vocabulary 0..{v}");
+        }
+        rows.push(i as u32);
+        tgt.push(t as u32);
+    }
+    if rows.is_empty() {
+        candle_core::bail!("cross-entropy: no target differs from {IGNORE_INDEX}, the mean is undefined");
+    }
+    let m = rows.len();
+    let dev = logits.device();
+    let rows = Tensor::from_vec(rows, m, dev)?;
+    let targets = Tensor::from_vec(tgt, m, dev)?;
+    let x = logits.index_select(&rows, 0)?.to_dtype(DType::F32)?; // (M, V)
+    let max = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let e = shifted.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?; // (M, 1)
+    let logp_target = (shifted.gather(&targets.unsqueeze(1)?, 1)? - sum.log()?)?; // (M, 1)
+    let loss = (logp_target.sum_all()? * (-1.0 / m as f64))?;
+    let probs = e.broadcast_div(&sum)?;
+    Ok((
+        loss,
+        CrossEntropyCtx {
+            probs,
+            rows,
+            targets,
+            n_rows: n,
+        },
+    ))
+}
