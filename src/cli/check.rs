@@ -53,20 +53,34 @@ pub fn diff(name: &str, got: &Tensor, want: &Tensor) -> Result<Diff> {
             want.dims()
         );
     }
-    let g = got.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?;
-    let w = want.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?;
+    let g = got
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let w = want
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let mut max_abs = 0f64;
     let mut ref_max = 0f64;
     for (a, b) in g.iter().zip(&w) {
         let d = (a - b).abs();
-        if !(d <= max_abs) {
-            max_abs = if d.is_nan() { f64::INFINITY } else { d.max(max_abs) };
+        if d.is_nan() {
+            max_abs = f64::INFINITY;
+        } else if d > max_abs {
+            max_abs = d;
         }
         ref_max = ref_max.max(b.abs());
     }
     Ok(Diff {
         max_abs,
-        max_rel: if ref_max > 0.0 { max_abs / ref_max } else { max_abs },
+        max_rel: if ref_max > 0.0 {
+            max_abs / ref_max
+        } else {
+            max_abs
+        },
     })
 }
 
@@ -139,7 +153,11 @@ pub fn run(args: CheckArgs) -> Result<()> {
         "model    {} ({} decoder layers, {}, {:?}; loaded in {load_s:.2}s, forward {fwd_s:.2}s)",
         args.model.display(),
         model.llm.cfg.num_layers,
-        if model.vision.is_some() { "multimodal" } else { "text-only" },
+        if model.vision.is_some() {
+            "multimodal"
+        } else {
+            "text-only"
+        },
         args.dtype.dtype(),
     );
     println!(

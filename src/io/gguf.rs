@@ -262,7 +262,10 @@ impl GgufModel {
 
     pub fn architecture(&self) -> Result<String> {
         self.meta_string("general.architecture")?.with_context(|| {
-            format!("{}: missing metadata `general.architecture`", self.path.display())
+            format!(
+                "{}: missing metadata `general.architecture`",
+                self.path.display()
+            )
         })
     }
 
@@ -280,10 +283,14 @@ impl GgufModel {
         let k = |s: &str| format!("{arch_name}.{s}");
         let hidden = self.need_usize(&k("embedding_length"))?;
         let heads = self.need_usize(&k("attention.head_count"))?;
-        let kv_heads = self.meta_usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
+        let kv_heads = self
+            .meta_usize(&k("attention.head_count_kv"))?
+            .unwrap_or(heads);
         let head_dim = match self.meta_usize(&k("rope.dimension_count"))? {
             Some(d) => d,
-            None => self.meta_usize(&k("attention.key_length"))?.unwrap_or(hidden / heads),
+            None => self
+                .meta_usize(&k("attention.key_length"))?
+                .unwrap_or(hidden / heads),
         };
         let vocab = match self.meta_usize(&k("vocab_size"))? {
             Some(v) => v,
@@ -292,13 +299,22 @@ impl GgufModel {
                 .tensor_infos
                 .get("token_embd.weight")
                 .map(|t| t.shape.dims()[0])
-                .with_context(|| format!("{}: missing tensor `token_embd.weight`", self.path.display()))?,
+                .with_context(|| {
+                    format!(
+                        "{}: missing tensor `token_embd.weight`",
+                        self.path.display()
+                    )
+                })?,
         };
         let scaling = match self.meta_string(&k("rope.scaling.type"))?.as_deref() {
             None | Some("none") => RopeScaling::Default,
             Some("linear") => RopeScaling::Linear {
                 factor: self.meta_f64(&k("rope.scaling.factor"))?.with_context(|| {
-                    format!("{}: missing metadata `{}`", self.path.display(), k("rope.scaling.factor"))
+                    format!(
+                        "{}: missing metadata `{}`",
+                        self.path.display(),
+                        k("rope.scaling.factor")
+                    )
                 })?,
             },
             Some(other) => bail!(
@@ -337,7 +353,10 @@ impl GgufModel {
             o_bias: has("blk.0.attn_output.bias"),
             mlp_bias: has("blk.0.ffn_up.bias"),
             bos_token_id: self.meta_u32("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: self.meta_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            eos_token_ids: self
+                .meta_u32("tokenizer.ggml.eos_token_id")?
+                .into_iter()
+                .collect(),
             sliding_window: None,
         })
     }
@@ -352,7 +371,7 @@ impl GgufModel {
         let dims = info.shape.dims().to_vec();
         let n: usize = dims.iter().product();
         let bs = info.ggml_dtype.block_size();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             bail!(
                 "{}: tensor `{name}` has {n} values, not a multiple of the {:?} block size {bs}",
                 self.path.display(),
@@ -413,8 +432,12 @@ impl GgufModel {
         Ok(store)
     }
 
-    /// Tokenizer and chat template from the `tokenizer.*` metadata.
-    pub fn text_tools(&self) -> Result<super::tokenizer::TextTools> {
-        super::tokenizer::TextTools::from_gguf(self)
+    /// Tokenizer and chat template from the `tokenizer.*` metadata; None when the file
+    /// carries no tokenizer.
+    pub fn text_tools(&self) -> Result<Option<super::tokenizer::TextTools>> {
+        if self.meta("tokenizer.ggml.model").is_none() {
+            return Ok(None);
+        }
+        super::tokenizer::TextTools::from_gguf(self).map(Some)
     }
 }

@@ -57,8 +57,7 @@ impl Store {
     /// Memory-maps a safetensors file and registers all its tensors. The header is
     /// validated against the file size, so a truncated file is an error here.
     pub fn add_safetensors(&mut self, path: &Path) -> Result<()> {
-        let file =
-            File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: the mapping is read-only; a file changed underneath us while a model is
         // loaded would give wrong numbers but no memory unsafety beyond what memmap2 documents.
         let mmap = unsafe { Mmap::map(&file) }
@@ -202,9 +201,8 @@ impl Store {
             } => {
                 let src = &self.files[*file];
                 let bytes = &src.mmap.as_ref().expect("mapped entry has a mapping")[*start..*end];
-                let dt = candle_dtype(*st_dtype).with_context(|| {
-                    format!("{}: tensor `{name}`", src.path.display())
-                })?;
+                let dt = candle_dtype(*st_dtype)
+                    .with_context(|| format!("{}: tensor `{name}`", src.path.display()))?;
                 Tensor::from_raw_buffer(bytes, dt, shape, &Device::Cpu).with_context(|| {
                     format!("{}: cannot decode tensor `{name}`", src.path.display())
                 })?
@@ -256,8 +254,12 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     }
     let text = std::fs::read_to_string(index)
         .with_context(|| format!("{}: cannot read", index.display()))?;
-    let parsed: Index = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid index JSON (field `weight_map`)", index.display()))?;
+    let parsed: Index = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: invalid index JSON (field `weight_map`)",
+            index.display()
+        )
+    })?;
     let mut shards: Vec<String> = parsed.weight_map.into_values().collect();
     shards.sort();
     shards.dedup();

@@ -73,7 +73,9 @@ impl TextTools {
         let merges = g
             .meta_string_array("tokenizer.ggml.merges")?
             .with_context(|| format!("{file}: missing metadata `tokenizer.ggml.merges`"))?;
-        let types = g.meta_int_array("tokenizer.ggml.token_type")?.unwrap_or_default();
+        let types = g
+            .meta_int_array("tokenizer.ggml.token_type")?
+            .unwrap_or_default();
         let pre = g
             .meta_string("tokenizer.ggml.pre")?
             .unwrap_or_else(|| "default".into());
@@ -89,7 +91,9 @@ impl TextTools {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .with_context(|| {
-                        format!("{file}: metadata `tokenizer.ggml.merges`[{i}] = {m:?} is not `a b`")
+                        format!(
+                            "{file}: metadata `tokenizer.ggml.merges`[{i}] = {m:?} is not `a b`"
+                        )
                     })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -204,8 +208,14 @@ impl TextTools {
                     .with_context(|| format!("{}: cannot read", jinja.display()))?,
             );
         }
-        tools.bos_id = tools.bos_token.as_ref().and_then(|t| tools.tokenizer.token_to_id(t));
-        tools.eos_id = tools.eos_token.as_ref().and_then(|t| tools.tokenizer.token_to_id(t));
+        tools.bos_id = tools
+            .bos_token
+            .as_ref()
+            .and_then(|t| tools.tokenizer.token_to_id(t));
+        tools.eos_id = tools
+            .eos_token
+            .as_ref()
+            .and_then(|t| tools.tokenizer.token_to_id(t));
         Ok(Some(tools))
     }
 
@@ -234,7 +244,11 @@ impl TextTools {
     }
 
     /// Renders `messages` with the model's chat template.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()

@@ -34,8 +34,11 @@ impl ClipVision {
     /// `w` is the tower root (`vision_tower.vision_model` or `vision_tower`).
     pub fn load(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
-        if cfg.image_size % p != 0 {
-            bail!("CLIP image_size {} is not a multiple of patch_size {p}", cfg.image_size);
+        if !cfg.image_size.is_multiple_of(p) {
+            bail!(
+                "CLIP image_size {} is not a multiple of patch_size {p}",
+                cfg.image_size
+            );
         }
         let grid = cfg.image_size / p;
         let e = w.pp("embeddings");
@@ -86,7 +89,10 @@ impl ClipVision {
         }
         let patches = patch_embed(pixels, &self.patch_embedding, None, self.cfg.patch_size)?;
         let (n, _, d) = patches.dims3()?;
-        let cls = self.class_embedding.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((n, 1, d))?;
         let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         let upto = wanted.iter().copied().max().unwrap_or(0);
@@ -101,6 +107,9 @@ impl ClipVision {
                 states[i + 1] = Some(x.clone());
             }
         }
-        Ok(wanted.iter().map(|&i| states[i].clone().expect("wanted state kept")).collect())
+        Ok(wanted
+            .iter()
+            .map(|&i| states[i].clone().expect("wanted state kept"))
+            .collect())
     }
 }

@@ -111,8 +111,8 @@ pub struct LlavaConfigFile {
 
 /// Reads and parses a JSON file, naming the file in every error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -124,7 +124,9 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 pub enum RopeScaling {
     Default,
     /// positions divided by `factor`
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling
     Llama3 {
         factor: f64,
@@ -160,15 +162,22 @@ impl RopeConfig {
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
-                let (factor, low, high) =
-                    (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let (factor, low, high) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
                 let old_ctx = *original_max_position_embeddings as f32;
                 let low_wavelen = old_ctx / low;
                 let high_wavelen = old_ctx / high;
                 for f in &mut inv {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let smooth = (old_ctx / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -234,7 +243,10 @@ impl TextConfigFile {
         // (vocab, hidden, intermediate, layers, heads, kv heads or None = heads, max pos,
         //  rms eps, tie)
         let (arch, d) = match mt {
-            "llama" => (LlmArch::Llama, (32000, 4096, 11008, 32, 32, None, 2048, 1e-6, false)),
+            "llama" => (
+                LlmArch::Llama,
+                (32000, 4096, 11008, 32, 32, None, 2048, 1e-6, false),
+            ),
             "mistral" => (
                 LlmArch::Mistral,
                 (32000, 4096, 14336, 32, 32, Some(8), 4096 * 32, 1e-6, false),
@@ -250,13 +262,13 @@ impl TextConfigFile {
         let hidden_size = self.hidden_size.unwrap_or(d.1);
         let num_heads = self.num_attention_heads.unwrap_or(d.4);
         let num_kv_heads = self.num_key_value_heads.or(d.5).unwrap_or(num_heads);
-        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             bail!(
                 "{origin}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             );
         }
         let head_dim = self.head_dim.unwrap_or(hidden_size / num_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("{origin}: head_dim {head_dim} must be even for RoPE");
         }
         if let Some(act) = self.hidden_act
@@ -295,7 +307,12 @@ impl TextConfigFile {
             eos_token_ids: self
                 .eos_token_id
                 .as_ref()
-                .map(|e| e.to_vec().into_iter().filter_map(|x| u32::try_from(x).ok()).collect())
+                .map(|e| {
+                    e.to_vec()
+                        .into_iter()
+                        .filter_map(|x| u32::try_from(x).ok())
+                        .collect()
+                })
                 .unwrap_or_default(),
             sliding_window,
         })
@@ -303,7 +320,11 @@ impl TextConfigFile {
 }
 
 fn resolve_rope(c: &TextConfigFile, origin: &str) -> Result<RopeConfig> {
-    let params = c.rope_parameters.clone().or(c.rope_scaling.clone()).unwrap_or_default();
+    let params = c
+        .rope_parameters
+        .clone()
+        .or(c.rope_scaling.clone())
+        .unwrap_or_default();
     let theta = params.rope_theta.or(c.rope_theta).unwrap_or(10000.0);
     let kind = params.rope_type.clone().or(params.type_.clone());
     let need = |v: Option<f64>, name: &str| {
@@ -506,5 +527,140 @@ impl ProjectorConfig {
             in_features,
             out_features,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::excessive_precision)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_llava_15_config_resolves_to_vicuna_7b_and_clip_l336() {
+        // llava-hf/llava-1.5-7b-hf's config.json spells out only what differs from defaults
+        let json = r#"{"model_type": "llava", "image_token_index": 32000,
+            "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "text_config": {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16",
+                "vocab_size": 32064},
+            "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                "model_type": "clip_vision_model", "num_attention_heads": 16,
+                "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                "vocab_size": 32000}}"#;
+        let f: LlavaConfigFile = serde_json::from_str(json).unwrap();
+        let t = f.text_config.unwrap().resolve("llama", None, "t").unwrap();
+        assert_eq!(
+            (
+                t.hidden_size,
+                t.num_layers,
+                t.num_heads,
+                t.num_kv_heads,
+                t.intermediate_size
+            ),
+            (4096, 32, 32, 32, 11008)
+        );
+        assert_eq!(
+            (t.vocab_size, t.head_dim, t.tie_word_embeddings),
+            (32064, 128, false)
+        );
+        assert_eq!(
+            t.rope,
+            RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::Default
+            }
+        );
+        let VisionConfig::Clip(v) = f
+            .vision_config
+            .unwrap()
+            .resolve("clip_vision_model", "v")
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (v.hidden_size, v.num_layers, v.patch_size, v.image_size),
+            (1024, 24, 14, 336)
+        );
+        assert_eq!((v.hidden_act, v.layer_norm_eps), (Act::QuickGelu, 1e-5));
+    }
+
+    #[test]
+    fn rope_settings_in_both_spellings() {
+        let v4: TextConfigFile = serde_json::from_str(
+            r#"{"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}"#,
+        )
+        .unwrap();
+        let v5: TextConfigFile = serde_json::from_str(
+            r#"{"rope_parameters": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}}"#,
+        )
+        .unwrap();
+        let a = v4.resolve("llama", None, "a").unwrap().rope;
+        assert_eq!(a, v5.resolve("llama", None, "b").unwrap().rope);
+        assert_eq!(a.scaling, RopeScaling::Linear { factor: 2.0 });
+        let bad: TextConfigFile =
+            serde_json::from_str(r#"{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#)
+                .unwrap();
+        let err = bad
+            .resolve("llama", None, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cfg.json") && err.contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn inv_freq_matches_transformers() {
+        // transformers ROPE_INIT_FUNCTIONS, head_dim 128
+        let llama3 = RopeConfig {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+        };
+        let inv = llama3.inv_freq(128);
+        let want = [
+            (0, 1.0f32),
+            (20, 0.016_560_441),
+            (40, 3.428_102_4e-5),
+            (45, 1.229_763_9e-5),
+            (50, 4.411_534_5e-6),
+            (63, 3.068_925_9e-7),
+        ];
+        for (i, w) in want {
+            assert!(
+                (inv[i] - w).abs() <= 1e-6 * w.abs(),
+                "llama3 [{i}] {} vs {w}",
+                inv[i]
+            );
+        }
+        let linear = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Linear { factor: 4.0 },
+        };
+        let inv = linear.inv_freq(128);
+        for (i, w) in [(0, 0.25f32), (1, 0.216_491_09), (63, 2.886_954_8e-5)] {
+            assert!(
+                (inv[i] - w).abs() <= 1e-6 * w,
+                "linear [{i}] {} vs {w}",
+                inv[i]
+            );
+        }
+    }
+
+    #[test]
+    fn projector_type_names() {
+        let p = ProjectorConfig::parse_type("mlp3x_gelu", true, 8, 16, "x").unwrap();
+        assert_eq!(p.num_linears, 3);
+        assert_eq!(
+            ProjectorConfig::parse_type("linear", true, 8, 16, "x")
+                .unwrap()
+                .num_linears,
+            1
+        );
+        assert!(ProjectorConfig::parse_type("resampler", true, 8, 16, "x").is_err());
     }
 }

@@ -20,7 +20,10 @@ use crate::ops::act::{Act, act_forward};
 /// The MLP of a DINOv2 layer: plain fc1/act/fc2, or SwiGLU (`weights_in`, `weights_out`).
 pub enum Dinov2Mlp {
     Plain(ViTMlp),
-    SwiGlu { weights_in: Linear, weights_out: Linear },
+    SwiGlu {
+        weights_in: Linear,
+        weights_out: Linear,
+    },
 }
 
 impl Dinov2Mlp {
@@ -83,13 +86,17 @@ impl Dinov2Vision {
                 let l = w.pp(format!("encoder.layer.{i}"));
                 let hub = l.contains("attention.attention.query.weight");
                 let name = |hub_name: &str, new_name: &str| -> String {
-                    if hub { hub_name.into() } else { new_name.into() }
+                    if hub {
+                        hub_name.into()
+                    } else {
+                        new_name.into()
+                    }
                 };
                 let a = l.pp("attention");
                 let qkv_bias = cfg.qkv_bias;
                 let mlp = if cfg.use_swiglu_ffn {
                     // transformers: hidden = (int(int(D·ratio)·2/3) + 7) // 8 · 8
-                    let hidden = (cfg.mlp_hidden * 2 / 3 + 7) / 8 * 8;
+                    let hidden = (cfg.mlp_hidden * 2 / 3).div_ceil(8) * 8;
                     Dinov2Mlp::SwiGlu {
                         weights_in: Linear::load(&l.pp("mlp"), "weights_in", 2 * hidden, d, true)?,
                         weights_out: Linear::load(&l.pp("mlp"), "weights_out", d, hidden, true)?,
@@ -146,7 +153,9 @@ impl Dinov2Vision {
             let wh = Tensor::from_vec(bicubic_matrix(g0, gh), (gh, g0), dev)?;
             let ww = Tensor::from_vec(bicubic_matrix(g0, gw), (gw, g0), dev)?;
             // rows: (gh, g0) · (g0, g0·D) -> (gh, g0, D)
-            let t = wh.matmul(&self.pos_grid.reshape((g0, g0 * d))?)?.reshape((gh, g0, d))?;
+            let t = wh
+                .matmul(&self.pos_grid.reshape((g0, g0 * d))?)?
+                .reshape((gh, g0, d))?;
             // columns: for each output row, (gw, g0) · (g0, D)
             ww.unsqueeze(0)?
                 .broadcast_as((gh, gw, g0))?
@@ -161,11 +170,16 @@ impl Dinov2Vision {
     /// i = output of layer i-1, before the final layernorm), each (N, 1 + P, D).
     pub fn hidden_states(&self, pixels: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
         let (_, _, h, w) = pixels.dims4()?;
-        let patches = patch_embed(pixels, &self.patch_kernel, Some(&self.patch_bias), self.cfg.patch_size)?;
+        let patches = patch_embed(
+            pixels,
+            &self.patch_kernel,
+            Some(&self.patch_bias),
+            self.cfg.patch_size,
+        )?;
         let (n, _, d) = patches.dims3()?;
         let cls = self.cls_token.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;
-        let mut x = Tensor::cat(&[&cls, &patches], 1)?
-            .broadcast_add(&self.position_embeddings(h, w)?)?;
+        let mut x =
+            Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings(h, w)?)?;
         let upto = wanted.iter().copied().max().unwrap_or(0);
         let mut states = vec![None; upto + 1];
         if wanted.contains(&0) {
@@ -180,7 +194,10 @@ impl Dinov2Vision {
                 states[i + 1] = Some(x.clone());
             }
         }
-        Ok(wanted.iter().map(|&i| states[i].clone().expect("wanted state kept")).collect())
+        Ok(wanted
+            .iter()
+            .map(|&i| states[i].clone().expect("wanted state kept"))
+            .collect())
     }
 }
 
@@ -204,4 +221,48 @@ pub fn bicubic_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
         }
     }
     m
+}
+
+#[cfg(test)]
+#[allow(clippy::excessive_precision)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bicubic_matrix_matches_torch_interpolate() {
+        // torch: F.interpolate(arange(16).reshape(1,1,4,4), size=(3,5), mode="bicubic",
+        // align_corners=False)
+        let want = [
+            0.443_879_5,
+            1.115_380_2,
+            2.004_629_6,
+            2.893_879_9,
+            3.565_379_9,
+            5.939_251_4,
+            6.610_751_6,
+            7.5,
+            8.389_252,
+            9.060_75,
+            11.434_624,
+            12.106_124,
+            12.995_373,
+            13.884_624,
+            14.556_123,
+        ];
+        let (wh, ww) = (bicubic_matrix(4, 3), bicubic_matrix(4, 5));
+        for i in 0..3 {
+            for j in 0..5 {
+                let mut v = 0f32;
+                for r in 0..4 {
+                    for c in 0..4 {
+                        v += wh[i * 4 + r] * ww[j * 4 + c] * (r * 4 + c) as f32;
+                    }
+                }
+                assert!((v - want[i * 5 + j]).abs() < 1e-5, "({i},{j}) {v}");
+            }
+        }
+        // same size: the identity (the taps at integer positions weigh 1, 0)
+        let id = bicubic_matrix(3, 3);
+        assert_eq!(id, vec![1., 0., 0., 0., 1., 0., 0., 0., 1.]);
+    }
 }

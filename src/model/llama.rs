@@ -166,8 +166,7 @@ impl Llama {
         let q = rope_forward(&q, &inp.cos, &inp.sin)?;
         let k = rope_forward(&k, &inp.cos, &inp.sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let (att, _) =
-            attention_forward(&q, &k, &v, Some(&inp.mask), scale, self.matmul_dtype())?;
+        let (att, _) = attention_forward(&q, &k, &v, Some(&inp.mask), scale, self.matmul_dtype())?;
         let x = (x + blk.self_attn.o_proj.forward(&merge_heads(&att)?)?)?;
         // MLP branch
         let xn = blk.post_attention_layernorm.forward(&x)?;

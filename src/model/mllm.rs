@@ -82,7 +82,10 @@ impl Batch {
             let t = store.load_any(name)?;
             let t = t.to_dtype(DType::I64)?;
             let rows = t.to_vec2::<i64>().map_err(|e| {
-                anyhow::anyhow!("{}: tensor `{name}` must be 2-D (B, T): {e}", path.display())
+                anyhow::anyhow!(
+                    "{}: tensor `{name}` must be 2-D (B, T): {e}",
+                    path.display()
+                )
             })?;
             Ok(Some(rows))
         };
@@ -100,20 +103,32 @@ impl Batch {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        let (b, t) = (input_ids.len(), input_ids.first().map(|r| r.len()).unwrap_or(0));
+        let (b, t) = (
+            input_ids.len(),
+            input_ids.first().map(|r| r.len()).unwrap_or(0),
+        );
         let attention_mask = match ints("attention_mask")? {
-            Some(m) => m.into_iter().map(|r| r.into_iter().map(|x| x != 0).collect()).collect(),
+            Some(m) => m
+                .into_iter()
+                .map(|r| r.into_iter().map(|x| x != 0).collect())
+                .collect(),
             None => vec![vec![true; t]; b],
         };
         let labels = ints("labels")?;
         let shape_ok = |rows: &Vec<Vec<bool>>| rows.len() == b && rows.iter().all(|r| r.len() == t);
         if !shape_ok(&attention_mask) {
-            bail!("{}: `attention_mask` shape differs from `input_ids` [{b}, {t}]", path.display());
+            bail!(
+                "{}: `attention_mask` shape differs from `input_ids` [{b}, {t}]",
+                path.display()
+            );
         }
         if let Some(l) = &labels
             && (l.len() != b || l.iter().any(|r| r.len() != t))
         {
-            bail!("{}: `labels` shape differs from `input_ids` [{b}, {t}]", path.display());
+            bail!(
+                "{}: `labels` shape differs from `input_ids` [{b}, {t}]",
+                path.display()
+            );
         }
         let pixel_values = if store.contains("pixel_values") {
             let pv = store.load_any("pixel_values")?.to_dtype(DType::F32)?;
@@ -243,7 +258,11 @@ impl Mllm {
         // transformers <= 5.24 checkpoints: `language_model.model.*` + `language_model.lm_head`;
         // module-name layout: `model.language_model.*` + `lm_head`.
         let (body, head_prefix, head_key) = if root.pp("language_model.model").has_any() {
-            ("language_model.model", "language_model", "language_model.lm_head.weight")
+            (
+                "language_model.model",
+                "language_model",
+                "language_model.lm_head.weight",
+            )
         } else if root.pp("model.language_model").has_any() {
             ("model.language_model", "", "lm_head.weight")
         } else {
@@ -259,12 +278,18 @@ impl Mllm {
             "model.vision_tower",
         ];
         let vision_w = root.pp_first(&vision_prefixes).with_context(|| {
-            format!("{}: no vision tower weights (`vision_tower.*`)", store.describe())
+            format!(
+                "{}: no vision tower weights (`vision_tower.*`)",
+                store.describe()
+            )
         })?;
         let projector_w = root
             .pp_first(&["multi_modal_projector", "model.multi_modal_projector"])
             .with_context(|| {
-                format!("{}: no projector weights (`multi_modal_projector.*`)", store.describe())
+                format!(
+                    "{}: no projector weights (`multi_modal_projector.*`)",
+                    store.describe()
+                )
             })?;
         let layers = cfg
             .vision_feature_layer
@@ -272,7 +297,9 @@ impl Mllm {
             .map(|l| l.to_vec())
             .unwrap_or(vec![-2]);
         let strategy = SelectStrategy::parse(
-            cfg.vision_feature_select_strategy.as_deref().unwrap_or("default"),
+            cfg.vision_feature_select_strategy
+                .as_deref()
+                .unwrap_or("default"),
             &origin,
         )?;
         let tower = VisionTower::load(&vision_w, &vision_cfg)?;
@@ -329,7 +356,11 @@ impl Mllm {
         let vdir = dir.join(&c.vision.path);
         let vcfg_path = vdir.join("config.json");
         let vfile: VisionConfigFile = read_json(&vcfg_path)?;
-        let default_type = c.vision.model_type.as_deref().unwrap_or("clip_vision_model");
+        let default_type = c
+            .vision
+            .model_type
+            .as_deref()
+            .unwrap_or("clip_vision_model");
         let vision_cfg = vfile.resolve(default_type, &vcfg_path.display().to_string())?;
         let vstore = Arc::new(Store::open_dir(&vdir, device)?);
         let vroot = Weights::new(vstore.clone(), dtype);
@@ -470,7 +501,10 @@ impl Mllm {
         input_ids: &[Vec<u32>],
         features: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, t) = (input_ids.len(), input_ids.first().map(|r| r.len()).unwrap_or(0));
+        let (b, t) = (
+            input_ids.len(),
+            input_ids.first().map(|r| r.len()).unwrap_or(0),
+        );
         let v = self.llm.cfg.vocab_size as u32;
         let image_id = self.vision.as_ref().map(|s| s.image_token_id);
         let mut flat = Vec::with_capacity(b * t);
@@ -478,7 +512,10 @@ impl Mllm {
         let mut n_img = 0u32;
         for (bi, row) in input_ids.iter().enumerate() {
             if row.len() != t {
-                bail!("input_ids: row {bi} has {} tokens, row 0 has {t}", row.len());
+                bail!(
+                    "input_ids: row {bi} has {} tokens, row 0 has {t}",
+                    row.len()
+                );
             }
             for (pos, &id) in row.iter().enumerate() {
                 if Some(id) == image_id {
@@ -591,14 +628,18 @@ pub fn load_llm_part(
     path: &Path,
     dtype: DType,
     device: &Device,
-) -> Result<(Llama, Option<crate::io::tokenizer::TextTools>, (String, String))> {
+) -> Result<(
+    Llama,
+    Option<crate::io::tokenizer::TextTools>,
+    (String, String),
+)> {
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         let g = GgufModel::open(path)?;
         let cfg = g.llm_config()?;
         let store = Arc::new(g.hf_store(&cfg, device)?);
         let root = Weights::new(store, dtype);
         let llm = Llama::load(&root.pp("model"), &root, &cfg)?;
-        let text = Some(g.text_tools()?);
+        let text = g.text_tools()?;
         return Ok((llm, text, ("model".into(), "lm_head.weight".into())));
     }
     let cfg_path = path.join("config.json");

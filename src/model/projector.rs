@@ -20,8 +20,18 @@ impl Projector {
     pub fn load(w: &Weights, cfg: &ProjectorConfig) -> Result<Self> {
         let linears = (0..cfg.num_linears)
             .map(|i| {
-                let in_f = if i == 0 { cfg.in_features } else { cfg.out_features };
-                Linear::load(w, &format!("linear_{}", i + 1), cfg.out_features, in_f, cfg.bias)
+                let in_f = if i == 0 {
+                    cfg.in_features
+                } else {
+                    cfg.out_features
+                };
+                Linear::load(
+                    w,
+                    &format!("linear_{}", i + 1),
+                    cfg.out_features,
+                    in_f,
+                    cfg.bias,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

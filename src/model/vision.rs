@@ -66,7 +66,9 @@ pub struct ViTMlp {
 
 impl ViTMlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&act_forward(&self.fc1.forward(x)?, self.act)?)?)
+        Ok(self
+            .fc2
+            .forward(&act_forward(&self.fc1.forward(x)?, self.act)?)?)
     }
 }
 

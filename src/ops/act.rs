@@ -41,3 +41,39 @@ pub fn act_forward(x: &Tensor, act: Act) -> Result<Tensor> {
 pub fn silu_mul_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn activations_match_pytorch_values() {
+        // torch: F.gelu, F.gelu(approximate="tanh"), x·sigmoid(1.702x) at [1, -0.5]
+        let x = Tensor::new(&[1f32, -0.5], &Device::Cpu).unwrap();
+        let cases = [
+            (Act::GeluErf, [0.841_344_7, -0.154_268_79]),
+            (Act::GeluTanh, [0.841_192, -0.154_286]),
+            (Act::QuickGelu, [0.845_795_75, -0.149_611_56]),
+        ];
+        for (act, want) in cases {
+            let y = act_forward(&x, act).unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in y.iter().zip(want) {
+                assert!((a - b).abs() < 1e-6, "{act:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn config_names_parse() {
+        for (name, act) in [
+            ("\"gelu\"", Act::GeluErf),
+            ("\"gelu_pytorch_tanh\"", Act::GeluTanh),
+            ("\"quick_gelu\"", Act::QuickGelu),
+            ("\"silu\"", Act::Silu),
+        ] {
+            assert_eq!(serde_json::from_str::<Act>(name).unwrap(), act);
+        }
+        assert!(serde_json::from_str::<Act>("\"mish\"").is_err());
+    }
+}

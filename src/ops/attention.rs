@@ -69,11 +69,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// The decoder's mask: query i may attend key j iff j <= i + offset and key j is not padding.
 /// `key_valid` is (B, S) with 1 for real tokens; T = S − offset queries (offset > 0 when a
 /// KV cache holds earlier keys). Returns (B, 1, T, S) additive f32.
-pub fn causal_padding_mask(
-    key_valid: &[Vec<bool>],
-    t: usize,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn causal_padding_mask(key_valid: &[Vec<bool>], t: usize, device: &Device) -> Result<Tensor> {
     let b = key_valid.len();
     let s = key_valid.first().map(|r| r.len()).unwrap_or(0);
     if s < t {
@@ -94,4 +90,69 @@ pub fn causal_padding_mask(
         }
     }
     Tensor::from_vec(data, (b, 1, t, s), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // small deterministic values without an RNG dependency
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gqa_equals_repeated_kv_heads() {
+        // NH = 4, NKV = 2: query head h uses KV head h / 2 (repeat_interleave)
+        let (b, t, hd) = (2, 5, 8);
+        let q = rand(&[b, 4, t, hd], 1);
+        let k = rand(&[b, 2, t, hd], 2);
+        let v = rand(&[b, 2, t, hd], 3);
+        let valid = vec![vec![true; t], vec![true, true, true, false, false]];
+        let mask = causal_padding_mask(&valid, t, &Device::Cpu).unwrap();
+        let (out, _) = attention_forward(&q, &k, &v, Some(&mask), 0.3, DType::F32).unwrap();
+        let rep = |x: &Tensor| {
+            let hs: Vec<Tensor> = (0..4).map(|h| x.narrow(1, h / 2, 1).unwrap()).collect();
+            Tensor::cat(&hs, 1).unwrap()
+        };
+        let (kr, vr) = (rep(&k), rep(&v));
+        let (want, _) = attention_forward(&q, &kr, &vr, Some(&mask), 0.3, DType::F32).unwrap();
+        let d = (out - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn mask_rules() {
+        // row 0 sees only key 0; padded keys are never seen; a query with no allowed key
+        // (left padding) gets a uniform distribution, as with transformers' min-value mask
+        let valid = vec![vec![false, true, true]];
+        let m = causal_padding_mask(&valid, 3, &Device::Cpu).unwrap();
+        let m = m.reshape((3, 3)).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[1], vec![MASKED, 0., MASKED]);
+        assert_eq!(m[2], vec![MASKED, 0., 0.]);
+        let q = rand(&[1, 1, 3, 4], 5);
+        let (_, ctx) = attention_forward(
+            &q,
+            &q,
+            &q,
+            Some(&causal_padding_mask(&valid, 3, &Device::Cpu).unwrap()),
+            1.0,
+            DType::F32,
+        )
+        .unwrap();
+        let p = ctx.probs.reshape((3, 3)).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(p[0], vec![1. / 3.; 3]);
+        assert_eq!(p[1], vec![0., 1., 0.]);
+    }
 }

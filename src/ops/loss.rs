@@ -22,7 +22,10 @@ pub fn cross_entropy_forward(
 ) -> Result<(Tensor, CrossEntropyCtx)> {
     let (n, v) = logits.dims2()?;
     if targets.len() != n {
-        candle_core::bail!("cross-entropy: {} targets for {n} logit rows", targets.len());
+        candle_core::bail!(
+            "cross-entropy: {} targets for {n} logit rows",
+            targets.len()
+        );
     }
     let mut rows = Vec::new();
     let mut tgt = Vec::new();
@@ -31,13 +34,17 @@ pub fn cross_entropy_forward(
             continue;
         }
         if t < 0 || t as usize >= v {
-            candle_core::bail!("cross-entropy: target {t} at row {i} is outside the vocabulary 0..{v}");
+            candle_core::bail!(
+                "cross-entropy: target {t} at row {i} is outside the vocabulary 0..{v}"
+            );
         }
         rows.push(i as u32);
         tgt.push(t as u32);
     }
     if rows.is_empty() {
-        candle_core::bail!("cross-entropy: no target differs from {IGNORE_INDEX}, the mean is undefined");
+        candle_core::bail!(
+            "cross-entropy: no target differs from {IGNORE_INDEX}, the mean is undefined"
+        );
     }
     let m = rows.len();
     let dev = logits.device();
@@ -60,4 +67,28 @@ pub fn cross_entropy_forward(
             n_rows: n,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn uniform_logits_give_log_v_and_ignored_rows_do_not_count() {
+        // 3 rows over V = 4; row 1 ignored. Row 0 uniform: ln 4. Row 2: logits [0, 0, 0, ln 5]
+        // target 3: -log(5/8) = ln 8 − ln 5. Mean over the 2 scored rows.
+        let l5 = 5f32.ln();
+        let logits = Tensor::new(
+            &[[0f32, 0., 0., 0.], [9., 9., 9., 9.], [0., 0., 0., l5]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (loss, ctx) = cross_entropy_forward(&logits, &[2, IGNORE_INDEX, 3]).unwrap();
+        let want = (4f32.ln() + 8f32.ln() - l5) / 2.0;
+        assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < 1e-6);
+        assert_eq!(ctx.rows.to_vec1::<u32>().unwrap(), vec![0, 2]);
+        assert!(cross_entropy_forward(&logits, &[IGNORE_INDEX; 3]).is_err());
+        assert!(cross_entropy_forward(&logits, &[7, 0, 0]).is_err());
+    }
 }

@@ -24,8 +24,16 @@ use candle_core::{DType, Result, Tensor};
 
 /// `a @ b` computed in `dtype` (bf16 or f32), returned in f32.
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
-    let a = if a.dtype() == dtype { a.clone() } else { a.to_dtype(dtype)? };
-    let b = if b.dtype() == dtype { b.clone() } else { b.to_dtype(dtype)? };
+    let a = if a.dtype() == dtype {
+        a.clone()
+    } else {
+        a.to_dtype(dtype)?
+    };
+    let b = if b.dtype() == dtype {
+        b.clone()
+    } else {
+        b.to_dtype(dtype)?
+    };
     let y = a.matmul(&b)?;
     if y.dtype() == DType::F32 {
         Ok(y)

@@ -50,3 +50,38 @@ pub fn rope_forward(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let o2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
     Tensor::cat(&[o1, o2], D::Minus1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_by_hand() {
+        // HD = 4, inv_freq = [1, 0.5]; position 1 rotates pair (x0, x2) by 1 rad and (x1, x3)
+        // by 0.5 rad; position 0 is the identity.
+        let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 4))
+            .unwrap();
+        let x2 = Tensor::cat(&[&x, &x], 2).unwrap(); // (1, 1, 2, 4)
+        let (cos, sin) = rope_cos_sin(&[1.0, 0.5], &[0, 1], 1, 2, 1.0, &Device::Cpu).unwrap();
+        let y = rope_forward(&x2, &cos, &sin)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let y = &y[0];
+        assert_eq!(y[0], vec![1., 2., 3., 4.]);
+        let (c1, s1, c2, s2) = (1f32.cos(), 1f32.sin(), 0.5f32.cos(), 0.5f32.sin());
+        let want = [
+            1. * c1 - 3. * s1,
+            2. * c2 - 4. * s2,
+            3. * c1 + 1. * s1,
+            4. * c2 + 2. * s2,
+        ];
+        for (a, b) in y[1].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Helpers shared by the integration tests: fixture paths, the `../shared` skip rule, and a
+//! minimal GGUF writer so that tests build their own GGUF files.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use lntune::cli::check::diff;
+
+/// `tests/fixtures/<rel>`
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// `../shared/<rel>` when present. Absent: `None` with a note, except under `CI=true`,
+/// where the large reference fixtures must be there.
+pub fn shared(rel: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{} is required in CI but absent", p.display());
+    }
+    eprintln!("skipped: {} is absent", p.display());
+    None
+}
+
+/// An asset file: `$var` if set, else `<lntune cache>/assets/<file>` (where `.ci/run` puts
+/// it). Absent: `None` with a note, except under `CI=true`.
+pub fn asset(var: &str, file: &str) -> Option<PathBuf> {
+    let cache = std::env::var("LNTUNE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let base = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+                });
+            base.join("lntune")
+        });
+    let p = std::env::var(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache.join("assets").join(file));
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{} is required in CI but absent (set ${var} or run .ci/run)",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipped: {} is absent (set ${var} or run .ci/run)",
+        p.display()
+    );
+    None
+}
+
+pub fn max_abs(got: &Tensor, want: &Tensor) -> f64 {
+    diff("t", got, want).unwrap().max_abs
+}
+
+/// Loads all tensors of a safetensors file.
+pub fn load_all(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+pub fn save_all(tensors: &HashMap<String, Tensor>, path: &Path) {
+    candle_core::safetensors::save(tensors, path).unwrap();
+}
+
+/// Copies a directory tree (fixtures are small).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// minimal GGUF v3 writer
+
+pub enum GgufValue {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    StrArray(Vec<String>),
+    I32Array(Vec<i32>),
+}
+
+/// One tensor: GGUF name, row-major dims (outermost first), ggml type id, raw bytes.
+pub struct GgufTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub ggml_type: u32,
+    pub data: Vec<u8>,
+}
+
+pub const GGML_F32: u32 = 0;
+pub const GGML_F16: u32 = 1;
+pub const GGML_Q4_0: u32 = 2;
+pub const GGML_Q4_1: u32 = 3;
+pub const GGML_Q8_0: u32 = 8;
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    w.extend((s.len() as u64).to_le_bytes());
+    w.extend(s.as_bytes());
+}
+
+pub fn write_gguf(path: &Path, meta: &[(&str, GgufValue)], tensors: &[GgufTensor]) {
+    let mut w = Vec::new();
+    w.extend(b"GGUF");
+    w.extend(3u32.to_le_bytes());
+    w.extend((tensors.len() as u64).to_le_bytes());
+    w.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        put_str(&mut w, k);
+        match v {
+            GgufValue::U32(x) => {
+                w.extend(4u32.to_le_bytes());
+                w.extend(x.to_le_bytes());
+            }
+            GgufValue::F32(x) => {
+                w.extend(6u32.to_le_bytes());
+                w.extend(x.to_le_bytes());
+            }
+            GgufValue::Bool(x) => {
+                w.extend(7u32.to_le_bytes());
+                w.push(*x as u8);
+            }
+            GgufValue::Str(s) => {
+                w.extend(8u32.to_le_bytes());
+                put_str(&mut w, s);
+            }
+            GgufValue::StrArray(items) => {
+                w.extend(9u32.to_le_bytes());
+                w.extend(8u32.to_le_bytes());
+                w.extend((items.len() as u64).to_le_bytes());
+                for s in items {
+                    put_str(&mut w, s);
+                }
+            }
+            GgufValue::I32Array(items) => {
+                w.extend(9u32.to_le_bytes());
+                w.extend(5u32.to_le_bytes());
+                w.extend((items.len() as u64).to_le_bytes());
+                for x in items {
+                    w.extend(x.to_le_bytes());
+                }
+            }
+        }
+    }
+    let align = 32usize;
+    let mut offset = 0usize;
+    let mut offsets = Vec::new();
+    for t in tensors {
+        offsets.push(offset);
+        offset += t.data.len().div_ceil(align) * align;
+    }
+    for (t, off) in tensors.iter().zip(&offsets) {
+        put_str(&mut w, &t.name);
+        w.extend((t.dims.len() as u32).to_le_bytes());
+        for d in t.dims.iter().rev() {
+            // GGUF lists dims fastest-first
+            w.extend((*d as u64).to_le_bytes());
+        }
+        w.extend(t.ggml_type.to_le_bytes());
+        w.extend((*off as u64).to_le_bytes());
+    }
+    while w.len() % align != 0 {
+        w.push(0);
+    }
+    for t in tensors {
+        w.extend(&t.data);
+        while w.len() % align != 0 {
+            w.push(0);
+        }
+    }
+    std::fs::File::create(path).unwrap().write_all(&w).unwrap();
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// llama.cpp's Q/K permutation (convert_hf_to_gguf `permute`), the inverse of
+/// `unpermute_qk_rows`: gguf = hf.reshape(n_head, 2, hd/2, in).swapaxes(1, 2).
+pub fn permute_qk_rows(w: &[f32], n_head: usize, n_in: usize) -> Vec<f32> {
+    let n_out = w.len() / n_in;
+    let hd = n_out / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for j in 0..hd / 2 {
+            for t in 0..2 {
+                let dst = h * hd + 2 * j + t;
+                let src = h * hd + t * hd / 2 + j;
+                out[dst * n_in..(dst + 1) * n_in].copy_from_slice(&w[src * n_in..(src + 1) * n_in]);
+            }
+        }
+    }
+    out
+}

