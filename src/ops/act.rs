@@ -42,10 +42,77 @@ pub fn silu_mul_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+/// d act(x) / dx ⊙ dy.
+/// - GELU erf: Φ(x) + x·φ(x)
+/// - GELU tanh: with u = √(2/π)(x + 0.044715x³), t = tanh u:
+///   0.5(1 + t) + 0.5x(1 − t²)·√(2/π)(1 + 3·0.044715x²)
+/// - quick-GELU: σ(1.702x) + 1.702x·σ(1 − σ)
+/// - SiLU: σ(x)(1 + x(1 − σ(x)))
+pub fn act_backward(dy: &Tensor, x: &Tensor, act: Act) -> Result<Tensor> {
+    let d = match act {
+        Act::GeluErf => {
+            let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+            let pdf = (x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            (cdf? + (x * pdf?)?)?
+        }
+        Act::GeluTanh => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let u = ((x + (x.powf(3.0)? * 0.044715)?)? * k)?;
+            let t = u.tanh()?;
+            let left = ((&t + 1.0)? * 0.5)?;
+            let sech2 = (t.sqr()?.neg()? + 1.0)?;
+            let du = ((x.sqr()? * (3.0 * 0.044715))? + 1.0)? * k;
+            (left + ((x * 0.5)? * sech2)?.mul(&du?)?)?
+        }
+        Act::QuickGelu => {
+            let s = sigmoid(&(x * 1.702)?)?;
+            let one_minus = (s.neg()? + 1.0)?;
+            (&s + ((x * 1.702)? * (&s * one_minus)?)?)?
+        }
+        Act::Silu => silu_grad(x)?,
+        Act::Relu => x.gt(0.0)?.to_dtype(x.dtype())?,
+    };
+    dy * d
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// d silu(x)/dx = σ(x)(1 + x(1 − σ(x)))
+fn silu_grad(x: &Tensor) -> Result<Tensor> {
+    let s = sigmoid(x)?;
+    let one_minus = (s.neg()? + 1.0)?;
+    s * ((x * one_minus)? + 1.0)?
+}
+
+/// h = silu(gate) ⊙ up: dgate = dh ⊙ up ⊙ silu'(gate), dup = dh ⊙ silu(gate).
+pub fn silu_mul_backward(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dgate = ((dh * up)? * silu_grad(gate)?)?;
+    let dup = (dh * gate.silu()?)?;
+    Ok((dgate, dup))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::*;
     use candle_core::Device;
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (x, r) = (randn(&[3, 7], 1), randn(&[3, 7], 2));
+        for act in [Act::GeluErf, Act::GeluTanh, Act::QuickGelu, Act::Silu] {
+            let dx = act_backward(&r, &x, act).unwrap();
+            let fd = fd_grad(&x, |x| Ok(dot(&act_forward(x, act)?, &r)));
+            assert_close(&format!("{act:?}"), &dx, &fd, 1e-7);
+        }
+        let (g, u) = (randn(&[3, 7], 3), randn(&[3, 7], 4));
+        let (dg, du) = silu_mul_backward(&r, &g, &u).unwrap();
+        let l = |g: &Tensor, u: &Tensor| Ok(dot(&silu_mul_forward(g, u)?, &r));
+        assert_close("dgate", &dg, &fd_grad(&g, |g| l(g, &u)), 1e-7);
+        assert_close("dup", &du, &fd_grad(&u, |u| l(&g, u)), 1e-7);
+    }
 
     #[test]
     fn activations_match_pytorch_values() {

@@ -58,6 +58,28 @@ pub fn attention_forward(
     ))
 }
 
+/// Gradients of attention_forward: dq (B, NH, T, HD), dk and dv (B, NKV, S, HD). The GQA
+/// grouping makes dK and dV sum over the G query heads of a group automatically.
+///
+/// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − Σ_j dP ⊙ P), dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+pub fn attention_backward(
+    dout: &Tensor,
+    ctx: &AttentionCtx,
+    scale: f64,
+    mm_dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, t, hd) = dout.dims4()?;
+    let nkv = ctx.k.dim(1)?;
+    let dout = dout.contiguous()?.reshape((b, nkv, nh / nkv * t, hd))?; // (B, NKV, G·T, HD)
+    let dv = super::matmul_in(&ctx.probs.t()?, &dout, mm_dtype)?; // (B, NKV, S, HD)
+    let dp = super::matmul_in(&dout, &ctx.v.t()?, mm_dtype)?; // (B, NKV, G·T, S)
+    let row = (&dp * &ctx.probs)?.sum_keepdim(D::Minus1)?;
+    let ds = (ctx.probs.clone() * dp.broadcast_sub(&row)?)?;
+    let dq = (super::matmul_in(&ds, &ctx.k, mm_dtype)? * scale)?.reshape((b, nh, t, hd))?;
+    let dk = (super::matmul_in(&ds.t()?, &ctx.q, mm_dtype)? * scale)?; // (B, NKV, S, HD)
+    Ok((dq, dk, dv))
+}
+
 /// Numerically stable softmax over the last dim, f32.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
@@ -95,6 +117,35 @@ pub fn causal_padding_mask(key_valid: &[Vec<bool>], t: usize, device: &Device) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::*;
+
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        // NH 4, NKV 2, with a padded key in sample 1
+        let (b, t, hd) = (2, 4, 3);
+        let (q, k, v) = (
+            randn(&[b, 4, t, hd], 1),
+            randn(&[b, 2, t, hd], 2),
+            randn(&[b, 2, t, hd], 3),
+        );
+        let r = randn(&[b, 4, t, hd], 4);
+        let valid = vec![vec![true; t], vec![true, true, true, false]];
+        let mask = causal_padding_mask(&valid, t, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            Ok(dot(
+                &attention_forward(q, k, v, Some(&mask), 0.7, DType::F64)?.0,
+                &r,
+            ))
+        };
+        let (_, ctx) = attention_forward(&q, &k, &v, Some(&mask), 0.7, DType::F64).unwrap();
+        let (dq, dk, dv) = attention_backward(&r, &ctx, 0.7, DType::F64).unwrap();
+        assert_close("dq", &dq, &fd_grad(&q, |q| f(q, &k, &v)), 1e-7);
+        assert_close("dk", &dk, &fd_grad(&k, |k| f(&q, k, &v)), 1e-7);
+        assert_close("dv", &dv, &fd_grad(&v, |v| f(&q, &k, v)), 1e-7);
+    }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         // small deterministic values without an RNG dependency

@@ -1,6 +1,6 @@
 //! Masked cross-entropy: token mean over targets that are not `IGNORE_INDEX`.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{D, Result, Tensor};
 
 /// Label value that is not scored (PyTorch's `ignore_index` default, used by LLaVA/HF).
 pub const IGNORE_INDEX: i64 = -100;
@@ -50,7 +50,7 @@ pub fn cross_entropy_forward(
     let dev = logits.device();
     let rows = Tensor::from_vec(rows, m, dev)?;
     let targets = Tensor::from_vec(tgt, m, dev)?;
-    let x = logits.index_select(&rows, 0)?.to_dtype(DType::F32)?; // (M, V)
+    let x = super::widen(logits.index_select(&rows, 0)?)?; // (M, V)
     let max = x.max_keepdim(D::Minus1)?;
     let shifted = x.broadcast_sub(&max)?;
     let e = shifted.exp()?;
@@ -69,10 +69,39 @@ pub fn cross_entropy_forward(
     ))
 }
 
+/// d loss / d logits for the scored rows: (softmax − onehot(target)) / M, (M, V). The rows
+/// are `ctx.rows` of the forward's logits; unscored rows have zero gradient.
+pub fn cross_entropy_backward(ctx: &CrossEntropyCtx) -> Result<Tensor> {
+    let (m, v) = ctx.probs.dims2()?;
+    let onehot = Tensor::zeros((m, v), ctx.probs.dtype(), ctx.probs.device())?.scatter_add(
+        &ctx.targets.unsqueeze(1)?,
+        &Tensor::ones((m, 1), ctx.probs.dtype(), ctx.probs.device())?,
+        1,
+    )?;
+    (&ctx.probs - onehot)? / m as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::*;
     use candle_core::Device;
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let logits = randn(&[5, 7], 1);
+        let targets = [3, IGNORE_INDEX, 0, 6, IGNORE_INDEX];
+        let (_, ctx) = cross_entropy_forward(&logits, &targets).unwrap();
+        let d_rows = cross_entropy_backward(&ctx).unwrap(); // (3, 7)
+        let d = Tensor::zeros((5, 7), candle_core::DType::F64, &Device::Cpu)
+            .unwrap()
+            .index_add(&ctx.rows, &d_rows, 0)
+            .unwrap();
+        let fd = fd_grad(&logits, |x| {
+            cross_entropy_forward(x, &targets)?.0.to_scalar::<f64>()
+        });
+        assert_close("dlogits", &d, &fd, 1e-7);
+    }
 
     #[test]
     fn uniform_logits_give_log_v_and_ignored_rows_do_not_count() {

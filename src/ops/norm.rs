@@ -1,4 +1,4 @@
-//! RMSNorm (LLaMA) and LayerNorm (CLIP, DINOv2), computed in f32 over the last dim.
+//! RMSNorm (LLaMA) and LayerNorm (CLIP, DINOv2) over the last dim, f32.
 
 use candle_core::{D, Result, Tensor};
 
@@ -8,11 +8,30 @@ pub struct RmsNormCtx {
     pub rstd: Tensor, // (.., 1)
 }
 
-/// y = w ⊙ x · rsqrt(mean(x²) + eps). x (.., C) f32, w (C) f32.
+/// y = w ⊙ x · rsqrt(mean(x²) + eps). x (.., C), w (C).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormCtx)> {
     let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // (.., 1)
     let y = x.broadcast_mul(&rstd)?.broadcast_mul(w)?;
     Ok((y, RmsNormCtx { x: x.clone(), rstd }))
+}
+
+/// With x̂ = x·rstd and g = dy ⊙ w: dx = rstd·(g − x̂·mean(g ⊙ x̂)), dw = Σ_rows dy ⊙ x̂.
+pub fn rmsnorm_backward(
+    dy: &Tensor,
+    ctx: &RmsNormCtx,
+    w: &Tensor,
+    need_dw: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let xhat = ctx.x.broadcast_mul(&ctx.rstd)?;
+    let g = dy.broadcast_mul(w)?;
+    let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&ctx.rstd)?;
+    let dw = if need_dw {
+        Some(super::rows2(&(dy * &xhat)?)?.sum(0)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
 }
 
 /// What the LayerNorm backward needs: the normalized input and 1/std per row.
@@ -37,9 +56,28 @@ pub fn layernorm_forward(
     Ok((y, LayerNormCtx { xhat, rstd }))
 }
 
+/// With g = dy ⊙ w: dx = rstd·(g − mean(g) − x̂·mean(g ⊙ x̂)), dw = Σ dy ⊙ x̂, db = Σ dy.
+pub fn layernorm_backward(
+    dy: &Tensor,
+    ctx: &LayerNormCtx,
+    w: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = dy.broadcast_mul(w)?;
+    let mean_g = g.mean_keepdim(D::Minus1)?;
+    let proj = (&g * &ctx.xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = g
+        .broadcast_sub(&mean_g)?
+        .sub(&ctx.xhat.broadcast_mul(&proj)?)?
+        .broadcast_mul(&ctx.rstd)?;
+    let dw = super::rows2(&(dy * &ctx.xhat)?)?.sum(0)?;
+    let db = super::rows2(dy)?.sum(0)?;
+    Ok((dx, dw, db))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::*;
     use candle_core::Device;
 
     #[test]
@@ -61,5 +99,32 @@ mod tests {
         let b = Tensor::new(&[0.5f32, -0.5], &Device::Cpu).unwrap();
         let (y, _) = layernorm_forward(&x, &w, &b, 0.0).unwrap();
         assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![-1.5, 2.5]]);
+    }
+
+    #[test]
+    fn rmsnorm_backward_matches_finite_differences() {
+        let (x, w, r) = (randn(&[2, 3, 6], 1), randn(&[6], 2), randn(&[2, 3, 6], 3));
+        let (_, ctx) = rmsnorm_forward(&x, &w, 1e-5).unwrap();
+        let (dx, dw) = rmsnorm_backward(&r, &ctx, &w, true).unwrap();
+        let l = |x: &Tensor, w: &Tensor| Ok(dot(&rmsnorm_forward(x, w, 1e-5)?.0, &r));
+        assert_close("dx", &dx, &fd_grad(&x, |x| l(x, &w)), 1e-7);
+        assert_close("dw", &dw.unwrap(), &fd_grad(&w, |w| l(&x, w)), 1e-7);
+    }
+
+    #[test]
+    fn layernorm_backward_matches_finite_differences() {
+        let (x, w, b, r) = (
+            randn(&[4, 5], 4),
+            randn(&[5], 5),
+            randn(&[5], 6),
+            randn(&[4, 5], 7),
+        );
+        let (_, ctx) = layernorm_forward(&x, &w, &b, 1e-5).unwrap();
+        let (dx, dw, db) = layernorm_backward(&r, &ctx, &w).unwrap();
+        let l =
+            |x: &Tensor, w: &Tensor, b: &Tensor| Ok(dot(&layernorm_forward(x, w, b, 1e-5)?.0, &r));
+        assert_close("dx", &dx, &fd_grad(&x, |x| l(x, &w, &b)), 1e-7);
+        assert_close("dw", &dw, &fd_grad(&w, |w| l(&x, w, &b)), 1e-7);
+        assert_close("db", &db, &fd_grad(&b, |b| l(&x, &w, b)), 1e-7);
     }
 }
