@@ -9,6 +9,8 @@
 
 pub mod cli;
 pub mod io;
+pub mod methods;
 pub mod model;
 pub mod ops;
 pub mod rng;
+pub mod train;

@@ -11,7 +11,11 @@ use clap::Args;
 
 use super::{DTypeArg, DeviceArg};
 use crate::io::store::Store;
+use crate::methods::{LoraConfig, Method, MethodConfig, peft_to_checkpoint};
 use crate::model::mllm::{Batch, Mllm};
+use crate::train;
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::step::{count_scored, forward_backward};
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
@@ -35,6 +39,22 @@ pub struct CheckArgs {
     /// Tolerance on the abs error of the loss
     #[arg(long, default_value_t = 1e-5)]
     pub atol_loss: f64,
+    /// Tolerance on gradients: max abs error relative to the reference tensor's max abs
+    #[arg(long, default_value_t = 1e-4)]
+    pub rtol_grad: f64,
+    /// Tolerance on the parameters after one AdamW step (abs)
+    #[arg(long, default_value_t = 1e-6)]
+    pub atol_adamw: f64,
+    /// AdamW step compared with `after_adamw.*`: learning rate
+    #[arg(long, default_value_t = 1e-4)]
+    pub adamw_lr: f64,
+    /// AdamW step compared with `after_adamw.*`: weight decay (applied to every tensor)
+    #[arg(long, default_value_t = 0.01)]
+    pub adamw_weight_decay: f64,
+    /// LoRA alpha for `lora.*` references (default: lora_adapter/adapter_config.json next to
+    /// the expected file)
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
 }
 
 /// Max abs error and max abs error relative to the reference's max abs value.
@@ -90,16 +110,24 @@ struct Row {
     shape: Vec<usize>,
     diff: Diff,
     tol: f64,
+    /// compare max rel (gradients) instead of max abs
+    relative: bool,
 }
 
 pub fn run(args: CheckArgs) -> Result<()> {
     let device = args.device.device()?;
     let t0 = Instant::now();
-    let model = Mllm::load(&args.model, args.dtype.dtype(), &device)?;
+    let mut model = Mllm::load(&args.model, args.dtype.dtype(), &device)?;
     let load_s = t0.elapsed().as_secs_f64();
     let batch = Batch::from_safetensors(&args.batch, &device)?;
     let mut expected = Store::new(&Device::Cpu);
     expected.add_safetensors(&args.expected)?;
+    // trainable set (and LoRA adapter values) first: the forward must include the adapters
+    let grad_check = if expected.keys().iter().any(|k| k.starts_with("grad.")) {
+        Some(grad_setup(&args, &mut model, &expected)?)
+    } else {
+        None
+    };
     let ref_tensor = |name: &str| -> Result<Option<Tensor>> {
         if expected.contains(name) {
             Ok(Some(expected.load_any(name)?))
@@ -126,6 +154,7 @@ pub fn run(args: CheckArgs) -> Result<()> {
                 shape: want.dims().to_vec(),
                 diff: diff(name, got, &want)?,
                 tol,
+                relative: false,
             });
         }
         Ok(())
@@ -161,39 +190,231 @@ pub fn run(args: CheckArgs) -> Result<()> {
         args.dtype.dtype(),
     );
     println!(
-        "{:<28} {:>14} {:>11} {:>11} {:>9}  status",
+        "{:<60} {:>14} {:>11} {:>11} {:>13}  status",
         "tensor", "shape", "max abs", "max rel", "tol"
     );
     let mut failed = Vec::new();
-    for r in &rows {
-        let ok = r.diff.max_abs <= r.tol;
-        if !ok {
-            failed.push(r.name.clone());
-        }
-        println!(
-            "{:<28} {:>14} {:>11.3e} {:>11.3e} {:>9.1e}  {}",
-            r.name,
-            format!("{:?}", r.shape),
-            r.diff.max_abs,
-            r.diff.max_rel,
-            r.tol,
-            if ok { "ok" } else { "FAIL" }
-        );
+    let mut notes = Vec::new();
+    if let Some(gc) = &grad_check {
+        grad_rows(
+            &args, &mut model, gc, &batch, &expected, &mut rows, &mut notes,
+        )?;
     }
-    let n_grad = expected
-        .keys()
-        .iter()
-        .filter(|k| k.starts_with("grad.") || k.starts_with("after_adamw."))
-        .count();
-    if n_grad > 0 {
-        println!(
-            "({n_grad} gradient/optimizer references present; gradient checks need the training engine and are not run by this build)"
-        );
+    print_rows(&rows, &mut failed);
+    for n in &notes {
+        println!("{n}");
     }
     println!("(max rel = max abs error / max abs value of the reference)");
     if !failed.is_empty() {
         bail!("check failed beyond tolerance: {}", failed.join(", "));
     }
     println!("check passed");
+    Ok(())
+}
+
+fn print_rows(rows: &[Row], failed: &mut Vec<String>) {
+    for r in rows {
+        let err = if r.relative {
+            r.diff.max_rel
+        } else {
+            r.diff.max_abs
+        };
+        let ok = err <= r.tol;
+        if !ok {
+            failed.push(r.name.clone());
+        }
+        println!(
+            "{:<60} {:>14} {:>11.3e} {:>11.3e} {:>9.1e}{}  {}",
+            r.name,
+            format!("{:?}", r.shape),
+            r.diff.max_abs,
+            r.diff.max_rel,
+            r.tol,
+            if r.relative { " rel" } else { " abs" },
+            if ok { "ok" } else { "FAIL" }
+        );
+    }
+}
+
+/// Gradients (and one AdamW step) against `grad.*` / `after_adamw.*`. The trainable set is
+/// what the reference holds gradients for; `lora.*` tensors switch to a LoRA setup with the
+/// reference's adapter values. Vision-tower tensors are reported, not computed: lntune never
+/// runs a backward through the frozen tower.
+fn grad_setup(args: &CheckArgs, model: &mut Mllm, expected: &Store) -> Result<GradCheck> {
+    let keys = expected.keys();
+    let lora_keys: Vec<&String> = keys.iter().filter(|k| k.starts_with("lora.")).collect();
+    // reference name -> our checkpoint key
+    let model_keys = model.keys.clone();
+    let is_lora = !lora_keys.is_empty();
+    let to_ours = |k: &str| ref_to_ours(is_lora, &model_keys, k);
+    let specs = model.param_specs();
+    let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut method;
+    if lora_keys.is_empty() {
+        let names: Vec<String> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix("grad."))
+            .filter(|k| known.contains(k))
+            .map(|k| regex::escape(k))
+            .collect();
+        if names.is_empty() {
+            bail!(
+                "{}: no `grad.*` tensor names a decoder or projector parameter",
+                args.expected.display()
+            );
+        }
+        method = MethodConfig::new(Method::Custom);
+        method.include = Some(names.join("|"));
+    } else {
+        method = MethodConfig::new(Method::Lora);
+        method.train_projector = false;
+        method.train_embed = false;
+        method.train_head = false;
+        let first_a = lora_keys
+            .iter()
+            .find(|k| k.ends_with("lora_A.weight"))
+            .context("no lora_A tensor")?;
+        let r = expected.shape(first_a).context("lora_A shape")?[0];
+        let alpha = match args.lora_alpha {
+            Some(a) => a,
+            None => {
+                let cfg = args
+                    .expected
+                    .with_file_name("lora_adapter")
+                    .join("adapter_config.json");
+                let v: serde_json::Value = crate::model::config::read_json(&cfg).with_context(|| {
+                    "LoRA references need --lora-alpha or lora_adapter/adapter_config.json next to the expected file"
+                })?;
+                v.get("lora_alpha")
+                    .and_then(|a| a.as_f64())
+                    .with_context(|| format!("{}: missing field `lora_alpha`", cfg.display()))?
+            }
+        };
+        let mut targets: Vec<String> = Vec::new();
+        for k in &lora_keys {
+            for (pat, t) in [
+                ("q_proj", "q"),
+                ("k_proj", "k"),
+                ("v_proj", "v"),
+                ("o_proj", "o"),
+                ("gate_proj", "gate"),
+                ("up_proj", "up"),
+                ("down_proj", "down"),
+            ] {
+                if k.contains(&format!(".{pat}.")) && !targets.iter().any(|x| x == t) {
+                    targets.push(t.into());
+                }
+            }
+        }
+        method.lora = LoraConfig {
+            r,
+            alpha,
+            dropout: 0.0,
+            targets,
+        };
+    }
+    let setup = train::setup(model, &method, 0)?;
+    for k in &lora_keys {
+        let ours = to_ours(k.trim_start_matches("lora."));
+        let t = model.param_mut(&ours).with_context(|| {
+            format!("reference adapter `{k}` has no LoRA slot `{ours}` in the model")
+        })?;
+        *t = expected.load_any(k)?.to_device(t.device())?;
+    }
+    Ok(GradCheck {
+        setup,
+        is_lora,
+        model_keys,
+    })
+}
+
+/// What `grad_setup` decided, for `grad_rows`.
+struct GradCheck {
+    setup: train::TrainSetup,
+    is_lora: bool,
+    model_keys: crate::model::mllm::KeyPrefixes,
+}
+
+/// A reference tensor name as our checkpoint key (PEFT names for LoRA references).
+fn ref_to_ours(is_lora: bool, keys: &crate::model::mllm::KeyPrefixes, k: &str) -> String {
+    if is_lora {
+        peft_to_checkpoint(k, keys)
+    } else {
+        k.to_string()
+    }
+}
+
+fn grad_rows(
+    args: &CheckArgs,
+    model: &mut Mllm,
+    gc: &GradCheck,
+    batch: &Batch,
+    expected: &Store,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let keys = expected.keys();
+    let (setup, model_keys) = (&gc.setup, &gc.model_keys);
+    let to_ours = |k: &str| ref_to_ours(gc.is_lora, model_keys, k);
+    let denom = count_scored(batch)? as f64;
+    let (loss, grads) = forward_backward(model, setup, batch, denom, 0)?;
+    if let Some(want) = if expected.contains("loss") {
+        Some(expected.load_any("loss")?)
+    } else {
+        None
+    } {
+        let got = Tensor::new((loss.sum / denom) as f32, &Device::Cpu)?;
+        rows.push(Row {
+            name: "loss (training step)".into(),
+            shape: vec![],
+            diff: diff("loss", &got, &want)?,
+            tol: args.atol_loss,
+            relative: false,
+        });
+    }
+    let mut skipped = Vec::new();
+    for k in keys.iter().filter(|k| k.starts_with("grad.")) {
+        let ours = to_ours(&k["grad.".len()..]);
+        let want = expected.load_any(k)?;
+        match grads.0.get(&ours) {
+            Some(g) => rows.push(Row {
+                name: k.clone(),
+                shape: want.dims().to_vec(),
+                diff: diff(k, g, &want)?,
+                tol: args.rtol_grad,
+                relative: true,
+            }),
+            None if ours.starts_with(&model_keys.vision) || ours.starts_with("vision.") => {
+                skipped.push(k.clone())
+            }
+            None => bail!("reference `{k}` names `{ours}`, which got no gradient"),
+        }
+    }
+    if !skipped.is_empty() {
+        notes.push(format!("not compared ({} tensors): the vision tower is frozen and has no backward in lntune: {}", skipped.len(), skipped.join(", ")));
+    }
+    if keys.iter().any(|k| k.starts_with("after_adamw.")) {
+        let mut opt = AdamW::new(AdamWConfig {
+            weight_decay: args.adamw_weight_decay,
+            decay_all: true,
+            ..Default::default()
+        });
+        opt.step(model, &grads, args.adamw_lr)?;
+        for k in keys.iter().filter(|k| k.starts_with("after_adamw.")) {
+            let ours = to_ours(&k["after_adamw.".len()..]);
+            if !grads.0.contains_key(&ours) {
+                continue;
+            }
+            let got = model.param(&ours).context("updated tensor")?;
+            let want = expected.load_any(k)?;
+            rows.push(Row {
+                name: k.clone(),
+                shape: want.dims().to_vec(),
+                diff: diff(k, &got, &want)?,
+                tol: args.atol_adamw,
+                relative: false,
+            });
+        }
+    }
     Ok(())
 }

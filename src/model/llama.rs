@@ -57,6 +57,34 @@ pub struct DecoderInputs {
 }
 
 impl Block {
+    /// The tensor named `rest` inside this block (`self_attn.q_proj.weight`, ...).
+    pub fn param_mut(&mut self, rest: &str) -> Option<&mut Tensor> {
+        let (module, tail) = rest.split_once('.')?;
+        match module {
+            "input_layernorm" => self.input_layernorm.param_mut(tail),
+            "post_attention_layernorm" => self.post_attention_layernorm.param_mut(tail),
+            "self_attn" | "mlp" => {
+                let (lin, tail) = tail.split_once('.')?;
+                self.linear_mut(&format!("{module}.{lin}"))?.param_mut(tail)
+            }
+            _ => None,
+        }
+    }
+
+    /// The linear at `self_attn.q_proj`, `mlp.down_proj`, ...
+    pub fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
+        Some(match path {
+            "self_attn.q_proj" => &mut self.self_attn.q_proj,
+            "self_attn.k_proj" => &mut self.self_attn.k_proj,
+            "self_attn.v_proj" => &mut self.self_attn.v_proj,
+            "self_attn.o_proj" => &mut self.self_attn.o_proj,
+            "mlp.gate_proj" => &mut self.mlp.gate_proj,
+            "mlp.up_proj" => &mut self.mlp.up_proj,
+            "mlp.down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+
     fn load(w: &Weights, cfg: &LlmConfig) -> Result<Self> {
         let (c, hd) = (cfg.hidden_size, cfg.head_dim);
         let a = w.pp("self_attn");
@@ -193,5 +221,38 @@ impl Llama {
 
     pub fn matmul_dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+}
+
+impl Llama {
+    /// The tensor named `rest` relative to the body prefix (`layers.3.mlp.up_proj.weight`,
+    /// `embed_tokens.weight`, `norm.weight`).
+    pub fn body_param_mut(&mut self, rest: &str) -> Option<&mut Tensor> {
+        match rest {
+            "embed_tokens.weight" => return Some(&mut self.embed_tokens),
+            "norm.weight" => return Some(&mut self.norm.weight),
+            _ => {}
+        }
+        let rest = rest.strip_prefix("layers.")?;
+        let (l, tail) = rest.split_once('.')?;
+        self.layers
+            .get_mut(l.parse::<usize>().ok()?)?
+            .param_mut(tail)
+    }
+
+    /// The linear at `layers.{l}.self_attn.q_proj` etc. (relative to the body prefix).
+    pub fn linear_mut(&mut self, rest: &str) -> Option<&mut Linear> {
+        let rest = rest.strip_prefix("layers.")?;
+        let (l, path) = rest.split_once('.')?;
+        self.layers
+            .get_mut(l.parse::<usize>().ok()?)?
+            .linear_mut(path)
+    }
+
+    /// After the embeddings changed: a tied head is the same tensor again.
+    pub fn sync_tied_head(&mut self) {
+        if self.cfg.tie_word_embeddings {
+            self.lm_head = self.embed_tokens.clone();
+        }
     }
 }

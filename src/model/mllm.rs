@@ -591,6 +591,50 @@ impl Mllm {
         Ok(loss)
     }
 
+    /// Every decoder and projector parameter, named by checkpoint key (see `methods`).
+    pub fn param_specs(&self) -> Vec<crate::methods::ParamSpec> {
+        let mut specs = crate::methods::llm_specs(&self.llm.cfg, &self.keys);
+        if let Some(v) = &self.vision {
+            specs.extend(crate::methods::projector_specs(
+                &v.projector.cfg,
+                &self.keys,
+            ));
+        }
+        specs
+    }
+
+    /// Parameters of the (always frozen) vision tower.
+    pub fn vision_param_count(&self) -> usize {
+        self.vision
+            .as_ref()
+            .map(|v| crate::methods::vision_param_count(&v.tower.config()))
+            .unwrap_or(0)
+    }
+
+    /// The tensor with checkpoint key `name` (decoder, head, projector, LoRA adapters).
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        if !self.llm.cfg.tie_word_embeddings && name == self.keys.lm_head {
+            return Some(&mut self.llm.lm_head);
+        }
+        if let Some(rest) = name.strip_prefix(&format!("{}.", self.keys.llm_body)) {
+            return self.llm.body_param_mut(rest);
+        }
+        let v = self.vision.as_mut()?;
+        let rest = name.strip_prefix(&format!("{}.", self.keys.projector))?;
+        v.projector.param_mut(rest)
+    }
+
+    /// The decoder linear whose weight key is `<stem>.weight` (for LoRA adapters).
+    pub fn linear_mut(&mut self, stem: &str) -> Option<&mut super::Linear> {
+        let rest = stem.strip_prefix(&format!("{}.", self.keys.llm_body))?;
+        self.llm.linear_mut(rest)
+    }
+
+    /// The tensor with checkpoint key `name`, read-only.
+    pub fn param(&mut self, name: &str) -> Option<Tensor> {
+        self.param_mut(name).map(|t| t.clone())
+    }
+
     /// Features per image of `h`×`w` pixels, None for a text-only model.
     pub fn tokens_per_image(&self, h: usize, w: usize) -> Option<usize> {
         self.vision.as_ref().map(|v| v.tokens_per_image(h, w))

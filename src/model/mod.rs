@@ -17,11 +17,22 @@ use crate::io::store::Weights;
 use crate::ops::linear::linear_forward;
 use crate::ops::norm::{layernorm_forward, rmsnorm_forward};
 
-/// `weight` (OC, IC) in the matmul dtype, optional `bias` (OC) in f32.
+/// `weight` (OC, IC) in the matmul dtype, optional `bias` (OC) in f32, optional LoRA
+/// adapter applied on top without merging.
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+/// LoRA adapter: y += scale·(x·Aᵀ)·Bᵀ with A (R, IC), B (OC, R), f32.
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
 }
 
 impl Linear {
@@ -34,11 +45,36 @@ impl Linear {
             } else {
                 None
             },
+            lora: None,
         })
     }
 
+    /// Inference forward (LoRA dropout is off outside training).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear_forward(x, &self.weight, self.bias.as_ref())
+        match &self.lora {
+            None => linear_forward(x, &self.weight, self.bias.as_ref()),
+            Some(l) => Ok(crate::ops::linear::lora_forward(
+                x,
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                &l.a,
+                &l.b,
+                l.scale,
+            )?
+            .0),
+        }
+    }
+
+    /// The tensor named `rest` (`weight`, `bias`, `lora_A.weight`, `lora_B.weight`).
+    pub fn param_mut(&mut self, rest: &str) -> Option<&mut Tensor> {
+        match rest {
+            "weight" => Some(&mut self.weight),
+            "bias" => self.bias.as_mut(),
+            "lora_A.weight" => self.lora.as_mut().map(|l| &mut l.a),
+            "lora_B.weight" => self.lora.as_mut().map(|l| &mut l.b),
+            _ => None,
+        }
     }
 }
 
@@ -59,6 +95,10 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Ok(rmsnorm_forward(x, &self.weight, self.eps)?.0)
+    }
+
+    pub fn param_mut(&mut self, rest: &str) -> Option<&mut Tensor> {
+        (rest == "weight").then_some(&mut self.weight)
     }
 }
 

@@ -40,6 +40,13 @@ impl Projector {
         })
     }
 
+    /// `linear_{k}.weight` / `linear_{k}.bias`
+    pub fn param_mut(&mut self, rest: &str) -> Option<&mut Tensor> {
+        let (lin, tail) = rest.split_once('.')?;
+        let k: usize = lin.strip_prefix("linear_")?.parse().ok()?;
+        self.linears.get_mut(k.checked_sub(1)?)?.param_mut(tail)
+    }
+
     /// features (N, P, Dv) -> (N, P, Dl)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = self.linears[0].forward(x)?;

@@ -86,6 +86,13 @@ impl VisionTower {
         })
     }
 
+    pub fn config(&self) -> VisionConfig {
+        match self {
+            Self::Clip(m) => VisionConfig::Clip(m.cfg.clone()),
+            Self::Dinov2(m) => VisionConfig::Dinov2(m.cfg.clone()),
+        }
+    }
+
     pub fn hidden_size(&self) -> usize {
         match self {
             Self::Clip(m) => m.cfg.hidden_size,

@@ -1,0 +1,613 @@
+//! One forward + backward over a micro-batch, frozen-weight-aware.
+//!
+//! Forward: vision tower (no gradient, no context) -> projector -> embeddings with the
+//! image features spliced in -> decoder blocks, keeping only each block's input -> final
+//! norm and head on the scored positions only -> cross-entropy.
+//! Backward, the forward in reverse: cross-entropy -> head -> final norm -> for each block
+//! from the last down to the lowest one that matters: recompute the block from its saved
+//! input (keeping its intermediates this time), propagate dY, emit gradients of its
+//! trainable tensors -> embeddings (scatter-add) and projector.
+//! A frozen linear costs one dX matmul; a frozen block below every trainable tensor is never
+//! revisited.
+
+use std::collections::HashMap;
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Tensor};
+
+use super::{BlockFlags, LinFlags, TrainSetup};
+use crate::model::mllm::{Batch, Mllm, shifted_targets};
+use crate::model::{Linear, merge_heads, split_heads};
+use crate::ops::act::{act_backward, act_forward, silu_mul_backward, silu_mul_forward};
+use crate::ops::attention::{AttentionCtx, attention_backward, attention_forward};
+use crate::ops::embedding::embedding_backward;
+use crate::ops::linear::{linear_backward, linear_forward, lora_backward, lora_forward};
+use crate::ops::loss::{IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward};
+use crate::ops::norm::{RmsNormCtx, rmsnorm_backward, rmsnorm_forward};
+use crate::ops::rope::{rope_backward, rope_forward};
+use crate::rng::Rng;
+
+/// Gradients by checkpoint key; `add` accumulates (micro-batches, tied embeddings).
+#[derive(Default)]
+pub struct Grads(pub HashMap<String, Tensor>);
+
+impl Grads {
+    pub fn add(&mut self, name: String, g: Tensor) -> Result<()> {
+        match self.0.remove(&name) {
+            Some(prev) => {
+                self.0.insert(name, (prev + g)?);
+            }
+            None => {
+                self.0.insert(name, g);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn merge(&mut self, other: Grads) -> Result<()> {
+        for (k, v) in other.0 {
+            self.add(k, v)?;
+        }
+        Ok(())
+    }
+
+    /// sqrt(Σ ‖g‖²), accumulated in f64.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut s = 0f64;
+        for g in self.0.values() {
+            s += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        Ok(s.sqrt())
+    }
+
+    pub fn scale(&mut self, f: f64) -> Result<()> {
+        for g in self.0.values_mut() {
+            *g = (&*g * f)?;
+        }
+        Ok(())
+    }
+}
+
+/// Loss of a micro-batch: Σ of per-token cross-entropy and the number of scored tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct LossSum {
+    pub sum: f64,
+    pub tokens: usize,
+}
+
+/// Scored positions of a batch: rows (into B·T) whose shifted label is not ignored.
+pub fn scored_rows(batch: &Batch) -> Result<(Vec<u32>, Vec<u32>)> {
+    let labels = batch
+        .labels
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("training batch has no labels"))?;
+    let (_, t) = batch.dims();
+    let targets = shifted_targets(labels, t)?;
+    let mut rows = Vec::new();
+    let mut tgt = Vec::new();
+    for (i, &x) in targets.iter().enumerate() {
+        if x != IGNORE_INDEX {
+            rows.push(i as u32);
+            tgt.push(x as u32);
+        }
+    }
+    Ok((rows, tgt))
+}
+
+/// Scored tokens of a batch (for the token-mean denominator across micro-batches).
+pub fn count_scored(batch: &Batch) -> Result<usize> {
+    Ok(scored_rows(batch)?.0.len())
+}
+
+/// One linear's forward with what its backward needs.
+struct LinCtx {
+    /// input of the LoRA path (after dropout) and x·Aᵀ
+    lora: Option<(Tensor, Tensor)>,
+    /// dropout mask already divided by (1 − p)
+    mask: Option<Tensor>,
+}
+
+fn lin_fwd(lin: &Linear, x: &Tensor, rng: &mut Rng) -> Result<(Tensor, LinCtx)> {
+    match &lin.lora {
+        None => Ok((
+            linear_forward(x, &lin.weight, lin.bias.as_ref())?,
+            LinCtx {
+                lora: None,
+                mask: None,
+            },
+        )),
+        Some(l) => {
+            let mask = if l.dropout > 0.0 {
+                let keep = 1.0 - l.dropout;
+                let n = x.elem_count();
+                let m: Vec<f32> = (0..n)
+                    .map(|_| {
+                        if rng.uniform() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Some(Tensor::from_vec(m, x.shape(), x.device())?)
+            } else {
+                None
+            };
+            let x_in = match &mask {
+                Some(m) => (x * m)?,
+                None => x.clone(),
+            };
+            let (y, xa) = lora_forward(
+                x,
+                &x_in,
+                &lin.weight,
+                lin.bias.as_ref(),
+                &l.a,
+                &l.b,
+                l.scale,
+            )?;
+            Ok((
+                y,
+                LinCtx {
+                    lora: Some((x_in, xa)),
+                    mask,
+                },
+            ))
+        }
+    }
+}
+
+/// One linear's backward: grads of its trainable tensors under `name.*`, dX if asked.
+#[allow(clippy::too_many_arguments)]
+fn lin_bwd(
+    lin: &Linear,
+    f: LinFlags,
+    name: &str,
+    dy: &Tensor,
+    x: &Tensor,
+    ctx: &LinCtx,
+    need_dx: bool,
+    grads: &mut Grads,
+) -> Result<Option<Tensor>> {
+    let g = linear_backward(
+        dy,
+        x,
+        &lin.weight,
+        need_dx && ctx.lora.is_none(),
+        f.weight,
+        f.bias,
+    )?;
+    if let Some(dw) = g.dw {
+        grads.add(format!("{name}.weight"), dw)?;
+    }
+    if let Some(db) = g.db {
+        grads.add(format!("{name}.bias"), db)?;
+    }
+    let (Some((x_in, xa)), Some(l)) = (&ctx.lora, &lin.lora) else {
+        return Ok(g.dx);
+    };
+    if !f.lora {
+        // adapter present but frozen: only dX through both paths
+        if !need_dx {
+            return Ok(None);
+        }
+    }
+    let lg = lora_backward(dy, x_in, xa, &lin.weight, &l.a, &l.b, l.scale, need_dx)?;
+    if f.lora {
+        grads.add(format!("{name}.lora_A.weight"), lg.da)?;
+        grads.add(format!("{name}.lora_B.weight"), lg.db)?;
+    }
+    match (lg.dx_base, lg.dx_lora) {
+        (Some(base), Some(lora)) => {
+            let lora = lora.reshape(base.shape())?;
+            let lora = match &ctx.mask {
+                Some(m) => (lora * m)?,
+                None => lora,
+            };
+            Ok(Some((base + lora)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Everything one block's backward needs, from its recomputed forward.
+struct BlockCtx {
+    rms1: RmsNormCtx,
+    xn1: Tensor,
+    q: LinCtx,
+    k: LinCtx,
+    v: LinCtx,
+    attn: AttentionCtx,
+    att: Tensor, // (B, T, NH·HD) input of o_proj
+    o: LinCtx,
+    rms2: RmsNormCtx,
+    xn2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    gate_l: LinCtx,
+    up_l: LinCtx,
+    h: Tensor,
+    down: LinCtx,
+}
+
+fn block_forward_train(
+    model: &Mllm,
+    l: usize,
+    x: &Tensor,
+    inp: &crate::model::llama::DecoderInputs,
+    rng: &mut Rng,
+) -> Result<(Tensor, BlockCtx)> {
+    let llm = &model.llm;
+    let blk = &llm.layers[l];
+    let cfg = &llm.cfg;
+    let hd = cfg.head_dim;
+    let (xn1, rms1) = rmsnorm_forward(x, &blk.input_layernorm.weight, cfg.rms_norm_eps)?;
+    let (q, q_c) = lin_fwd(&blk.self_attn.q_proj, &xn1, rng)?;
+    let (k, k_c) = lin_fwd(&blk.self_attn.k_proj, &xn1, rng)?;
+    let (v, v_c) = lin_fwd(&blk.self_attn.v_proj, &xn1, rng)?;
+    let q = rope_forward(&split_heads(&q, cfg.num_heads, hd)?, &inp.cos, &inp.sin)?;
+    let k = rope_forward(&split_heads(&k, cfg.num_kv_heads, hd)?, &inp.cos, &inp.sin)?;
+    let v = split_heads(&v, cfg.num_kv_heads, hd)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (att, attn) = attention_forward(&q, &k, &v, Some(&inp.mask), scale, llm.matmul_dtype())?;
+    let att = merge_heads(&att)?;
+    let (o, o_c) = lin_fwd(&blk.self_attn.o_proj, &att, rng)?;
+    let x2 = (x + o)?;
+    let (xn2, rms2) = rmsnorm_forward(&x2, &blk.post_attention_layernorm.weight, cfg.rms_norm_eps)?;
+    let (gate, gate_l) = lin_fwd(&blk.mlp.gate_proj, &xn2, rng)?;
+    let (up, up_l) = lin_fwd(&blk.mlp.up_proj, &xn2, rng)?;
+    let h = silu_mul_forward(&gate, &up)?;
+    let (down, down_c) = lin_fwd(&blk.mlp.down_proj, &h, rng)?;
+    let y = (x2 + down)?;
+    Ok((
+        y,
+        BlockCtx {
+            rms1,
+            xn1,
+            q: q_c,
+            k: k_c,
+            v: v_c,
+            attn,
+            att,
+            o: o_c,
+            rms2,
+            xn2,
+            gate,
+            up,
+            gate_l,
+            up_l,
+            h,
+            down: down_c,
+        },
+    ))
+}
+
+/// Backward of block `l`, mirroring `block_forward_train` line by line in reverse.
+/// Returns dX of the block input when `need_dx`.
+#[allow(clippy::too_many_arguments)]
+fn block_backward(
+    model: &Mllm,
+    l: usize,
+    f: &BlockFlags,
+    dy: &Tensor,
+    ctx: &BlockCtx,
+    inp: &crate::model::llama::DecoderInputs,
+    need_dx: bool,
+    grads: &mut Grads,
+) -> Result<Option<Tensor>> {
+    let llm = &model.llm;
+    let blk = &llm.layers[l];
+    let cfg = &llm.cfg;
+    let body = &model.keys.llm_body;
+    let key = |m: &str| format!("{body}.layers.{l}.{m}");
+    // MLP branch: y = x2 + down(silu(gate(xn2)) ⊙ up(xn2)), xn2 = rms(x2)
+    let dh = lin_bwd(
+        &blk.mlp.down_proj,
+        f.down,
+        &key("mlp.down_proj"),
+        dy,
+        &ctx.h,
+        &ctx.down,
+        true,
+        grads,
+    )?
+    .expect("dX requested");
+    let (dgate, dup) = silu_mul_backward(&dh, &ctx.gate, &ctx.up)?;
+    let dxn2_g = lin_bwd(
+        &blk.mlp.gate_proj,
+        f.gate,
+        &key("mlp.gate_proj"),
+        &dgate,
+        &ctx.xn2,
+        &ctx.gate_l,
+        true,
+        grads,
+    )?
+    .expect("dX requested");
+    let dxn2_u = lin_bwd(
+        &blk.mlp.up_proj,
+        f.up,
+        &key("mlp.up_proj"),
+        &dup,
+        &ctx.xn2,
+        &ctx.up_l,
+        true,
+        grads,
+    )?
+    .expect("dX requested");
+    let (dx2_mlp, dw_post) = rmsnorm_backward(
+        &(dxn2_g + dxn2_u)?,
+        &ctx.rms2,
+        &blk.post_attention_layernorm.weight,
+        f.post_norm,
+    )?;
+    if let Some(dw) = dw_post {
+        grads.add(key("post_attention_layernorm.weight"), dw)?;
+    }
+    let dx2 = (dy + dx2_mlp)?;
+    // attention branch: x2 = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = rms(x)
+    let datt = lin_bwd(
+        &blk.self_attn.o_proj,
+        f.o,
+        &key("self_attn.o_proj"),
+        &dx2,
+        &ctx.att,
+        &ctx.o,
+        true,
+        grads,
+    )?
+    .expect("dX requested");
+    let hd = cfg.head_dim;
+    let datt = split_heads(&datt, cfg.num_heads, hd)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (dq, dk, dv) = attention_backward(&datt, &ctx.attn, scale, llm.matmul_dtype())?;
+    let dq = merge_heads(&rope_backward(&dq, &inp.cos, &inp.sin)?)?;
+    let dk = merge_heads(&rope_backward(&dk, &inp.cos, &inp.sin)?)?;
+    let dv = merge_heads(&dv)?;
+    // dX of xn1 is needed for the input norm's weight or for the block input
+    let need_dxn1 = need_dx || f.input_norm;
+    let dq_x = lin_bwd(
+        &blk.self_attn.q_proj,
+        f.q,
+        &key("self_attn.q_proj"),
+        &dq,
+        &ctx.xn1,
+        &ctx.q,
+        need_dxn1,
+        grads,
+    )?;
+    let dk_x = lin_bwd(
+        &blk.self_attn.k_proj,
+        f.k,
+        &key("self_attn.k_proj"),
+        &dk,
+        &ctx.xn1,
+        &ctx.k,
+        need_dxn1,
+        grads,
+    )?;
+    let dv_x = lin_bwd(
+        &blk.self_attn.v_proj,
+        f.v,
+        &key("self_attn.v_proj"),
+        &dv,
+        &ctx.xn1,
+        &ctx.v,
+        need_dxn1,
+        grads,
+    )?;
+    if !need_dxn1 {
+        return Ok(None);
+    }
+    let dxn1 = ((dq_x.expect("dX") + dk_x.expect("dX"))? + dv_x.expect("dX"))?;
+    let (dx_attn, dw_in) =
+        rmsnorm_backward(&dxn1, &ctx.rms1, &blk.input_layernorm.weight, f.input_norm)?;
+    if let Some(dw) = dw_in {
+        grads.add(key("input_layernorm.weight"), dw)?;
+    }
+    if need_dx {
+        Ok(Some((dx2 + dx_attn)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Projector forward keeping each linear's input and each pre-activation.
+fn projector_forward_train(
+    p: &crate::model::projector::Projector,
+    x: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>, Vec<Tensor>)> {
+    let mut inputs = vec![x.clone()];
+    let mut pre = Vec::new();
+    let mut y = p.linears[0].forward(x)?;
+    for lin in &p.linears[1..] {
+        pre.push(y.clone());
+        let a = act_forward(&y, p.cfg.act)?;
+        inputs.push(a.clone());
+        y = lin.forward(&a)?;
+    }
+    Ok((y, inputs, pre))
+}
+
+fn projector_backward(
+    model: &Mllm,
+    dy: &Tensor,
+    inputs: &[Tensor],
+    pre: &[Tensor],
+    grads: &mut Grads,
+) -> Result<()> {
+    let p = &model.vision.as_ref().expect("projector").projector;
+    let mut dy = dy.clone();
+    for k in (0..p.linears.len()).rev() {
+        let lin = &p.linears[k];
+        let g = linear_backward(
+            &dy,
+            &inputs[k],
+            &lin.weight,
+            k > 0,
+            true,
+            lin.bias.is_some(),
+        )?;
+        let name = format!("{}.linear_{}", model.keys.projector, k + 1);
+        grads.add(format!("{name}.weight"), g.dw.expect("dw"))?;
+        if let Some(db) = g.db {
+            grads.add(format!("{name}.bias"), db)?;
+        }
+        if k > 0 {
+            dy = act_backward(&g.dx.expect("dx"), &pre[k - 1], p.cfg.act)?;
+        }
+    }
+    Ok(())
+}
+
+/// Forward and backward of one micro-batch. Gradients are those of Σ CE / `denom`, so that
+/// micro-batches of one optimizer step add up to the token mean over all of them (pass the
+/// total number of scored tokens of the step). `seed` drives LoRA dropout; the recompute in
+/// backward replays the same masks.
+pub fn forward_backward(
+    model: &Mllm,
+    setup: &TrainSetup,
+    batch: &Batch,
+    denom: f64,
+    seed: u64,
+) -> Result<(LossSum, Grads)> {
+    let flags = &setup.flags;
+    let llm = &model.llm;
+    let (b, t) = batch.dims();
+    let c = llm.cfg.hidden_size;
+    let dev = llm.embed_tokens.device().clone();
+    let mut grads = Grads::default();
+
+    // --- forward ---------------------------------------------------------------------
+    let (proj_out, proj_ctx) = match (&batch.pixel_values, &model.vision) {
+        (Some(px), Some(v)) => {
+            let feats = v.tower.features(px, &v.select)?; // frozen: no context kept
+            if flags.projector {
+                let (y, inputs, pre) = projector_forward_train(&v.projector, &feats)?;
+                (Some(y), Some((inputs, pre)))
+            } else {
+                (Some(v.projector.forward(&feats)?), None)
+            }
+        }
+        (Some(_), None) => bail!("this model has no vision tower, but the batch has pixel_values"),
+        _ => (None, None),
+    };
+    let x0 = model.embed_with_images(&batch.input_ids, proj_out.as_ref())?;
+    let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+    let inp = llm.prepare(&batch.attention_mask, &positions, t)?;
+    let first = flags.first_block_needed();
+    let n_layers = llm.layers.len();
+    let mut saved = Vec::with_capacity(n_layers);
+    let mut x = x0;
+    for l in 0..n_layers {
+        if first.is_some_and(|f| l >= f) {
+            saved.push(Some(x.clone()));
+        } else {
+            saved.push(None);
+        }
+        let mut rng = Rng::new(seed ^ (l as u64).wrapping_mul(0x9E37_79B9));
+        x = block_forward_train(model, l, &x, &inp, &mut rng)?.0;
+    }
+    let (rows, targets) = scored_rows(batch)?;
+    if rows.is_empty() {
+        bail!("batch has no supervised token (all shifted labels are -100)");
+    }
+    let m = rows.len();
+    let rows_t = Tensor::from_vec(rows, m, &dev)?;
+    let xs = x.reshape((b * t, c))?.index_select(&rows_t, 0)?; // (M, C)
+    drop(x);
+    let (hn, norm_ctx) = rmsnorm_forward(&xs, &llm.norm.weight, llm.cfg.rms_norm_eps)?;
+    let logits = linear_forward(&hn, &llm.lm_head, None)?; // (M, V)
+    let targets_i64: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
+    let (loss, ce_ctx) = cross_entropy_forward(&logits, &targets_i64)?;
+    drop(logits);
+    let loss_mean = loss.to_scalar::<f32>()? as f64;
+    let loss_sum = LossSum {
+        sum: loss_mean * m as f64,
+        tokens: m,
+    };
+
+    // --- backward: the forward in reverse ----------------------------------------------
+    let dlogits = (cross_entropy_backward(&ce_ctx)? * (m as f64 / denom))?; // d(ΣCE/denom)
+    drop(ce_ctx);
+    let head_trainable = if llm.cfg.tie_word_embeddings {
+        flags.embed
+    } else {
+        flags.head
+    };
+    let g = linear_backward(&dlogits, &hn, &llm.lm_head, true, head_trainable, false)?;
+    if let Some(dw) = g.dw {
+        let name = if llm.cfg.tie_word_embeddings {
+            format!("{}.embed_tokens.weight", model.keys.llm_body)
+        } else {
+            model.keys.lm_head.clone()
+        };
+        grads.add(name, dw)?;
+    }
+    let (dxs, dnorm) = rmsnorm_backward(
+        &g.dx.expect("dx"),
+        &norm_ctx,
+        &llm.norm.weight,
+        flags.final_norm,
+    )?;
+    if let Some(dw) = dnorm {
+        grads.add(format!("{}.norm.weight", model.keys.llm_body), dw)?;
+    }
+    let Some(first) = first else {
+        return Ok((loss_sum, grads));
+    };
+    let mut dx = Tensor::zeros((b * t, c), DType::F32, &dev)?
+        .index_add(&rows_t, &dxs, 0)?
+        .reshape((b, t, c))?;
+    for l in (first..n_layers).rev() {
+        let xin = saved[l].take().expect("saved block input");
+        let mut rng = Rng::new(seed ^ (l as u64).wrapping_mul(0x9E37_79B9));
+        let (_, ctx) = block_forward_train(model, l, &xin, &inp, &mut rng)?;
+        let need_dx = flags.needs_dx_below(l);
+        match block_backward(
+            model,
+            l,
+            &flags.blocks[l],
+            &dx,
+            &ctx,
+            &inp,
+            need_dx,
+            &mut grads,
+        )? {
+            Some(d) => dx = d,
+            None => return Ok((loss_sum, grads)),
+        }
+    }
+
+    // --- embeddings and projector ------------------------------------------------------
+    let dx0 = dx.reshape((b * t, c))?;
+    let image_id = model.vision.as_ref().map(|v| v.image_token_id);
+    let (mut text_rows, mut text_ids, mut image_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &id) in batch.input_ids.iter().flatten().enumerate() {
+        if Some(id) == image_id {
+            image_rows.push(i as u32);
+        } else {
+            text_rows.push(i as u32);
+            text_ids.push(id);
+        }
+    }
+    if flags.embed && !text_rows.is_empty() {
+        let n = text_rows.len();
+        let d = dx0.index_select(&Tensor::from_vec(text_rows, n, &dev)?, 0)?;
+        let ids = Tensor::from_vec(text_ids, n, &dev)?;
+        let de = embedding_backward(&d, &ids, llm.cfg.vocab_size)?;
+        grads.add(format!("{}.embed_tokens.weight", model.keys.llm_body), de)?;
+    }
+    if let (Some((inputs, pre)), Some(y)) = (&proj_ctx, &proj_out) {
+        let n = image_rows.len();
+        let d = dx0
+            .index_select(&Tensor::from_vec(image_rows, n, &dev)?, 0)?
+            .reshape(y.shape())?;
+        projector_backward(model, &d, inputs, pre, &mut grads)?;
+    }
+    Ok((loss_sum, grads))
+}
