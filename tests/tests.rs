@@ -5,3 +5,4 @@ mod gguf;
 mod loading_errors;
 mod model_fixtures;
 mod real_weights;
+mod training;

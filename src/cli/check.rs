@@ -255,7 +255,7 @@ fn grad_setup(args: &CheckArgs, model: &mut Mllm, expected: &Store) -> Result<Gr
             .iter()
             .filter_map(|k| k.strip_prefix("grad."))
             .filter(|k| known.contains(k))
-            .map(|k| regex::escape(k))
+            .map(regex::escape)
             .collect();
         if names.is_empty() {
             bail!(
@@ -357,7 +357,7 @@ fn grad_rows(
     let (setup, model_keys) = (&gc.setup, &gc.model_keys);
     let to_ours = |k: &str| ref_to_ours(gc.is_lora, model_keys, k);
     let denom = count_scored(batch)? as f64;
-    let (loss, grads) = forward_backward(model, setup, batch, denom, 0)?;
+    let (loss, grads) = forward_backward(model, setup, batch, denom, 0, train::Recompute::Full, 0)?;
     if let Some(want) = if expected.contains("loss") {
         Some(expected.load_any("loss")?)
     } else {

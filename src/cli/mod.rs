@@ -1,7 +1,10 @@
 //! Command-line interface: one file per subcommand, each with `pub fn run(args) -> Result<()>`.
 //! `main` only parses and maps the result to an exit code.
 
+pub mod bench;
 pub mod check;
+pub mod method_args;
+pub mod plan;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
@@ -25,8 +28,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run a model on a batch and compare logits and loss with a reference file
+    /// Run a model on a batch and compare logits, loss and gradients with a reference file
     Check(check::CheckArgs),
+    /// Time training steps of each method on a randomly initialised model
+    Bench(bench::BenchArgs),
+    /// Trainable parameters and a memory estimate for a method, from config files alone
+    Plan(plan::PlanArgs),
 }
 
 /// Numeric precision of the frozen weights' matmuls.
@@ -69,5 +76,7 @@ impl DeviceArg {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check(args) => check::run(args),
+        Command::Bench(args) => bench::run(args, cli.threads),
+        Command::Plan(args) => plan::run(args),
     }
 }

@@ -171,42 +171,98 @@ pub fn projector_specs(cfg: &ProjectorConfig, keys: &KeyPrefixes) -> Vec<ParamSp
     out
 }
 
-/// The vision tower's parameter count (it is never trained, only counted).
-pub fn vision_param_count(cfg: &VisionConfig) -> usize {
+/// The vision tower's tensors under `prefix`: (checkpoint key, shape). They are never
+/// trained; `plan` counts them and benchmarks initialise them.
+pub fn vision_specs(cfg: &VisionConfig, prefix: &str) -> Vec<(String, Vec<usize>)> {
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut add =
+        |name: String, shape: &[usize]| out.push((format!("{prefix}.{name}"), shape.to_vec()));
     match cfg {
         VisionConfig::Clip(c) => {
-            let d = c.hidden_size;
+            let (d, i) = (c.hidden_size, c.intermediate_size);
             let g = c.image_size / c.patch_size;
-            let layer = 4 * (d * d + d)
-                + 2 * 2 * d
-                + (c.intermediate_size * d + c.intermediate_size)
-                + (d * c.intermediate_size + d);
-            c.num_channels * c.patch_size * c.patch_size * d // patch conv, no bias
-                + d // class embedding
-                + (1 + g * g) * d // positions
-                + 2 * d // pre_layrnorm
-                + c.num_layers * layer
-                + 2 * d // post_layernorm
+            add(
+                "embeddings.patch_embedding.weight".into(),
+                &[d, c.num_channels, c.patch_size, c.patch_size],
+            );
+            add("embeddings.class_embedding".into(), &[d]);
+            add(
+                "embeddings.position_embedding.weight".into(),
+                &[1 + g * g, d],
+            );
+            for n in ["pre_layrnorm", "post_layernorm"] {
+                add(format!("{n}.weight"), &[d]);
+                add(format!("{n}.bias"), &[d]);
+            }
+            for l in 0..c.num_layers {
+                let p = format!("encoder.layers.{l}");
+                for m in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    add(format!("{p}.self_attn.{m}.weight"), &[d, d]);
+                    add(format!("{p}.self_attn.{m}.bias"), &[d]);
+                }
+                for n in ["layer_norm1", "layer_norm2"] {
+                    add(format!("{p}.{n}.weight"), &[d]);
+                    add(format!("{p}.{n}.bias"), &[d]);
+                }
+                add(format!("{p}.mlp.fc1.weight"), &[i, d]);
+                add(format!("{p}.mlp.fc1.bias"), &[i]);
+                add(format!("{p}.mlp.fc2.weight"), &[d, i]);
+                add(format!("{p}.mlp.fc2.bias"), &[d]);
+            }
         }
         VisionConfig::Dinov2(c) => {
             let d = c.hidden_size;
             let g = c.image_size / c.patch_size;
-            let mlp = if c.use_swiglu_ffn {
-                let h = (c.mlp_hidden * 2 / 3).div_ceil(8) * 8;
-                (2 * h * d + 2 * h) + (d * h + d)
-            } else {
-                (c.mlp_hidden * d + c.mlp_hidden) + (d * c.mlp_hidden + d)
-            };
-            let qkv_b = if c.qkv_bias { 3 * d } else { 0 };
-            let layer = 3 * d * d + qkv_b + (d * d + d) + 2 * 2 * d + 2 * d + mlp;
-            c.num_channels * c.patch_size * c.patch_size * d + d // patch conv with bias
-                + d // cls token
-                + d // mask token
-                + (1 + g * g) * d
-                + c.num_layers * layer
-                + 2 * d // final layernorm
+            add("embeddings.cls_token".into(), &[1, 1, d]);
+            add("embeddings.mask_token".into(), &[1, d]);
+            add("embeddings.position_embeddings".into(), &[1, 1 + g * g, d]);
+            add(
+                "embeddings.patch_embeddings.projection.weight".into(),
+                &[d, c.num_channels, c.patch_size, c.patch_size],
+            );
+            add("embeddings.patch_embeddings.projection.bias".into(), &[d]);
+            for l in 0..c.num_layers {
+                let p = format!("encoder.layer.{l}");
+                for m in ["query", "key", "value"] {
+                    add(format!("{p}.attention.attention.{m}.weight"), &[d, d]);
+                    if c.qkv_bias {
+                        add(format!("{p}.attention.attention.{m}.bias"), &[d]);
+                    }
+                }
+                add(format!("{p}.attention.output.dense.weight"), &[d, d]);
+                add(format!("{p}.attention.output.dense.bias"), &[d]);
+                for n in ["norm1", "norm2"] {
+                    add(format!("{p}.{n}.weight"), &[d]);
+                    add(format!("{p}.{n}.bias"), &[d]);
+                }
+                add(format!("{p}.layer_scale1.lambda1"), &[d]);
+                add(format!("{p}.layer_scale2.lambda1"), &[d]);
+                if c.use_swiglu_ffn {
+                    let h = (c.mlp_hidden * 2 / 3).div_ceil(8) * 8;
+                    add(format!("{p}.mlp.weights_in.weight"), &[2 * h, d]);
+                    add(format!("{p}.mlp.weights_in.bias"), &[2 * h]);
+                    add(format!("{p}.mlp.weights_out.weight"), &[d, h]);
+                    add(format!("{p}.mlp.weights_out.bias"), &[d]);
+                } else {
+                    add(format!("{p}.mlp.fc1.weight"), &[c.mlp_hidden, d]);
+                    add(format!("{p}.mlp.fc1.bias"), &[c.mlp_hidden]);
+                    add(format!("{p}.mlp.fc2.weight"), &[d, c.mlp_hidden]);
+                    add(format!("{p}.mlp.fc2.bias"), &[d]);
+                }
+            }
+            add("layernorm.weight".into(), &[d]);
+            add("layernorm.bias".into(), &[d]);
         }
     }
+    out
+}
+
+/// The vision tower's parameter count.
+pub fn vision_param_count(cfg: &VisionConfig) -> usize {
+    vision_specs(cfg, "v")
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
 }
 
 fn spec(name: String, shape: &[usize], role: Role, layer: Option<usize>) -> ParamSpec {

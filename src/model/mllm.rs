@@ -159,6 +159,62 @@ impl Batch {
     }
 }
 
+/// A llava `config.json`, resolved: everything but the weights.
+#[derive(Debug, Clone)]
+pub struct LlavaSpec {
+    pub text: super::config::LlmConfig,
+    pub vision: super::config::VisionConfig,
+    pub select: FeatureSelect,
+    pub projector: ProjectorConfig,
+    pub image_token_id: u32,
+}
+
+impl LlavaSpec {
+    pub fn from_file(cfg: &LlavaConfigFile, origin: &str) -> Result<Self> {
+        let text = cfg.text_config.clone().unwrap_or_default().resolve(
+            "llama",
+            cfg.tie_word_embeddings,
+            &format!("{origin} (text_config)"),
+        )?;
+        let vision = cfg
+            .vision_config
+            .clone()
+            .with_context(|| format!("{origin}: missing field `vision_config`"))?
+            .resolve("clip_vision_model", &format!("{origin} (vision_config)"))?;
+        let layers = cfg
+            .vision_feature_layer
+            .as_ref()
+            .map(|l| l.to_vec())
+            .unwrap_or(vec![-2]);
+        let strategy = SelectStrategy::parse(
+            cfg.vision_feature_select_strategy
+                .as_deref()
+                .unwrap_or("default"),
+            origin,
+        )?;
+        let projector = ProjectorConfig {
+            num_linears: 2,
+            act: cfg.projector_hidden_act.unwrap_or(Act::GeluErf),
+            bias: cfg.multimodal_projector_bias.unwrap_or(true),
+            in_features: vision.hidden_size() * layers.len(),
+            out_features: text.hidden_size,
+        };
+        let image_token_id = u32::try_from(cfg.image_token_index.unwrap_or(32000))
+            .map_err(|_| anyhow::anyhow!("{origin}: field `image_token_index` is negative"))?;
+        Ok(Self {
+            text,
+            vision,
+            select: FeatureSelect {
+                layers,
+                strategy,
+                final_layernorm: false,
+            },
+            projector,
+            image_token_id,
+        })
+    }
+}
+
 /// `compose.json` (format `tiny-vlm-compose/1`).
 #[derive(Debug, Deserialize)]
 pub struct ComposeFile {
@@ -241,19 +297,21 @@ impl Mllm {
 
     fn load_llava(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let origin = cfg_path.display().to_string();
-        let cfg: LlavaConfigFile = read_json(&cfg_path)?;
-        let text_cfg = cfg.text_config.clone().unwrap_or_default().resolve(
-            "llama",
-            cfg.tie_word_embeddings,
-            &format!("{origin} (text_config)"),
-        )?;
-        let vision_cfg = cfg
-            .vision_config
-            .clone()
-            .with_context(|| format!("{origin}: missing field `vision_config`"))?
-            .resolve("clip_vision_model", &format!("{origin} (vision_config)"))?;
+        let spec = LlavaSpec::from_file(&read_json(&cfg_path)?, &cfg_path.display().to_string())?;
         let store = Arc::new(Store::open_dir(dir, device)?);
+        let text = crate::io::tokenizer::TextTools::from_hf_dir(dir)?;
+        Self::from_llava(&spec, store, dtype, dir, text)
+    }
+
+    /// Builds a llava model from a resolved config and a store holding its weights in either
+    /// llava-hf key layout.
+    pub fn from_llava(
+        spec: &LlavaSpec,
+        store: Arc<Store>,
+        dtype: DType,
+        source: &Path,
+        text: Option<crate::io::tokenizer::TextTools>,
+    ) -> Result<Self> {
         let root = Weights::new(store.clone(), dtype);
         // transformers <= 5.24 checkpoints: `language_model.model.*` + `language_model.lm_head`;
         // module-name layout: `model.language_model.*` + `lm_head`.
@@ -291,41 +349,15 @@ impl Mllm {
                     store.describe()
                 )
             })?;
-        let layers = cfg
-            .vision_feature_layer
-            .as_ref()
-            .map(|l| l.to_vec())
-            .unwrap_or(vec![-2]);
-        let strategy = SelectStrategy::parse(
-            cfg.vision_feature_select_strategy
-                .as_deref()
-                .unwrap_or("default"),
-            &origin,
-        )?;
-        let tower = VisionTower::load(&vision_w, &vision_cfg)?;
-        let projector_cfg = ProjectorConfig {
-            num_linears: 2,
-            act: cfg.projector_hidden_act.unwrap_or(Act::GeluErf),
-            bias: cfg.multimodal_projector_bias.unwrap_or(true),
-            in_features: vision_cfg.hidden_size() * layers.len(),
-            out_features: text_cfg.hidden_size,
-        };
-        let projector = Projector::load(&projector_w, &projector_cfg)?;
-        let image_token_id = cfg.image_token_index.unwrap_or(32000);
-        let image_token_id = u32::try_from(image_token_id)
-            .map_err(|_| anyhow::anyhow!("{origin}: field `image_token_index` is negative"))?;
-        let llm = Llama::load(&root.pp(body), &root.pp(head_prefix), &text_cfg)?;
-        let text = crate::io::tokenizer::TextTools::from_hf_dir(dir)?;
+        let tower = VisionTower::load(&vision_w, &spec.vision)?;
+        let projector = Projector::load(&projector_w, &spec.projector)?;
+        let llm = Llama::load(&root.pp(body), &root.pp(head_prefix), &spec.text)?;
         Ok(Self {
             vision: Some(VisionSide {
                 tower,
-                select: FeatureSelect {
-                    layers,
-                    strategy,
-                    final_layernorm: false,
-                },
+                select: spec.select.clone(),
                 projector,
-                image_token_id,
+                image_token_id: spec.image_token_id,
             }),
             llm,
             keys: KeyPrefixes {
@@ -334,9 +366,55 @@ impl Mllm {
                 vision: vision_w.prefix().into(),
                 projector: projector_w.prefix().into(),
             },
-            source: dir.to_path_buf(),
+            source: source.to_path_buf(),
             text,
         })
+    }
+
+    /// A randomly initialised llava model (benchmarks, tests): linears and embeddings
+    /// N(0, 0.02), norm scales and layer scales 1, biases 0, in the legacy llava-hf layout.
+    pub fn random_llava(
+        spec: &LlavaSpec,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let keys = KeyPrefixes {
+            llm_body: "language_model.model".into(),
+            lm_head: "language_model.lm_head.weight".into(),
+            vision: "vision_tower".into(),
+            projector: "multi_modal_projector".into(),
+        };
+        let mut shapes: Vec<(String, Vec<usize>)> = crate::methods::llm_specs(&spec.text, &keys)
+            .into_iter()
+            .chain(crate::methods::projector_specs(&spec.projector, &keys))
+            .map(|s| (s.name, s.shape))
+            .collect();
+        shapes.extend(crate::methods::vision_specs(&spec.vision, &keys.vision));
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut tensors = Vec::with_capacity(shapes.len());
+        for (name, shape) in shapes {
+            let leaf = name.rsplit('.').nth(1).unwrap_or("");
+            let t = if name.ends_with(".lambda1")
+                || (shape.len() == 1 && leaf.contains("norm") && name.ends_with(".weight"))
+            {
+                Tensor::ones(shape.as_slice(), DType::F32, device)?
+            } else if shape.len() == 1 && name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), DType::F32, device)?
+            } else {
+                rng.normal_tensor(&shape, 0.02, DType::F32, device)?
+            };
+            tensors.push((name, t));
+        }
+        let mut store = Store::new(device);
+        store.add_owned(Path::new("<random init>"), tensors)?;
+        Self::from_llava(
+            spec,
+            Arc::new(store),
+            dtype,
+            Path::new("<random init>"),
+            None,
+        )
     }
 
     fn load_composed(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {

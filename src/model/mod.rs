@@ -8,6 +8,7 @@ pub mod dinov2;
 pub mod llama;
 pub mod mllm;
 pub mod projector;
+pub mod spec;
 pub mod vision;
 
 use anyhow::Result;

@@ -11,12 +11,13 @@ use candle_core::{D, DType, Device, Result, Tensor};
 /// no allowed key becomes a uniform distribution instead of NaN.
 pub const MASKED: f32 = f32::MIN;
 
-/// What the attention backward needs.
+/// What the attention backward needs. `probs` may be dropped to save memory (selective
+/// recompute); the backward then recomputes them from q, k and the mask.
 pub struct AttentionCtx {
-    pub q: Tensor,     // (B, NKV, G·T, HD)
-    pub k: Tensor,     // (B, NKV, S, HD)
-    pub v: Tensor,     // (B, NKV, S, HD)
-    pub probs: Tensor, // (B, NKV, G·T, S)
+    pub q: Tensor,             // (B, NKV, G·T, HD)
+    pub k: Tensor,             // (B, NKV, S, HD)
+    pub v: Tensor,             // (B, NKV, S, HD)
+    pub probs: Option<Tensor>, // (B, NKV, G·T, S)
 }
 
 /// q (B, NH, T, HD), k/v (B, NKV, S, HD), mask (B, 1, T, S) additive f32 or None
@@ -30,21 +31,13 @@ pub fn attention_forward(
     mm_dtype: DType,
 ) -> Result<(Tensor, AttentionCtx)> {
     let (b, nh, t, hd) = q.dims4()?;
-    let (_, nkv, s, _) = k.dims4()?;
+    let nkv = k.dim(1)?;
     if nh % nkv != 0 {
         candle_core::bail!("attention: {nh} query heads are not a multiple of {nkv} KV heads");
     }
     let g = nh / nkv;
     let q = q.contiguous()?.reshape((b, nkv, g * t, hd))?;
-    let scores = (super::matmul_in(&q, &k.t()?, mm_dtype)? * scale)?; // (B, NKV, G·T, S)
-    let scores = match mask {
-        Some(m) => scores
-            .reshape((b, nkv, g, t, s))?
-            .broadcast_add(&m.unsqueeze(1)?)?
-            .reshape((b, nkv, g * t, s))?,
-        None => scores,
-    };
-    let probs = softmax_last_dim(&scores)?;
+    let probs = attention_probs(&q, k, mask, g, scale, mm_dtype)?;
     let out = super::matmul_in(&probs, v, mm_dtype)?; // (B, NKV, G·T, HD)
     let out = out.reshape((b, nh, t, hd))?;
     Ok((
@@ -53,35 +46,69 @@ pub fn attention_forward(
             q,
             k: k.clone(),
             v: v.clone(),
-            probs,
+            probs: Some(probs),
         },
     ))
+}
+
+/// softmax(q·kᵀ·scale + mask) for grouped queries q (B, NKV, G·T, HD), k (B, NKV, S, HD),
+/// mask (B, 1, T, S) -> (B, NKV, G·T, S).
+pub fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    mask: Option<&Tensor>,
+    g: usize,
+    scale: f64,
+    mm_dtype: DType,
+) -> Result<Tensor> {
+    let (b, nkv, gt, _) = q.dims4()?;
+    let s = k.dim(2)?;
+    let scores = (super::matmul_in(q, &k.t()?, mm_dtype)? * scale)?; // (B, NKV, G·T, S)
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, nkv, g, gt / g, s))?
+            .broadcast_add(&m.unsqueeze(1)?)?
+            .reshape((b, nkv, gt, s))?,
+        None => scores,
+    };
+    softmax_last_dim(&scores)
 }
 
 /// Gradients of attention_forward: dq (B, NH, T, HD), dk and dv (B, NKV, S, HD). The GQA
 /// grouping makes dK and dV sum over the G query heads of a group automatically.
 ///
 /// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − Σ_j dP ⊙ P), dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+/// `mask` is the forward's mask, used only when `ctx.probs` was dropped.
 pub fn attention_backward(
     dout: &Tensor,
     ctx: &AttentionCtx,
+    mask: Option<&Tensor>,
     scale: f64,
     mm_dtype: DType,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, nh, t, hd) = dout.dims4()?;
     let nkv = ctx.k.dim(1)?;
+    let probs = match &ctx.probs {
+        Some(p) => p.clone(),
+        None => attention_probs(&ctx.q, &ctx.k, mask, nh / nkv, scale, mm_dtype)?,
+    };
     let dout = dout.contiguous()?.reshape((b, nkv, nh / nkv * t, hd))?; // (B, NKV, G·T, HD)
-    let dv = super::matmul_in(&ctx.probs.t()?, &dout, mm_dtype)?; // (B, NKV, S, HD)
+    let dv = super::matmul_in(&probs.t()?, &dout, mm_dtype)?; // (B, NKV, S, HD)
     let dp = super::matmul_in(&dout, &ctx.v.t()?, mm_dtype)?; // (B, NKV, G·T, S)
-    let row = (&dp * &ctx.probs)?.sum_keepdim(D::Minus1)?;
-    let ds = (ctx.probs.clone() * dp.broadcast_sub(&row)?)?;
+    let row = (&dp * &probs)?.sum_keepdim(D::Minus1)?;
+    let ds = (probs * dp.broadcast_sub(&row)?)?;
     let dq = (super::matmul_in(&ds, &ctx.k, mm_dtype)? * scale)?.reshape((b, nh, t, hd))?;
     let dk = (super::matmul_in(&ds.t()?, &ctx.q, mm_dtype)? * scale)?; // (B, NKV, S, HD)
     Ok((dq, dk, dv))
 }
 
-/// Numerically stable softmax over the last dim, f32.
+/// Numerically stable softmax over the last dim. f32 uses candle-nn's fused kernel (one
+/// pass instead of five; CPU and CUDA): forward only, our backward uses its output. Other
+/// dtypes (f64 in the finite-difference tests) use the composed form.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
+    }
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -140,11 +167,15 @@ mod tests {
                 &r,
             ))
         };
-        let (_, ctx) = attention_forward(&q, &k, &v, Some(&mask), 0.7, DType::F64).unwrap();
-        let (dq, dk, dv) = attention_backward(&r, &ctx, 0.7, DType::F64).unwrap();
+        let (_, mut ctx) = attention_forward(&q, &k, &v, Some(&mask), 0.7, DType::F64).unwrap();
+        let (dq, dk, dv) = attention_backward(&r, &ctx, None, 0.7, DType::F64).unwrap();
         assert_close("dq", &dq, &fd_grad(&q, |q| f(q, &k, &v)), 1e-7);
         assert_close("dk", &dk, &fd_grad(&k, |k| f(&q, k, &v)), 1e-7);
         assert_close("dv", &dv, &fd_grad(&v, |v| f(&q, &k, v)), 1e-7);
+        // probabilities dropped: recomputed from q, k and the mask, same result
+        ctx.probs = None;
+        let (dq2, _, _) = attention_backward(&r, &ctx, Some(&mask), 0.7, DType::F64).unwrap();
+        assert_close("dq recomputed", &dq2, &dq, 1e-12);
     }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -202,7 +233,13 @@ mod tests {
             DType::F32,
         )
         .unwrap();
-        let p = ctx.probs.reshape((3, 3)).unwrap().to_vec2::<f32>().unwrap();
+        let p = ctx
+            .probs
+            .unwrap()
+            .reshape((3, 3))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(p[0], vec![1. / 3.; 3]);
         assert_eq!(p[1], vec![0., 1., 0.]);
     }

@@ -8,6 +8,7 @@
 pub mod optim;
 pub mod schedule;
 pub mod step;
+pub mod trainer;
 
 use std::collections::HashMap;
 
@@ -16,8 +17,88 @@ use candle_core::{DType, Tensor};
 
 use crate::methods::{MethodConfig, ParamSpec, Role};
 use crate::model::Lora;
+use crate::model::config::LlmConfig;
 use crate::model::mllm::Mllm;
 use crate::rng::Rng;
+
+/// How much of each decoder block the forward keeps for the backward.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recompute {
+    /// `selective` when its kept activations fit the activation budget, else `full`
+    Auto,
+    /// keep each block's input and post-attention residual (2·T·C per layer) and recompute
+    /// the block in backward: least memory
+    Full,
+    /// also keep the block's matmul outputs (q, k, v, the MLP's gate and up, and linear
+    /// inputs of trainable weights); recompute only the attention probabilities (T² per head)
+    Selective,
+    /// keep each block's whole backward context, attention probabilities included
+    None,
+}
+
+impl Recompute {
+    /// Bytes the forward keeps per decoder layer for a B×T batch under this policy (f32).
+    pub fn bytes_per_layer(self, cfg: &LlmConfig, f: &BlockFlags, b: usize, t: usize) -> usize {
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let inputs = 2 * c; // x, x2
+        let outputs = q + 2 * kv + 2 * i; // q, k, v, gate, up
+        let lin_inputs = if f.q.any() || f.k.any() || f.v.any() {
+            c
+        } else {
+            0
+        } + if f.o.any() { q } else { 0 }
+            + if f.gate.any() || f.up.any() { c } else { 0 }
+            + if f.down.any() { i } else { 0 };
+        let per_token = match self {
+            Recompute::Full => inputs,
+            Recompute::Selective | Recompute::Auto | Recompute::None => {
+                inputs + outputs + lin_inputs
+            }
+        };
+        let probs = if self == Recompute::None {
+            cfg.num_heads * t * t
+        } else {
+            0
+        };
+        4 * b * (per_token * t + probs)
+    }
+
+    /// The policy to use for one batch: `auto` keeps selective contexts when, over the layers
+    /// that need a backward, they fit in `budget` bytes.
+    pub fn resolve(
+        self,
+        cfg: &LlmConfig,
+        flags: &TrainFlags,
+        b: usize,
+        t: usize,
+        budget: usize,
+    ) -> Recompute {
+        if self != Recompute::Auto {
+            return self;
+        }
+        let Some(first) = flags.first_block_needed() else {
+            return Recompute::Full;
+        };
+        let total: usize = (first..cfg.num_layers)
+            .map(|l| Recompute::Selective.bytes_per_layer(cfg, &flags.blocks[l], b, t))
+            .sum();
+        if total <= budget {
+            Recompute::Selective
+        } else {
+            Recompute::Full
+        }
+    }
+}
+
+/// Default activation budget of `Recompute::Auto`.
+pub const DEFAULT_ACTIVATION_BUDGET: usize = 2 << 30;
 
 /// Which tensors of one linear are trainable.
 #[derive(Debug, Default, Clone, Copy)]
@@ -125,6 +206,41 @@ impl TrainSetup {
     }
 }
 
+/// Per-block trainability from the specs and their flags.
+pub fn train_flags(specs: &[ParamSpec], trainable: &[bool], num_layers: usize) -> TrainFlags {
+    let by_name: HashMap<&str, &ParamSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut flags = TrainFlags {
+        blocks: vec![BlockFlags::default(); num_layers],
+        ..Default::default()
+    };
+    for (s, _) in specs.iter().zip(trainable).filter(|(_, t)| **t) {
+        match s.role {
+            Role::Embed => flags.embed = true,
+            Role::Head => flags.head = true,
+            Role::FinalNorm => flags.final_norm = true,
+            Role::Projector => flags.projector = true,
+            Role::InputNorm => flags.blocks[s.layer.expect("layer")].input_norm = true,
+            Role::PostAttnNorm => flags.blocks[s.layer.expect("layer")].post_norm = true,
+            Role::LoraA | Role::LoraB => {
+                let base_role = by_name[s.base.as_deref().expect("base")].role;
+                let b = &mut flags.blocks[s.layer.expect("layer")];
+                b.lin_mut(base_role).expect("linear role").lora = true;
+            }
+            Role::Vision => unreachable!("vision tensors are never trainable"),
+            role => {
+                let b = &mut flags.blocks[s.layer.expect("layer")];
+                let lf = b.lin_mut(role).expect("linear role");
+                if s.name.ends_with(".bias") {
+                    lf.bias = true;
+                } else {
+                    lf.weight = true;
+                }
+            }
+        }
+    }
+    flags
+}
+
 /// Applies `method` to `model`: LoRA adapters initialised as PEFT does (A kaiming-uniform
 /// with a = √5, i.e. U(±1/√IC); B zero) from `seed`, trainable tensors widened to f32.
 pub fn setup(model: &mut Mllm, method: &MethodConfig, seed: u64) -> Result<TrainSetup> {
@@ -152,10 +268,6 @@ pub fn setup(model: &mut Mllm, method: &MethodConfig, seed: u64) -> Result<Train
         });
     }
 
-    let mut flags = TrainFlags {
-        blocks: vec![BlockFlags::default(); model.llm.cfg.num_layers],
-        ..Default::default()
-    };
     for (s, _) in specs.iter().zip(&trainable).filter(|(_, t)| **t) {
         // the trainable tensor is its own f32 master copy
         let t = model
@@ -164,30 +276,8 @@ pub fn setup(model: &mut Mllm, method: &MethodConfig, seed: u64) -> Result<Train
         if t.dtype() != DType::F32 {
             *t = t.to_dtype(DType::F32)?;
         }
-        match s.role {
-            Role::Embed => flags.embed = true,
-            Role::Head => flags.head = true,
-            Role::FinalNorm => flags.final_norm = true,
-            Role::Projector => flags.projector = true,
-            Role::InputNorm => flags.blocks[s.layer.expect("layer")].input_norm = true,
-            Role::PostAttnNorm => flags.blocks[s.layer.expect("layer")].post_norm = true,
-            Role::LoraA | Role::LoraB => {
-                let base_role = by_name[s.base.as_deref().expect("base")].role;
-                let b = &mut flags.blocks[s.layer.expect("layer")];
-                b.lin_mut(base_role).expect("linear role").lora = true;
-            }
-            Role::Vision => unreachable!("vision tensors are never trainable"),
-            role => {
-                let b = &mut flags.blocks[s.layer.expect("layer")];
-                let lf = b.lin_mut(role).expect("linear role");
-                if s.name.ends_with(".bias") {
-                    lf.bias = true;
-                } else {
-                    lf.weight = true;
-                }
-            }
-        }
     }
+    let flags = train_flags(&specs, &trainable, model.llm.cfg.num_layers);
     model.llm.sync_tied_head();
     Ok(TrainSetup {
         method: method.clone(),

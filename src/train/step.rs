@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
 
-use super::{BlockFlags, LinFlags, TrainSetup};
+use super::{BlockFlags, LinFlags, Recompute, TrainSetup};
+use crate::model::llama::DecoderInputs;
 use crate::model::mllm::{Batch, Mllm, shifted_targets};
 use crate::model::{Linear, merge_heads, split_heads};
 use crate::ops::act::{act_backward, act_forward, silu_mul_backward, silu_mul_forward};
@@ -103,98 +104,114 @@ pub fn count_scored(batch: &Batch) -> Result<usize> {
     Ok(scored_rows(batch)?.0.len())
 }
 
-/// One linear's forward with what its backward needs.
+/// One linear's forward state for its backward.
 struct LinCtx {
-    /// input of the LoRA path (after dropout) and x·Aᵀ
+    /// the input, kept only when the weight or bias needs a gradient
+    input: Option<Tensor>,
+    /// LoRA: input of the low-rank path (after dropout) and x·Aᵀ
     lora: Option<(Tensor, Tensor)>,
-    /// dropout mask already divided by (1 − p)
+    /// LoRA dropout mask, already divided by (1 − p)
     mask: Option<Tensor>,
 }
 
-fn lin_fwd(lin: &Linear, x: &Tensor, rng: &mut Rng) -> Result<(Tensor, LinCtx)> {
-    match &lin.lora {
-        None => Ok((
-            linear_forward(x, &lin.weight, lin.bias.as_ref())?,
+/// The RNG of one linear's LoRA dropout: a function of (step seed, layer, linear), so the
+/// recompute in backward draws the same mask as the forward.
+fn lin_rng(seed: u64, layer: usize, k: u64) -> Rng {
+    Rng::new(seed ^ ((layer as u64) << 32) ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn lin_fwd(lin: &Linear, f: LinFlags, x: &Tensor, mut rng: Rng) -> Result<(Tensor, LinCtx)> {
+    let input = (f.weight || f.bias).then(|| x.clone());
+    let Some(l) = &lin.lora else {
+        let y = linear_forward(x, &lin.weight, lin.bias.as_ref())?;
+        return Ok((
+            y,
             LinCtx {
+                input,
                 lora: None,
                 mask: None,
             },
-        )),
-        Some(l) => {
-            let mask = if l.dropout > 0.0 {
-                let keep = 1.0 - l.dropout;
-                let n = x.elem_count();
-                let m: Vec<f32> = (0..n)
-                    .map(|_| {
-                        if rng.uniform() < keep {
-                            (1.0 / keep) as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Some(Tensor::from_vec(m, x.shape(), x.device())?)
-            } else {
-                None
-            };
-            let x_in = match &mask {
-                Some(m) => (x * m)?,
-                None => x.clone(),
-            };
-            let (y, xa) = lora_forward(
-                x,
-                &x_in,
-                &lin.weight,
-                lin.bias.as_ref(),
-                &l.a,
-                &l.b,
-                l.scale,
-            )?;
-            Ok((
-                y,
-                LinCtx {
-                    lora: Some((x_in, xa)),
-                    mask,
-                },
-            ))
-        }
+        ));
+    };
+    let mask = if l.dropout > 0.0 {
+        let keep = 1.0 - l.dropout;
+        let m: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.uniform() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Some(Tensor::from_vec(m, x.shape(), x.device())?)
+    } else {
+        None
+    };
+    let x_in = match &mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let (y, xa) = lora_forward(
+        x,
+        &x_in,
+        &lin.weight,
+        lin.bias.as_ref(),
+        &l.a,
+        &l.b,
+        l.scale,
+    )?;
+    Ok((
+        y,
+        LinCtx {
+            input,
+            lora: Some((x_in, xa)),
+            mask,
+        },
+    ))
+}
+
+/// The state of a linear whose output is not needed (recompute): only its input, when
+/// trainable. With a LoRA adapter the low-rank path must run anyway.
+fn lin_ctx_only(lin: &Linear, f: LinFlags, x: &Tensor, rng: Rng) -> Result<LinCtx> {
+    if lin.lora.is_some() {
+        return Ok(lin_fwd(lin, f, x, rng)?.1);
     }
+    Ok(LinCtx {
+        input: (f.weight || f.bias).then(|| x.clone()),
+        lora: None,
+        mask: None,
+    })
 }
 
 /// One linear's backward: grads of its trainable tensors under `name.*`, dX if asked.
-#[allow(clippy::too_many_arguments)]
 fn lin_bwd(
     lin: &Linear,
     f: LinFlags,
     name: &str,
     dy: &Tensor,
-    x: &Tensor,
     ctx: &LinCtx,
     need_dx: bool,
     grads: &mut Grads,
 ) -> Result<Option<Tensor>> {
-    let g = linear_backward(
-        dy,
-        x,
-        &lin.weight,
-        need_dx && ctx.lora.is_none(),
-        f.weight,
-        f.bias,
-    )?;
-    if let Some(dw) = g.dw {
-        grads.add(format!("{name}.weight"), dw)?;
-    }
-    if let Some(db) = g.db {
-        grads.add(format!("{name}.bias"), db)?;
+    let plain_dx = need_dx && ctx.lora.is_none();
+    let mut dx = None;
+    if plain_dx || f.weight || f.bias {
+        let x = ctx.input.as_ref().unwrap_or(dy); // dy stands in when only dX is needed
+        let g = linear_backward(dy, x, &lin.weight, plain_dx, f.weight, f.bias)?;
+        if let Some(dw) = g.dw {
+            grads.add(format!("{name}.weight"), dw)?;
+        }
+        if let Some(db) = g.db {
+            grads.add(format!("{name}.bias"), db)?;
+        }
+        dx = g.dx;
     }
     let (Some((x_in, xa)), Some(l)) = (&ctx.lora, &lin.lora) else {
-        return Ok(g.dx);
+        return Ok(dx);
     };
-    if !f.lora {
-        // adapter present but frozen: only dX through both paths
-        if !need_dx {
-            return Ok(None);
-        }
+    if !f.lora && !need_dx {
+        return Ok(None);
     }
     let lg = lora_backward(dy, x_in, xa, &lin.weight, &l.a, &l.b, l.scale, need_dx)?;
     if f.lora {
@@ -214,79 +231,106 @@ fn lin_bwd(
     }
 }
 
-/// Everything one block's backward needs, from its recomputed forward.
-struct BlockCtx {
-    rms1: RmsNormCtx,
-    xn1: Tensor,
+/// What one block's backward needs. Linear inputs are kept only for trainable weights.
+pub(crate) struct BlockCtx {
+    rms1: RmsNormCtx, // holds the block input x
     q: LinCtx,
     k: LinCtx,
     v: LinCtx,
     attn: AttentionCtx,
-    att: Tensor, // (B, T, NH·HD) input of o_proj
     o: LinCtx,
-    rms2: RmsNormCtx,
-    xn2: Tensor,
-    gate: Tensor,
+    rms2: RmsNormCtx, // holds the post-attention residual x2
+    gate: Tensor,     // pre-activations of the SiLU gate
     up: Tensor,
     gate_l: LinCtx,
     up_l: LinCtx,
-    h: Tensor,
     down: LinCtx,
 }
 
-fn block_forward_train(
+/// Block `l` with its backward context: `y = x2 + down(silu(gate(xn2)) ⊙ up(xn2))`,
+/// `x2 = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))`, `xn1 = rms(x)`, `xn2 = rms(x2)`.
+///
+/// As a forward (`x2_saved` None, `need_y`), it returns y and x2. As a recompute in backward
+/// (`x2_saved` from the forward, `!need_y`), it skips what the backward does not need: o_proj
+/// (x2 is known) and down_proj (its output is never used), unless they are trainable.
+#[allow(clippy::too_many_arguments)]
+fn block_forward_ctx(
     model: &Mllm,
     l: usize,
+    f: &BlockFlags,
     x: &Tensor,
-    inp: &crate::model::llama::DecoderInputs,
-    rng: &mut Rng,
-) -> Result<(Tensor, BlockCtx)> {
+    x2_saved: Option<&Tensor>,
+    inp: &DecoderInputs,
+    seed: u64,
+    need_y: bool,
+) -> Result<(Option<Tensor>, Tensor, BlockCtx)> {
     let llm = &model.llm;
     let blk = &llm.layers[l];
     let cfg = &llm.cfg;
     let hd = cfg.head_dim;
+    let a = &blk.self_attn;
     let (xn1, rms1) = rmsnorm_forward(x, &blk.input_layernorm.weight, cfg.rms_norm_eps)?;
-    let (q, q_c) = lin_fwd(&blk.self_attn.q_proj, &xn1, rng)?;
-    let (k, k_c) = lin_fwd(&blk.self_attn.k_proj, &xn1, rng)?;
-    let (v, v_c) = lin_fwd(&blk.self_attn.v_proj, &xn1, rng)?;
+    let (q, q_c) = lin_fwd(&a.q_proj, f.q, &xn1, lin_rng(seed, l, 0))?;
+    let (k, k_c) = lin_fwd(&a.k_proj, f.k, &xn1, lin_rng(seed, l, 1))?;
+    let (v, v_c) = lin_fwd(&a.v_proj, f.v, &xn1, lin_rng(seed, l, 2))?;
     let q = rope_forward(&split_heads(&q, cfg.num_heads, hd)?, &inp.cos, &inp.sin)?;
     let k = rope_forward(&split_heads(&k, cfg.num_kv_heads, hd)?, &inp.cos, &inp.sin)?;
     let v = split_heads(&v, cfg.num_kv_heads, hd)?;
     let scale = 1.0 / (hd as f64).sqrt();
     let (att, attn) = attention_forward(&q, &k, &v, Some(&inp.mask), scale, llm.matmul_dtype())?;
     let att = merge_heads(&att)?;
-    let (o, o_c) = lin_fwd(&blk.self_attn.o_proj, &att, rng)?;
-    let x2 = (x + o)?;
+    let (x2, o_c) = match x2_saved {
+        Some(x2) => (
+            x2.clone(),
+            lin_ctx_only(&a.o_proj, f.o, &att, lin_rng(seed, l, 3))?,
+        ),
+        None => {
+            let (o, o_c) = lin_fwd(&a.o_proj, f.o, &att, lin_rng(seed, l, 3))?;
+            ((x + o)?, o_c)
+        }
+    };
+    let m = &blk.mlp;
     let (xn2, rms2) = rmsnorm_forward(&x2, &blk.post_attention_layernorm.weight, cfg.rms_norm_eps)?;
-    let (gate, gate_l) = lin_fwd(&blk.mlp.gate_proj, &xn2, rng)?;
-    let (up, up_l) = lin_fwd(&blk.mlp.up_proj, &xn2, rng)?;
-    let h = silu_mul_forward(&gate, &up)?;
-    let (down, down_c) = lin_fwd(&blk.mlp.down_proj, &h, rng)?;
-    let y = (x2 + down)?;
-    Ok((
-        y,
-        BlockCtx {
-            rms1,
-            xn1,
-            q: q_c,
-            k: k_c,
-            v: v_c,
-            attn,
-            att,
-            o: o_c,
-            rms2,
-            xn2,
-            gate,
-            up,
-            gate_l,
-            up_l,
-            h,
-            down: down_c,
-        },
-    ))
+    let (gate, gate_l) = lin_fwd(&m.gate_proj, f.gate, &xn2, lin_rng(seed, l, 4))?;
+    let (up, up_l) = lin_fwd(&m.up_proj, f.up, &xn2, lin_rng(seed, l, 5))?;
+    let (y, down) = if need_y {
+        let h = silu_mul_forward(&gate, &up)?;
+        let (d, down) = lin_fwd(&m.down_proj, f.down, &h, lin_rng(seed, l, 6))?;
+        (Some((&x2 + d)?), down)
+    } else if f.down.any() || m.down_proj.lora.is_some() {
+        let h = silu_mul_forward(&gate, &up)?;
+        (
+            None,
+            lin_ctx_only(&m.down_proj, f.down, &h, lin_rng(seed, l, 6))?,
+        )
+    } else {
+        (
+            None,
+            LinCtx {
+                input: None,
+                lora: None,
+                mask: None,
+            },
+        )
+    };
+    let ctx = BlockCtx {
+        rms1,
+        q: q_c,
+        k: k_c,
+        v: v_c,
+        attn,
+        o: o_c,
+        rms2,
+        gate,
+        up,
+        gate_l,
+        up_l,
+        down,
+    };
+    Ok((y, x2, ctx))
 }
 
-/// Backward of block `l`, mirroring `block_forward_train` line by line in reverse.
+/// Backward of block `l`, mirroring `block_forward_ctx` line by line in reverse.
 /// Returns dX of the block input when `need_dx`.
 #[allow(clippy::too_many_arguments)]
 fn block_backward(
@@ -295,7 +339,7 @@ fn block_backward(
     f: &BlockFlags,
     dy: &Tensor,
     ctx: &BlockCtx,
-    inp: &crate::model::llama::DecoderInputs,
+    inp: &DecoderInputs,
     need_dx: bool,
     grads: &mut Grads,
 ) -> Result<Option<Tensor>> {
@@ -304,13 +348,13 @@ fn block_backward(
     let cfg = &llm.cfg;
     let body = &model.keys.llm_body;
     let key = |m: &str| format!("{body}.layers.{l}.{m}");
+    let (a, m) = (&blk.self_attn, &blk.mlp);
     // MLP branch: y = x2 + down(silu(gate(xn2)) ⊙ up(xn2)), xn2 = rms(x2)
     let dh = lin_bwd(
-        &blk.mlp.down_proj,
+        &m.down_proj,
         f.down,
         &key("mlp.down_proj"),
         dy,
-        &ctx.h,
         &ctx.down,
         true,
         grads,
@@ -318,22 +362,20 @@ fn block_backward(
     .expect("dX requested");
     let (dgate, dup) = silu_mul_backward(&dh, &ctx.gate, &ctx.up)?;
     let dxn2_g = lin_bwd(
-        &blk.mlp.gate_proj,
+        &m.gate_proj,
         f.gate,
         &key("mlp.gate_proj"),
         &dgate,
-        &ctx.xn2,
         &ctx.gate_l,
         true,
         grads,
     )?
     .expect("dX requested");
     let dxn2_u = lin_bwd(
-        &blk.mlp.up_proj,
+        &m.up_proj,
         f.up,
         &key("mlp.up_proj"),
         &dup,
-        &ctx.xn2,
         &ctx.up_l,
         true,
         grads,
@@ -351,11 +393,10 @@ fn block_backward(
     let dx2 = (dy + dx2_mlp)?;
     // attention branch: x2 = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = rms(x)
     let datt = lin_bwd(
-        &blk.self_attn.o_proj,
+        &a.o_proj,
         f.o,
         &key("self_attn.o_proj"),
         &dx2,
-        &ctx.att,
         &ctx.o,
         true,
         grads,
@@ -364,38 +405,36 @@ fn block_backward(
     let hd = cfg.head_dim;
     let datt = split_heads(&datt, cfg.num_heads, hd)?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let (dq, dk, dv) = attention_backward(&datt, &ctx.attn, scale, llm.matmul_dtype())?;
+    let (dq, dk, dv) =
+        attention_backward(&datt, &ctx.attn, Some(&inp.mask), scale, llm.matmul_dtype())?;
     let dq = merge_heads(&rope_backward(&dq, &inp.cos, &inp.sin)?)?;
     let dk = merge_heads(&rope_backward(&dk, &inp.cos, &inp.sin)?)?;
     let dv = merge_heads(&dv)?;
     // dX of xn1 is needed for the input norm's weight or for the block input
     let need_dxn1 = need_dx || f.input_norm;
     let dq_x = lin_bwd(
-        &blk.self_attn.q_proj,
+        &a.q_proj,
         f.q,
         &key("self_attn.q_proj"),
         &dq,
-        &ctx.xn1,
         &ctx.q,
         need_dxn1,
         grads,
     )?;
     let dk_x = lin_bwd(
-        &blk.self_attn.k_proj,
+        &a.k_proj,
         f.k,
         &key("self_attn.k_proj"),
         &dk,
-        &ctx.xn1,
         &ctx.k,
         need_dxn1,
         grads,
     )?;
     let dv_x = lin_bwd(
-        &blk.self_attn.v_proj,
+        &a.v_proj,
         f.v,
         &key("self_attn.v_proj"),
         &dv,
-        &ctx.xn1,
         &ctx.v,
         need_dxn1,
         grads,
@@ -464,16 +503,27 @@ fn projector_backward(
     Ok(())
 }
 
+/// What the forward keeps of a block for the backward.
+enum Saved {
+    /// block input and post-attention residual; the backward recomputes the rest
+    Inputs { x: Tensor, x2: Tensor },
+    /// the whole backward context
+    Ctx(Box<BlockCtx>),
+}
+
 /// Forward and backward of one micro-batch. Gradients are those of Σ CE / `denom`, so that
 /// micro-batches of one optimizer step add up to the token mean over all of them (pass the
 /// total number of scored tokens of the step). `seed` drives LoRA dropout; the recompute in
-/// backward replays the same masks.
+/// backward replays the same masks. `recompute` trades memory for time (see `Recompute`;
+/// `auto` decides per batch against `activation_budget` bytes).
 pub fn forward_backward(
     model: &Mllm,
     setup: &TrainSetup,
     batch: &Batch,
     denom: f64,
     seed: u64,
+    recompute: Recompute,
+    activation_budget: usize,
 ) -> Result<(LossSum, Grads)> {
     let flags = &setup.flags;
     let llm = &model.llm;
@@ -501,16 +551,26 @@ pub fn forward_backward(
     let inp = llm.prepare(&batch.attention_mask, &positions, t)?;
     let first = flags.first_block_needed();
     let n_layers = llm.layers.len();
-    let mut saved = Vec::with_capacity(n_layers);
+    let recompute = recompute.resolve(&llm.cfg, flags, b, t, activation_budget);
+    // per block: what the backward will start from
+    let mut saved: Vec<Option<Saved>> = (0..n_layers).map(|_| None).collect();
     let mut x = x0;
-    for l in 0..n_layers {
-        if first.is_some_and(|f| l >= f) {
-            saved.push(Some(x.clone()));
-        } else {
-            saved.push(None);
+    for (l, slot) in saved.iter_mut().enumerate() {
+        let keep = first.is_some_and(|f| l >= f);
+        let (y, x2, ctx) =
+            block_forward_ctx(model, l, &flags.blocks[l], &x, None, &inp, seed, true)?;
+        if keep {
+            *slot = Some(match recompute {
+                Recompute::Full | Recompute::Auto => Saved::Inputs { x: x.clone(), x2 },
+                Recompute::Selective => {
+                    let mut ctx = ctx;
+                    ctx.attn.probs = None; // T² per head: recomputed from q, k in backward
+                    Saved::Ctx(Box::new(ctx))
+                }
+                Recompute::None => Saved::Ctx(Box::new(ctx)),
+            });
         }
-        let mut rng = Rng::new(seed ^ (l as u64).wrapping_mul(0x9E37_79B9));
-        x = block_forward_train(model, l, &x, &inp, &mut rng)?.0;
+        x = y.expect("forward computes y");
     }
     let (rows, targets) = scored_rows(batch)?;
     if rows.is_empty() {
@@ -564,9 +624,12 @@ pub fn forward_backward(
         .index_add(&rows_t, &dxs, 0)?
         .reshape((b, t, c))?;
     for l in (first..n_layers).rev() {
-        let xin = saved[l].take().expect("saved block input");
-        let mut rng = Rng::new(seed ^ (l as u64).wrapping_mul(0x9E37_79B9));
-        let (_, ctx) = block_forward_train(model, l, &xin, &inp, &mut rng)?;
+        let ctx = match saved[l].take().expect("saved block state") {
+            Saved::Ctx(ctx) => *ctx,
+            Saved::Inputs { x, x2 } => {
+                block_forward_ctx(model, l, &flags.blocks[l], &x, Some(&x2), &inp, seed, false)?.2
+            }
+        };
         let need_dx = flags.needs_dx_below(l);
         match block_backward(
             model,

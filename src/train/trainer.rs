@@ -1,0 +1,156 @@
+//! One optimizer step over micro-batches: accumulate exact token-mean gradients, stop on a
+//! non-finite loss or gradient before touching the weights, clip the global norm, schedule
+//! the learning rate, update with AdamW.
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::optim::{AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use super::step::{Grads, count_scored, forward_backward};
+use super::{TrainSetup, setup};
+use crate::methods::MethodConfig;
+use crate::model::mllm::{Batch, Mllm};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerConfig {
+    pub optim: AdamWConfig,
+    pub schedule: Schedule,
+    /// clip the global gradient norm to this value (PyTorch `clip_grad_norm_`)
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    pub recompute: super::Recompute,
+    /// bytes `Recompute::Auto` may keep for the backward
+    pub activation_budget: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    /// token-mean loss over all micro-batches
+    pub loss: f64,
+    pub tokens: usize,
+    /// global gradient norm before clipping
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+pub struct Trainer {
+    pub cfg: TrainerConfig,
+    pub setup: TrainSetup,
+    pub opt: AdamW,
+    /// optimizer steps taken
+    pub step: usize,
+}
+
+impl Trainer {
+    pub fn new(model: &mut Mllm, method: &MethodConfig, cfg: TrainerConfig) -> Result<Self> {
+        let setup = setup(model, method, cfg.seed)?;
+        Ok(Self {
+            opt: AdamW::new(cfg.optim),
+            cfg,
+            setup,
+            step: 0,
+        })
+    }
+
+    /// Forward/backward of every micro-batch, then one update. The gradient equals that of
+    /// one batch holding all micro-batches (token mean over all their scored tokens).
+    pub fn step(&mut self, model: &mut Mllm, micro: &[Batch]) -> Result<StepReport> {
+        let (grads, loss, tokens) = self.gradients(model, micro)?;
+        self.apply(model, grads, loss, tokens)
+    }
+
+    /// Accumulated gradients of one optimizer step, its mean loss and token count.
+    pub fn gradients(&self, model: &Mllm, micro: &[Batch]) -> Result<(Grads, f64, usize)> {
+        let tokens: usize = micro.iter().map(count_scored).sum::<Result<usize>>()?;
+        if tokens == 0 {
+            bail!("step {}: no supervised token in the batch", self.step);
+        }
+        let mut grads = Grads::default();
+        let mut loss_sum = 0.0;
+        for (i, mb) in micro.iter().enumerate() {
+            let seed = self.cfg.seed ^ ((self.step as u64) << 20) ^ i as u64;
+            let (l, g) = forward_backward(
+                model,
+                &self.setup,
+                mb,
+                tokens as f64,
+                seed,
+                self.cfg.recompute,
+                self.cfg.activation_budget,
+            )?;
+            loss_sum += l.sum;
+            grads.merge(g)?;
+        }
+        Ok((grads, loss_sum / tokens as f64, tokens))
+    }
+
+    /// Checks, clips and applies accumulated gradients.
+    pub fn apply(
+        &mut self,
+        model: &mut Mllm,
+        mut grads: Grads,
+        loss: f64,
+        tokens: usize,
+    ) -> Result<StepReport> {
+        if !loss.is_finite() {
+            bail!(
+                "step {}: loss is {loss}; stopping before the update (weights unchanged, no checkpoint written). Lower the learning rate or check the data",
+                self.step
+            );
+        }
+        let grad_norm = grads.global_norm()?;
+        if !grad_norm.is_finite() {
+            bail!(
+                "step {}: gradient norm is {grad_norm}; stopping before the update (weights unchanged, no checkpoint written)",
+                self.step
+            );
+        }
+        if let Some(max) = self.cfg.max_grad_norm {
+            clip_grad_norm(&mut grads, grad_norm, max)?;
+        }
+        let lr = self.cfg.schedule.lr_at(self.step);
+        self.opt.step(model, &grads, lr)?;
+        let report = StepReport {
+            step: self.step,
+            loss,
+            tokens,
+            grad_norm,
+            lr,
+        };
+        self.step += 1;
+        Ok(report)
+    }
+}
+
+/// PyTorch `clip_grad_norm_`: scale by max / (norm + 1e-6) when the norm exceeds `max`.
+pub fn clip_grad_norm(grads: &mut Grads, norm: f64, max: f64) -> Result<()> {
+    if norm > max {
+        grads.scale(max / (norm + 1e-6))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        // |(3, 4)| = 5, |(12)| = 12: global norm 13
+        let mut g = Grads::default();
+        g.add("a".into(), Tensor::new(&[3f32, 4.], &Device::Cpu).unwrap())
+            .unwrap();
+        g.add("b".into(), Tensor::new(&[12f32], &Device::Cpu).unwrap())
+            .unwrap();
+        let n = g.global_norm().unwrap();
+        assert!((n - 13.0).abs() < 1e-9);
+        clip_grad_norm(&mut g, n, 1.0).unwrap();
+        assert!((g.global_norm().unwrap() - 1.0).abs() < 1e-6);
+        clip_grad_norm(&mut g, 1.0, 2.0).unwrap(); // below the max: unchanged
+        assert!((g.global_norm().unwrap() - 1.0).abs() < 1e-6);
+    }
+}
