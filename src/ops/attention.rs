@@ -63,15 +63,141 @@ pub fn attention_probs(
 ) -> Result<Tensor> {
     let (b, nkv, gt, _) = q.dims4()?;
     let s = k.dim(2)?;
-    let scores = (super::matmul_in(q, &k.t()?, mm_dtype)? * scale)?; // (B, NKV, G·T, S)
-    let scores = match mask {
-        Some(m) => scores
-            .reshape((b, nkv, g, gt / g, s))?
-            .broadcast_add(&m.unsqueeze(1)?)?
-            .reshape((b, nkv, gt, s))?,
-        None => scores,
-    };
-    softmax_last_dim(&scores)
+    let scores = super::matmul_in(q, &k.t()?, mm_dtype)?; // (B, NKV, G·T, S)
+    match mask {
+        Some(m) if scores.device().is_cpu() && scores.dtype() == DType::F32 => scores
+            .apply_op2_no_bwd(
+                &m.contiguous()?,
+                &MaskedSoftmax {
+                    scale: scale as f32,
+                    t: gt / g,
+                },
+            ),
+        Some(m) => softmax_last_dim(
+            &(scores * scale)?
+                .reshape((b, nkv, g, gt / g, s))?
+                .broadcast_add(&m.unsqueeze(1)?)?
+                .reshape((b, nkv, gt, s))?,
+        ),
+        None => softmax_last_dim(&(scores * scale)?),
+    }
+}
+
+/// softmax(scale·x + mask) over rows of S, one pass per row (CPU). x is (.., T', S) where
+/// every (B, ·) block of rows cycles through the T query positions of the (B, 1, T, S)
+/// mask. Blocked entries are exactly 0 without calling exp on −3.4e38 (a slow path in libm);
+/// a row with no allowed key is uniform, which is what transformers' min-value mask gives.
+struct MaskedSoftmax {
+    scale: f32,
+    t: usize,
+}
+
+impl candle_core::CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = super::cpu::f32_data(s1, l1, "masked softmax")?;
+        let mask = super::cpu::f32_data(s2, l2, "masked softmax mask")?;
+        let dims = l1.dims();
+        let s = *dims.last().expect("rank 4");
+        let b = dims[0];
+        let rows_per_b = x.len() / s / b;
+        let t = self.t;
+        let mut out = vec![0f32; x.len()];
+        let per = super::cpu::rows_per_task(s);
+        out.par_chunks_mut(s * per)
+            .enumerate()
+            .for_each(|(chunk, o)| {
+                for (i, orow) in o.chunks_mut(s).enumerate() {
+                    let r = chunk * per + i;
+                    let (bi, ri) = (r / rows_per_b, r % rows_per_b);
+                    let xr = &x[r * s..(r + 1) * s];
+                    let mr = &mask[(bi * t + ri % t) * s..(bi * t + ri % t + 1) * s];
+                    let mut max = f32::NEG_INFINITY;
+                    for (xv, mv) in xr.iter().zip(mr) {
+                        if *mv > MASKED_HALF {
+                            max = max.max(xv * self.scale + mv);
+                        }
+                    }
+                    if max == f32::NEG_INFINITY {
+                        orow.fill(1.0 / s as f32);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for ((ov, xv), mv) in orow.iter_mut().zip(xr).zip(mr) {
+                        *ov = if *mv > MASKED_HALF {
+                            (xv * self.scale + mv - max).exp()
+                        } else {
+                            0.0
+                        };
+                        sum += *ov;
+                    }
+                    let inv = 1.0 / sum;
+                    orow.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Mask entries at or below this are "blocked".
+const MASKED_HALF: f32 = MASKED * 0.5;
+
+/// dS = P ⊙ (dP − Σ_j dP ⊙ P), one pass per row (CPU).
+struct SoftmaxBackward;
+
+impl candle_core::CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let dp = super::cpu::f32_data(s1, l1, "softmax backward dP")?;
+        let p = super::cpu::f32_data(s2, l2, "softmax backward P")?;
+        let s = *l1.dims().last().expect("rank >= 1");
+        let mut out = vec![0f32; dp.len()];
+        let per = super::cpu::rows_per_task(s);
+        out.par_chunks_mut(s * per)
+            .enumerate()
+            .for_each(|(chunk, o)| {
+                for (i, orow) in o.chunks_mut(s).enumerate() {
+                    let r = chunk * per + i;
+                    let (dpr, pr) = (&dp[r * s..(r + 1) * s], &p[r * s..(r + 1) * s]);
+                    let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for ((ov, a), b) in orow.iter_mut().zip(dpr).zip(pr) {
+                        *ov = b * (a - dot);
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// dS from dP and P (fused on the CPU).
+fn softmax_backward(dp: &Tensor, p: &Tensor) -> Result<Tensor> {
+    if dp.device().is_cpu() && dp.dtype() == DType::F32 && p.dtype() == DType::F32 {
+        return dp
+            .contiguous()?
+            .apply_op2_no_bwd(&p.contiguous()?, &SoftmaxBackward);
+    }
+    let row = (dp * p)?.sum_keepdim(D::Minus1)?;
+    p * dp.broadcast_sub(&row)?
 }
 
 /// Gradients of attention_forward: dq (B, NH, T, HD), dk and dv (B, NKV, S, HD). The GQA
@@ -95,8 +221,7 @@ pub fn attention_backward(
     let dout = dout.contiguous()?.reshape((b, nkv, nh / nkv * t, hd))?; // (B, NKV, G·T, HD)
     let dv = super::matmul_in(&probs.t()?, &dout, mm_dtype)?; // (B, NKV, S, HD)
     let dp = super::matmul_in(&dout, &ctx.v.t()?, mm_dtype)?; // (B, NKV, G·T, S)
-    let row = (&dp * &probs)?.sum_keepdim(D::Minus1)?;
-    let ds = (probs * dp.broadcast_sub(&row)?)?;
+    let ds = softmax_backward(&dp, &probs)?;
     let dq = (super::matmul_in(&ds, &ctx.k, mm_dtype)? * scale)?.reshape((b, nh, t, hd))?;
     let dk = (super::matmul_in(&ds.t()?, &ctx.q, mm_dtype)? * scale)?; // (B, NKV, S, HD)
     Ok((dq, dk, dv))
@@ -145,6 +270,46 @@ pub fn causal_padding_mask(key_valid: &[Vec<bool>], t: usize, device: &Device) -
 mod tests {
     use super::*;
     use crate::ops::gradcheck::*;
+
+    #[test]
+    fn fused_cpu_kernels_equal_composed_ops() {
+        // f32: masked softmax (with a left-padded, fully masked query row) and its backward
+        let (b, g, t, hd) = (2, 3, 5, 4);
+        let f32r = |shape: &[usize], seed| randn(shape, seed).to_dtype(DType::F32).unwrap();
+        let q = f32r(&[b, 2, g * t, hd], 1);
+        let k = f32r(&[b, 2, t, hd], 2);
+        let valid = vec![vec![false, false, true, true, true], vec![true; t]];
+        let mask = causal_padding_mask(&valid, t, &Device::Cpu).unwrap();
+        let fused = attention_probs(&q, &k, Some(&mask), g, 0.5, DType::F32).unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * 0.5).unwrap();
+        let composed = scores
+            .reshape((b, 2, g, t, t))
+            .unwrap()
+            .broadcast_add(&mask.unsqueeze(1).unwrap())
+            .unwrap()
+            .reshape((b, 2, g * t, t))
+            .unwrap();
+        let max = composed.max_keepdim(D::Minus1).unwrap();
+        let e = composed.broadcast_sub(&max).unwrap().exp().unwrap();
+        let composed = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        assert_close("probs", &fused, &composed, 1e-6);
+        // row 0 of sample 0 (a pad query with no allowed key) is uniform
+        let row = fused
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(row, vec![0.2; 5]);
+        let dp = f32r(&[b, 2, g * t, t], 3);
+        let ds = softmax_backward(&dp, &fused).unwrap();
+        let dot = (&dp * &fused).unwrap().sum_keepdim(D::Minus1).unwrap();
+        let want = (&fused * dp.broadcast_sub(&dot).unwrap()).unwrap();
+        assert_close("ds", &ds, &want, 1e-6);
+    }
 
     #[test]
     fn attention_backward_matches_finite_differences() {

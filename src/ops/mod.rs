@@ -17,6 +17,7 @@
 
 pub mod act;
 pub mod attention;
+pub mod cpu;
 pub mod embedding;
 pub mod linear;
 pub mod loss;

@@ -27,7 +27,7 @@ use crate::rng::Rng;
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Recompute {
-    /// `selective` when its kept activations fit the activation budget, else `full`
+    /// the least recompute whose kept activations fit the activation budget
     Auto,
     /// keep each block's input and post-attention residual (2·T·C per layer) and recompute
     /// the block in backward: least memory
@@ -70,8 +70,8 @@ impl Recompute {
         4 * b * (per_token * t + probs)
     }
 
-    /// The policy to use for one batch: `auto` keeps selective contexts when, over the layers
-    /// that need a backward, they fit in `budget` bytes.
+    /// The policy to use for one batch: `auto` keeps as much as fits in `budget` bytes over
+    /// the layers that need a backward: everything (`none`), else `selective`, else `full`.
     pub fn resolve(
         self,
         cfg: &LlmConfig,
@@ -86,14 +86,15 @@ impl Recompute {
         let Some(first) = flags.first_block_needed() else {
             return Recompute::Full;
         };
-        let total: usize = (first..cfg.num_layers)
-            .map(|l| Recompute::Selective.bytes_per_layer(cfg, &flags.blocks[l], b, t))
-            .sum();
-        if total <= budget {
-            Recompute::Selective
-        } else {
-            Recompute::Full
-        }
+        let total = |r: Recompute| -> usize {
+            (first..cfg.num_layers)
+                .map(|l| r.bytes_per_layer(cfg, &flags.blocks[l], b, t))
+                .sum()
+        };
+        [Recompute::None, Recompute::Selective]
+            .into_iter()
+            .find(|&r| total(r) <= budget)
+            .unwrap_or(Recompute::Full)
     }
 }
 

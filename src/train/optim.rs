@@ -3,11 +3,14 @@
 //! p ← p − (lr / (1 − β1ᵗ))·m / (√v / √(1 − β2ᵗ) + ε). State (m, v) in f32 for the
 //! trainable tensors only. By default 1-D tensors (norm scales, biases) get no decay
 //! (nanoGPT's rule), which `decay_all` turns off.
+//!
+//! On the CPU the update is two fused in-place passes (moments, then parameter), instead of a
+//! dozen allocating tensor ops; other devices use the composed tensor ops.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::step::Grads;
@@ -35,17 +38,97 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Moments of one tensor.
-pub struct Moments {
-    pub m: Tensor,
-    pub v: Tensor,
-}
-
 pub struct AdamW {
     pub cfg: AdamWConfig,
     /// optimizer steps taken
     pub t: usize,
-    pub state: BTreeMap<String, Moments>,
+    /// per tensor: (2, numel) f32, row 0 = m (first moment), row 1 = v (second moment)
+    pub state: BTreeMap<String, Tensor>,
+}
+
+/// m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², in place on the packed (2, n) state.
+struct MomentsUpdate {
+    beta1: f32,
+    beta2: f32,
+}
+
+/// p ← p·(1 − lr·wd) − step·m / (√v / √bc2 + ε), in place on the parameter.
+struct ParamUpdate {
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("adamw: {what} is not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        _ => candle_core::bail!("adamw: {what} must be f32"),
+    }
+}
+
+fn f32_slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("adamw: {what} is not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: {what} must be f32"),
+    }
+}
+
+impl InplaceOp2 for MomentsUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = f32_slice(s2, l2, "gradient")?;
+        let mv = f32_slice_mut(s1, l1, "state")?;
+        let (m, v) = mv.split_at_mut(g.len());
+        let (b1, b2) = (self.beta1, self.beta2);
+        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let mv = f32_slice(s2, l2, "state")?;
+        let p = f32_slice_mut(s1, l1, "parameter")?;
+        let (m, v) = mv.split_at(p.len());
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            *p *= self.decay;
+            *p -= self.step_size * m / (v.sqrt() / self.bc2_sqrt + self.eps);
+        }
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -57,9 +140,9 @@ impl AdamW {
         }
     }
 
-    /// Whether the tensor gets weight decay.
-    pub fn decays(&self, p: &Tensor) -> bool {
-        self.cfg.weight_decay != 0.0 && (self.cfg.decay_all || p.rank() >= 2)
+    /// Whether a tensor of this rank gets weight decay.
+    pub fn decays(&self, rank: usize) -> bool {
+        self.cfg.weight_decay != 0.0 && (self.cfg.decay_all || rank >= 2)
     }
 
     /// One update of every tensor in `grads` at learning rate `lr`.
@@ -73,26 +156,47 @@ impl AdamW {
         names.sort();
         for name in names {
             let g = &grads.0[name];
+            let decay = if self.decays(g.rank()) {
+                1.0 - lr * self.cfg.weight_decay
+            } else {
+                1.0
+            };
             let p = model
                 .param_mut(name)
                 .with_context(|| format!("optimizer: no tensor `{name}` in the model"))?;
-            let mut next = p.clone();
-            if self.cfg.weight_decay != 0.0 && (self.cfg.decay_all || p.rank() >= 2) {
-                next = (next * (1.0 - lr * self.cfg.weight_decay))?;
-            }
-            let st = match self.state.remove(name) {
+            let n = g.elem_count();
+            let mv = match self.state.remove(name) {
                 Some(s) => s,
-                None => Moments {
-                    m: g.zeros_like()?,
-                    v: g.zeros_like()?,
-                },
+                None => Tensor::zeros((2, n), DType::F32, g.device())?,
             };
-            let m = ((st.m * b1)? + (g * (1.0 - b1))?)?;
-            let v = ((st.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
-            next = (next - ((&m / denom)? * step_size)?)?;
-            *p = next;
-            self.state.insert(name.clone(), Moments { m, v });
+            if p.device().is_cpu() && p.dtype() == DType::F32 && p.is_contiguous() {
+                let g = g.contiguous()?;
+                mv.inplace_op2(
+                    &g,
+                    &MomentsUpdate {
+                        beta1: b1 as f32,
+                        beta2: b2 as f32,
+                    },
+                )?;
+                p.inplace_op2(
+                    &mv,
+                    &ParamUpdate {
+                        decay: decay as f32,
+                        step_size: step_size as f32,
+                        bc2_sqrt: bc2_sqrt as f32,
+                        eps: self.cfg.eps as f32,
+                    },
+                )?;
+                self.state.insert(name.clone(), mv);
+            } else {
+                let flat = g.flatten_all()?;
+                let m = ((mv.get(0)? * b1)? + (&flat * (1.0 - b1))?)?;
+                let v = ((mv.get(1)? * b2)? + (flat.sqr()? * (1.0 - b2))?)?;
+                let denom = ((v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
+                let upd = ((&m / denom)? * step_size)?.reshape(p.shape())?;
+                *p = ((&*p * decay)? - upd)?;
+                self.state.insert(name.clone(), Tensor::stack(&[m, v], 0)?);
+            }
         }
         model.llm.sync_tied_head();
         Ok(())
