@@ -8,6 +8,7 @@
 //! input returns `anyhow::Result` with the file and field named in the message.
 
 pub mod cli;
+pub mod data;
 pub mod io;
 pub mod methods;
 pub mod model;

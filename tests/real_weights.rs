@@ -96,3 +96,63 @@ fn smollm2_gguf_tokens_logits_and_greedy_ids() {
         assert_eq!(&seq[ids.len()..], &want_new[..], "{key} greedy ids");
     }
 }
+
+#[test]
+fn dinov2_from_the_onnx_wheel_matches_onnxruntime() {
+    let (Some(onnx), Some(refs)) = (
+        asset("LNTUNE_DINOV2_ONNX", "vit_s_focus.onnx"),
+        shared("fixtures/real/dinov2.safetensors"),
+    ) else {
+        return;
+    };
+    use lntune::io::onnx::{OnnxGraph, dinov2_from_onnx};
+    use lntune::io::store::{Store, Weights};
+    use lntune::model::config::VisionConfigFile;
+    use lntune::model::vision::VisionTower;
+    let (tensors, config) = dinov2_from_onnx(&OnnxGraph::read(&onnx).unwrap(), "backbone").unwrap();
+    assert_eq!(tensors.len(), 222);
+    let n: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
+    assert_eq!(n, 22_056_192);
+    let cfg: VisionConfigFile = serde_json::from_value(config).unwrap();
+    let cfg = cfg.resolve("dinov2", "onnx").unwrap();
+    let mut store = Store::new(&Device::Cpu);
+    store.add_owned(&onnx, tensors).unwrap();
+    let tower =
+        VisionTower::load(&Weights::new(std::sync::Arc::new(store), DType::F32), &cfg).unwrap();
+    let VisionTower::Dinov2(d) = &tower else {
+        panic!()
+    };
+    let want = load_all(&refs);
+    let pos = d
+        .position_embeddings(224, 224)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let dp = max_abs(&pos, &want["position_embeddings_224"]);
+    assert!(dp <= 1e-5, "position table at 224 px: {dp}");
+    let images: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(refs.with_file_name("dinov2_images.json")).unwrap(),
+    )
+    .unwrap();
+    for key in ["image0", "image1"] {
+        let px = &want[&format!("{key}.pixel_values")];
+        let states = d.hidden_states(px, &[12]).unwrap().remove(0);
+        let last = d.layernorm.forward(&states).unwrap();
+        let dl = max_abs(&last, &want[&format!("{key}.last_hidden_state")]);
+        eprintln!("{key}: last_hidden_state max abs {dl:.2e}");
+        assert!(dl <= 1e-3, "{key}: {dl}");
+        // preprocessing from the PNG file
+        let file = images["images"][key]["file"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let (v, h, w) = lntune::data::image::Preprocess::dinov2()
+            .load(&refs.with_file_name("images").join(file))
+            .unwrap();
+        let got = Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap();
+        assert!(max_abs(&got, px) <= 1e-6, "{key}: pixel values");
+    }
+}

@@ -4,5 +4,6 @@ mod common;
 mod gguf;
 mod loading_errors;
 mod model_fixtures;
+mod preprocess;
 mod real_weights;
 mod training;

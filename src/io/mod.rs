@@ -1,6 +1,8 @@
 //! Reading and writing the files people have: safetensors (single, sharded), GGUF,
 //! tokenizers and chat templates.
 
+pub mod assets;
 pub mod gguf;
+pub mod onnx;
 pub mod store;
 pub mod tokenizer;

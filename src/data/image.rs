@@ -1,0 +1,402 @@
+//! Image loading and preprocessing equal to the HF image processors (PIL backend):
+//! CLIP (shortest side, bicubic, center crop, rescale, normalize), LLaVA-1.5 `pad` mode
+//! (pad to a square of the mean color first) and DINOv2 (resize 256, crop 224, ImageNet
+//! mean/std).
+//!
+//! The resize is a port of Pillow's 8-bit `ImagingResample` (Resample.c): separable,
+//! horizontal pass then vertical, bicubic a = −0.5 with the support widened by the scale when
+//! downscaling (antialias), weights in 22-bit fixed point, round and clamp to uint8 after each
+//! pass. Alpha is handled the two ways the reference code bases do: transformers'
+//! `convert_to_rgb` composites over white, LLaVA's loader (`Image.convert("RGB")`) drops it.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// An 8-bit RGB image, HWC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// What to do with an alpha channel (or a palette transparency) when going to RGB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlphaMode {
+    /// transformers `convert_to_rgb`: `Image.alpha_composite(white, im.convert("RGBA"))`
+    CompositeWhite,
+    /// PIL `im.convert("RGB")`, LLaVA's loader: transparent pixels keep their stored color
+    Drop,
+}
+
+/// Decodes PNG/JPEG at `path` into RGB. Grayscale is replicated, palettes expanded, 16-bit
+/// samples reduced to 8 bits as PIL does (high byte).
+pub fn load_rgb(path: &Path, alpha: AlphaMode) -> Result<RgbImage> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{}: cannot read image", path.display()))?;
+    decode_rgb(&bytes, alpha).with_context(|| format!("{}: cannot decode image", path.display()))
+}
+
+/// Decodes an in-memory PNG/JPEG into RGB.
+pub fn decode_rgb(bytes: &[u8], alpha: AlphaMode) -> Result<RgbImage> {
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()?
+        .decode()?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let has_alpha = img.color().has_alpha();
+    if !has_alpha {
+        return Ok(RgbImage {
+            width: w,
+            height: h,
+            data: img.to_rgb8().into_raw(),
+        });
+    }
+    let rgba = img.to_rgba8().into_raw();
+    let mut data = Vec::with_capacity(w * h * 3);
+    for px in rgba.chunks_exact(4) {
+        match alpha {
+            AlphaMode::Drop => data.extend_from_slice(&px[..3]),
+            AlphaMode::CompositeWhite => data.extend(composite_over_white(px)),
+        }
+    }
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+/// Pillow's integer `ImagingAlphaComposite` with a white opaque destination.
+fn composite_over_white(px: &[u8]) -> [u8; 3] {
+    const BITS: u32 = 7;
+    let sa = px[3] as u32;
+    if sa == 0 {
+        return [255, 255, 255];
+    }
+    let blend = 255 * (255 - sa);
+    let outa255 = sa * 255 + blend;
+    let coef1 = sa * 255 * 255 * (1 << BITS) / outa255;
+    let coef2 = 255 * (1 << BITS) - coef1;
+    let div255 = |a: u32| ((a >> 8) + a) >> 8;
+    let ch = |c: u8| (div255(c as u32 * coef1 + 255 * coef2 + (0x80 << BITS)) >> BITS) as u8;
+    [ch(px[0]), ch(px[1]), ch(px[2])]
+}
+
+/// Pillow's bicubic kernel, a = −0.5.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per output pixel: first input index, tap count, and 22-bit fixed-point weights
+/// (`precompute_coeffs` + `normalize_coeffs_8bpc`).
+fn coeffs(in_size: usize, out_size: usize) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut kk = vec![0i32; out_size * ksize];
+    let mut w = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // (int) casts truncate toward zero; negatives are clamped to 0 right after
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut ww = 0.0;
+        for (x, wx) in w.iter_mut().enumerate().take(xmax) {
+            *wx = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            ww += *wx;
+        }
+        for x in 0..xmax {
+            let v = if ww != 0.0 { w[x] / ww } else { w[x] };
+            let f = v * (1u64 << PRECISION_BITS) as f64;
+            kk[xx * ksize + x] = if v < 0.0 {
+                (-0.5 + f) as i32
+            } else {
+                (0.5 + f) as i32
+            };
+        }
+        bounds.push((xmin, xmax));
+    }
+    (bounds, kk, ksize)
+}
+
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS) << 8 {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// `PIL.Image.resize((w, h), Image.BICUBIC)` on an 8-bit RGB image, bit-exact.
+pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let mut cur = img.clone();
+    if out_w != cur.width {
+        let (bounds, kk, ksize) = coeffs(cur.width, out_w);
+        let mut data = vec![0u8; out_w * cur.height * 3];
+        for y in 0..cur.height {
+            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
+            for (xx, &(xmin, n)) in bounds.iter().enumerate() {
+                let k = &kk[xx * ksize..xx * ksize + n];
+                for c in 0..3 {
+                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                    for (x, kv) in k.iter().enumerate() {
+                        ss += row[(xmin + x) * 3 + c] as i32 * kv;
+                    }
+                    data[(y * out_w + xx) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        cur = RgbImage {
+            width: out_w,
+            height: cur.height,
+            data,
+        };
+    }
+    if out_h != cur.height {
+        let (bounds, kk, ksize) = coeffs(cur.height, out_h);
+        let w = cur.width;
+        let mut data = vec![0u8; w * out_h * 3];
+        for (yy, &(ymin, n)) in bounds.iter().enumerate() {
+            let k = &kk[yy * ksize..yy * ksize + n];
+            for x in 0..w {
+                for c in 0..3 {
+                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                    for (y, kv) in k.iter().enumerate() {
+                        ss += cur.data[((ymin + y) * w + x) * 3 + c] as i32 * kv;
+                    }
+                    data[(yy * w + x) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        cur = RgbImage {
+            width: w,
+            height: out_h,
+            data,
+        };
+    }
+    cur
+}
+
+/// transformers `get_resize_output_image_size(default_to_square=False)`: the short side
+/// becomes `size`, the long side `int(size · long / short)`. Returns (w, h).
+pub fn shortest_edge_size(w: usize, h: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// Center crop: top = (h − ch) / 2, left = (w − cw) / 2. The image must be at least as large.
+pub fn center_crop(img: &RgbImage, cw: usize, ch: usize) -> Result<RgbImage> {
+    if img.width < cw || img.height < ch {
+        bail!(
+            "center crop {cw}x{ch} is larger than the image {}x{}",
+            img.width,
+            img.height
+        );
+    }
+    let (top, left) = ((img.height - ch) / 2, (img.width - cw) / 2);
+    let mut data = Vec::with_capacity(cw * ch * 3);
+    for y in top..top + ch {
+        data.extend_from_slice(
+            &img.data[(y * img.width + left) * 3..(y * img.width + left + cw) * 3],
+        );
+    }
+    Ok(RgbImage {
+        width: cw,
+        height: ch,
+        data,
+    })
+}
+
+/// LLaVA's `expand2square`: paste onto a square of color `bg`, centered on the short axis.
+pub fn expand_to_square(img: &RgbImage, bg: [u8; 3]) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    if w == h {
+        return img.clone();
+    }
+    let s = w.max(h);
+    let (ox, oy) = if w > h {
+        (0, (w - h) / 2)
+    } else {
+        ((h - w) / 2, 0)
+    };
+    let mut data: Vec<u8> = std::iter::repeat_n(bg, s * s).flatten().collect();
+    for y in 0..h {
+        let dst = ((y + oy) * s + ox) * 3;
+        data[dst..dst + w * 3].copy_from_slice(&img.data[y * w * 3..(y + 1) * w * 3]);
+    }
+    RgbImage {
+        width: s,
+        height: s,
+        data,
+    }
+}
+
+/// An HF image processor's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// resize so that the shortest edge is this (None: no resize)
+    pub shortest_edge: Option<usize>,
+    /// center crop (width, height) (None: no crop)
+    pub crop: Option<(usize, usize)>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// LLaVA-1.5 `image_aspect_ratio = "pad"`: square with the mean color first
+    pub pad_to_square: bool,
+    pub alpha: AlphaMode,
+}
+
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl Preprocess {
+    /// `CLIPImageProcessor` at `size` (224 or 336): shortest edge, center crop.
+    pub fn clip(size: usize) -> Self {
+        Self {
+            shortest_edge: Some(size),
+            crop: Some((size, size)),
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+            pad_to_square: false,
+            alpha: AlphaMode::CompositeWhite,
+        }
+    }
+
+    /// LLaVA-1.5 pad mode: `expand2square(im.convert("RGB"), mean color)` then CLIP.
+    pub fn clip_pad(size: usize) -> Self {
+        Self {
+            pad_to_square: true,
+            alpha: AlphaMode::Drop,
+            ..Self::clip(size)
+        }
+    }
+
+    /// `facebook/dinov2-*` `BitImageProcessor`: shortest edge 256, crop 224, ImageNet stats.
+    pub fn dinov2() -> Self {
+        Self {
+            shortest_edge: Some(256),
+            crop: Some((224, 224)),
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            pad_to_square: false,
+            alpha: AlphaMode::CompositeWhite,
+        }
+    }
+
+    /// The pad color: `tuple(int(x * 255) for x in image_mean)`.
+    pub fn pad_color(&self) -> [u8; 3] {
+        self.mean.map(|m| (m as f64 * 255.0) as u8)
+    }
+
+    /// The uint8 image after pad / resize / crop, before rescale and normalize.
+    pub fn resized(&self, img: &RgbImage) -> Result<RgbImage> {
+        let mut img = if self.pad_to_square {
+            expand_to_square(img, self.pad_color())
+        } else {
+            img.clone()
+        };
+        if let Some(s) = self.shortest_edge {
+            let (w, h) = shortest_edge_size(img.width, img.height, s);
+            img = resize_bicubic(&img, w, h);
+        }
+        if let Some((cw, ch)) = self.crop {
+            img = center_crop(&img, cw, ch)?;
+        }
+        Ok(img)
+    }
+
+    /// Pixel values CHW f32: `(u8 · (1/255)) ` rounded to f32, then `(x − mean) / std` in f32.
+    pub fn pixel_values(&self, img: &RgbImage) -> Result<(Vec<f32>, usize, usize)> {
+        let img = self.resized(img)?;
+        Ok((normalize(&img, self.mean, self.std), img.height, img.width))
+    }
+
+    /// Loads and preprocesses a file.
+    pub fn load(&self, path: &Path) -> Result<(Vec<f32>, usize, usize)> {
+        self.pixel_values(&load_rgb(path, self.alpha)?)
+    }
+}
+
+/// HWC u8 -> CHW f32, rescaled in f64 then normalized in f32 as transformers does.
+pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let (w, h) = (img.width, img.height);
+    let mut out = vec![0f32; 3 * w * h];
+    for c in 0..3 {
+        for i in 0..w * h {
+            let x = (img.data[i * 3 + c] as f64 * (1.0 / 255.0)) as f32;
+            out[c * w * h + i] = (x - mean[c]) / std[c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_crops_by_hand() {
+        // 640x480 -> short side 336: 448x336; 97x61 -> 534x336 (int truncation)
+        assert_eq!(shortest_edge_size(640, 480, 336), (448, 336));
+        assert_eq!(shortest_edge_size(97, 61, 336), (534, 336));
+        assert_eq!(shortest_edge_size(300, 500, 256), (256, 426));
+        let img = RgbImage {
+            width: 4,
+            height: 2,
+            data: (0..24).collect(),
+        };
+        let c = center_crop(&img, 2, 2).unwrap();
+        assert_eq!(c.data, vec![3, 4, 5, 6, 7, 8, 15, 16, 17, 18, 19, 20]);
+        let sq = expand_to_square(&img, [9, 9, 9]);
+        assert_eq!((sq.width, sq.height), (4, 4));
+        assert_eq!(&sq.data[..3], &[9, 9, 9]);
+        assert_eq!(&sq.data[12..15], &[0, 1, 2]); // row 1 (offset (4-2)/2 = 1)
+        assert_eq!(Preprocess::clip(336).pad_color(), [122, 116, 104]);
+    }
+
+    #[test]
+    fn identity_resize_and_constant_images() {
+        let img = RgbImage {
+            width: 5,
+            height: 3,
+            data: vec![77; 45],
+        };
+        assert_eq!(resize_bicubic(&img, 5, 3), img);
+        // normalized weights: a constant image stays constant at any size
+        let r = resize_bicubic(&img, 13, 2);
+        assert!(r.data.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn composite_over_white_by_hand() {
+        assert_eq!(composite_over_white(&[10, 20, 30, 255]), [10, 20, 30]);
+        assert_eq!(composite_over_white(&[10, 20, 30, 0]), [255, 255, 255]);
+        // half transparent black over white: about 128
+        let g = composite_over_white(&[0, 0, 0, 128])[0];
+        assert!((126..=128).contains(&g), "{g}");
+    }
+}

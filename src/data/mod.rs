@@ -1,0 +1,5 @@
+//! Data: images and their preprocessing, LLaVA JSON conversations, chat templates with
+//! LLaVA's label masking, batching, the background loader, and the generated `shapes`
+//! benchmark.
+
+pub mod image;
