@@ -9,9 +9,11 @@
 
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod io;
 pub mod methods;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod rng;
 pub mod train;

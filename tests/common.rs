@@ -214,3 +214,83 @@ pub fn permute_qk_rows(w: &[f32], n_head: usize, n_in: usize) -> Vec<f32> {
     }
     out
 }
+
+/// A byte-level BPE tokenizer over a 512-id vocabulary (the tiny fixtures' size): ids 0-4
+/// special (<pad>, <s>, </s>, <|im_start|>, <|im_end|>), 5-260 the 256 byte symbols, then a
+/// few merges; id 511 is `<image>`.
+pub fn tiny_tokenizer() -> lntune::io::tokenizer::TextTools {
+    use tokenizers::models::bpe::BPE;
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
+    bs.extend(0xA1..=0xAC);
+    bs.extend(0xAE..=0xFF);
+    let mut byte_chars = Vec::new();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if bs.contains(&b) {
+            byte_chars.push(char::from_u32(b).unwrap().to_string());
+        } else {
+            byte_chars.push(char::from_u32(256 + n).unwrap().to_string());
+            n += 1;
+        }
+    }
+    let mut vocab: Vec<String> = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+        .map(String::from)
+        .to_vec();
+    vocab.extend(byte_chars);
+    let merges = [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("Ġt", "he"),
+        ("Ġ", "a"),
+        ("i", "s"),
+        ("Ġ", "c"),
+    ];
+    for (a, b) in merges {
+        vocab.push(format!("{a}{b}"));
+    }
+    while vocab.len() < 511 {
+        vocab.push(format!("<unused{}>", vocab.len()));
+    }
+    vocab.push("<image>".into());
+    let map: tokenizers::models::bpe::Vocab = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            map,
+            merges
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        )
+        .build()
+        .unwrap();
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true),
+    ));
+    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    tok.add_special_tokens(
+        [
+            "<pad>",
+            "<s>",
+            "</s>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<image>",
+        ]
+        .map(|t| tokenizers::AddedToken::from(t, true)),
+    )
+    .unwrap();
+    lntune::io::tokenizer::TextTools {
+        tokenizer: tok,
+        chat_template: None,
+        bos_token: Some("<s>".into()),
+        eos_token: Some("<|im_end|>".into()),
+        bos_id: Some(1),
+        eos_id: Some(4),
+        manual_bos: false,
+    }
+}

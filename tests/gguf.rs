@@ -271,6 +271,7 @@ fn text_batch() -> Batch {
         attention_mask: mask,
         labels: None,
         pixel_values: None,
+        vision_features: None,
     }
 }
 

@@ -71,6 +71,7 @@ fn smollm2_gguf_tokens_logits_and_greedy_ids() {
             attention_mask: vec![vec![true; ids.len()]],
             labels: None,
             pixel_values: None,
+            vision_features: None,
         };
         let logits = model.forward(&batch).unwrap();
         let d = max_abs(&logits.squeeze(0).unwrap(), &want[&format!("{key}.logits")]);
@@ -90,6 +91,7 @@ fn smollm2_gguf_tokens_logits_and_greedy_ids() {
                 attention_mask: vec![vec![true; seq.len()]],
                 labels: None,
                 pixel_values: None,
+                vision_features: None,
             };
             seq.push(argmax_last(&model.forward(&b).unwrap()));
         }
@@ -155,4 +157,48 @@ fn dinov2_from_the_onnx_wheel_matches_onnxruntime() {
         let got = Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap();
         assert!(max_abs(&got, px) <= 1e-6, "{key}: pixel values");
     }
+}
+
+#[test]
+fn smollm2_kv_cache_generation_matches_the_reference_in_one_left_padded_batch() {
+    let (Some(gguf), Some(refs)) = (
+        asset("LNTUNE_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        shared("fixtures/real/smollm2.safetensors"),
+    ) else {
+        return;
+    };
+    use lntune::eval::generate::{GenConfig, Prompt, generate};
+    let want = load_all(&refs);
+    let model = Mllm::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+    let tools = model.text.as_ref().unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        want[&format!("{k}.input_ids")]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    };
+    let prompts = vec![
+        Prompt {
+            ids: ids("prompt0"),
+            images: vec![],
+        },
+        Prompt {
+            ids: ids("prompt1"),
+            images: vec![],
+        },
+    ];
+    // the reference decoded 20 tokens without stopping at EOS
+    let out = generate(&model, tools, &prompts, &GenConfig::greedy(20), |_, _| {}).unwrap();
+    for (k, g) in ["prompt0", "prompt1"].iter().zip(&out) {
+        let w: Vec<u32> = want[&format!("{k}.greedy_new_ids")]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        assert_eq!(g.ids, w, "{k}");
+    }
+    assert!(out[0].text.starts_with(" Paris."));
 }

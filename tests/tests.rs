@@ -1,6 +1,7 @@
 //! One integration-test binary (fewer links on a 2-core machine).
 
 mod common;
+mod generation;
 mod gguf;
 mod loading_errors;
 mod model_fixtures;

@@ -121,6 +121,7 @@ fn one_row(b: &Batch, i: usize) -> Batch {
         attention_mask: vec![vec![true; n]],
         labels: Some(vec![b.labels.as_ref().unwrap()[i][..n].to_vec()]),
         pixel_values: Some(b.pixel_values.as_ref().unwrap().narrow(0, i, 1).unwrap()),
+        vision_features: None,
     }
 }
 

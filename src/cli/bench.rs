@@ -131,6 +131,7 @@ pub fn synthetic_batch(
         input_ids: ids,
         labels: Some(labels),
         pixel_values: Some(rng.normal_tensor(&[b, 3, size, size], 1.0, DType::F32, dev)?),
+        vision_features: None,
     })
 }
 

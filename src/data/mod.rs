@@ -2,4 +2,8 @@
 //! LLaVA's label masking, batching, the background loader, and the generated `shapes`
 //! benchmark.
 
+pub mod dataset;
 pub mod image;
+pub mod llava;
+pub mod shapes;
+pub mod template;

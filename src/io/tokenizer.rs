@@ -41,6 +41,9 @@ impl ChatMessage {
     }
 }
 
+/// A token's byte range in the encoded text.
+pub type Span = (usize, usize);
+
 /// Everything text-side a model needs: tokenizer, special tokens, chat template.
 pub struct TextTools {
     pub tokenizer: Tokenizer,
@@ -234,6 +237,30 @@ impl TextTools {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Text -> ids and the byte span of each token in `text` (a prepended BOS gets (0, 0)).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<(Vec<u32>, Vec<Span>)> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut offsets = Vec::with_capacity(enc.len() + 1);
+        if add_special
+            && self.manual_bos
+            && let Some(b) = self.bos_id
+        {
+            ids.push(b);
+            offsets.push((0, 0));
+        }
+        ids.extend_from_slice(enc.get_ids());
+        offsets.extend_from_slice(enc.get_offsets());
+        Ok((ids, offsets))
     }
 
     /// Ids -> text, special tokens kept.

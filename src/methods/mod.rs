@@ -557,6 +557,7 @@ mod tests {
             bias: true,
             in_features: 4,
             out_features: 8,
+            standardize: false,
         };
         specs.extend(projector_specs(&p, &keys()));
         let flags = m.apply(&mut specs).unwrap();

@@ -489,6 +489,8 @@ pub struct FeatureSelect {
     pub strategy: SelectStrategy,
     /// apply the tower's final layernorm (DINOv2 `last_hidden_state`)
     pub final_layernorm: bool,
+    /// average-pool the patch grid to (rows, cols) tokens (`default` strategy only)
+    pub pool: Option<(usize, usize)>,
 }
 
 /// Projector layout: `linear_1`, act, `linear_2`, act, ... (llava-hf names).
@@ -499,6 +501,8 @@ pub struct ProjectorConfig {
     pub bias: bool,
     pub in_features: usize,
     pub out_features: usize,
+    /// standardize the input with stored `input_mean` / `input_std`
+    pub standardize: bool,
 }
 
 impl ProjectorConfig {
@@ -526,6 +530,7 @@ impl ProjectorConfig {
             bias,
             in_features,
             out_features,
+            standardize: false,
         })
     }
 }

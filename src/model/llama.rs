@@ -183,6 +183,20 @@ impl Llama {
         x: &Tensor,
         inp: &DecoderInputs,
     ) -> candle_core::Result<Tensor> {
+        Ok(self.block_forward_kv(layer, x, inp, None)?.0)
+    }
+
+    /// One decoder block with a key/value cache: the block's keys and values of earlier
+    /// positions (`past`, (B, NKV, S0, HD), RoPE applied) are prepended to the new ones.
+    /// Returns the output and the keys/values of all positions. The mask in `inp` covers
+    /// S0 + T keys.
+    pub fn block_forward_kv(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        inp: &DecoderInputs,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let blk = &self.layers[layer];
         let cfg = &self.cfg;
         let hd = cfg.head_dim;
@@ -193,6 +207,10 @@ impl Llama {
         let v = split_heads(&blk.self_attn.v_proj.forward(&xn)?, cfg.num_kv_heads, hd)?;
         let q = rope_forward(&q, &inp.cos, &inp.sin)?;
         let k = rope_forward(&k, &inp.cos, &inp.sin)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         let (att, _) = attention_forward(&q, &k, &v, Some(&inp.mask), scale, self.matmul_dtype())?;
         let x = (x + blk.self_attn.o_proj.forward(&merge_heads(&att)?)?)?;
@@ -202,7 +220,7 @@ impl Llama {
             &blk.mlp.gate_proj.forward(&xn)?,
             &blk.mlp.up_proj.forward(&xn)?,
         )?;
-        x + blk.mlp.down_proj.forward(&h)?
+        Ok(((x + blk.mlp.down_proj.forward(&h)?)?, (k, v)))
     }
 
     /// All blocks and the final norm: embeddings (B, T, C) -> normed hidden (B, T, C).
@@ -210,6 +228,26 @@ impl Llama {
         let mut x = x.clone();
         for l in 0..self.layers.len() {
             x = self.block_forward(l, &x, inp)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// All blocks with a key/value cache (one entry per layer, filled on the first call).
+    pub fn forward_hidden_cached(
+        &self,
+        x: &Tensor,
+        inp: &DecoderInputs,
+        cache: &mut Vec<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for l in 0..self.layers.len() {
+            let (y, kv) = self.block_forward_kv(l, &x, inp, cache.get(l))?;
+            if l < cache.len() {
+                cache[l] = kv;
+            } else {
+                cache.push(kv);
+            }
+            x = y;
         }
         self.norm.forward(&x)
     }

@@ -67,6 +67,9 @@ pub struct Batch {
     pub labels: Option<Vec<Vec<i64>>>,
     /// (N images, C, H, W) f32, images in batch order
     pub pixel_values: Option<Tensor>,
+    /// the vision tower's output for these images, (N, P, Dv), when already computed (the
+    /// tower is frozen, so features can be cached); used instead of `pixel_values`
+    pub vision_features: Option<Tensor>,
 }
 
 impl Batch {
@@ -148,6 +151,7 @@ impl Batch {
             attention_mask,
             labels,
             pixel_values,
+            vision_features: None,
         })
     }
 
@@ -198,6 +202,7 @@ impl LlavaSpec {
             bias: cfg.multimodal_projector_bias.unwrap_or(true),
             in_features: vision.hidden_size() * layers.len(),
             out_features: text.hidden_size,
+            standardize: false,
         };
         let image_token_id = u32::try_from(cfg.image_token_index.unwrap_or(32000))
             .map_err(|_| anyhow::anyhow!("{origin}: field `image_token_index` is negative"))?;
@@ -208,6 +213,7 @@ impl LlavaSpec {
                 layers,
                 strategy,
                 final_layernorm: false,
+                pool: None,
             },
             projector,
             image_token_id,
@@ -237,6 +243,8 @@ pub struct ComposeVision {
     pub select_strategy: Option<String>,
     /// pixel height and width the model is used with
     pub input_hw: Option<[usize; 2]>,
+    /// average-pool the patch grid to [rows, cols] tokens (lntune extension)
+    pub pool: Option<[usize; 2]>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +257,9 @@ pub struct ComposeProjector {
     pub out_features: Option<usize>,
     /// activation between linears; `gelu_erf` unless stated
     pub act: Option<Act>,
+    /// standardize the input with `input_mean` / `input_std` from the projector file
+    /// (lntune extension)
+    pub standardize: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -490,6 +501,7 @@ impl Mllm {
         if let Some(act) = c.projector.act {
             pcfg.act = act;
         }
+        pcfg.standardize = c.projector.standardize.unwrap_or(false);
         let projector = Projector::load(&Weights::new(Arc::new(pstore), dtype), &pcfg)?;
         let image_token_id = u32::try_from(c.image_token_id)
             .map_err(|_| anyhow::anyhow!("{origin}: field `image_token_id` is negative"))?;
@@ -499,6 +511,7 @@ impl Mllm {
                 layers,
                 strategy,
                 final_layernorm,
+                pool: c.vision.pool.map(|[a, b]| (a, b)),
             },
             projector,
             image_token_id,
@@ -645,9 +658,16 @@ impl Mllm {
 
     /// Vision tower + projector + splice: the decoder's input embeddings (B, T, C).
     pub fn input_embeds(&self, batch: &Batch) -> Result<Tensor> {
-        let feats = match &batch.pixel_values {
-            Some(p) => Some(self.image_features(p)?),
-            None => None,
+        let feats = match (&batch.vision_features, &batch.pixel_values) {
+            (Some(f), _) => Some(
+                self.vision
+                    .as_ref()
+                    .context("no vision tower")?
+                    .projector
+                    .forward(f)?,
+            ),
+            (None, Some(p)) => Some(self.image_features(p)?),
+            (None, None) => None,
         };
         self.embed_with_images(&batch.input_ids, feats.as_ref())
     }
@@ -722,6 +742,9 @@ impl Mllm {
 impl VisionSide {
     /// Features per image of `h`×`w` pixels after the select strategy.
     pub fn tokens_per_image(&self, h: usize, w: usize) -> usize {
+        if let Some((a, b)) = self.select.pool {
+            return a * b;
+        }
         let p = self.tower.num_patches(h, w);
         match self.select.strategy {
             SelectStrategy::Default => p,

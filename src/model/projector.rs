@@ -14,6 +14,9 @@ pub struct Projector {
     pub cfg: ProjectorConfig,
     /// `linear_1`, `linear_2`, ...
     pub linears: Vec<Linear>,
+    /// fixed per-channel standardization of the input, (x − input_mean) / input_std
+    /// (`input_mean`, `input_std` in the projector file; never trained)
+    pub input_norm: Option<(Tensor, Tensor)>,
 }
 
 impl Projector {
@@ -34,9 +37,26 @@ impl Projector {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        let input_norm = if cfg.standardize {
+            Some((
+                w.get_f32("input_mean", &[cfg.in_features])?,
+                w.get_f32("input_std", &[cfg.in_features])?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             cfg: cfg.clone(),
             linears,
+            input_norm,
+        })
+    }
+
+    /// The standardized input (identity without `input_norm`).
+    pub fn normalize_input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.input_norm {
+            Some((m, s)) => x.broadcast_sub(m)?.broadcast_div(s)?,
+            None => x.clone(),
         })
     }
 
@@ -49,7 +69,7 @@ impl Projector {
 
     /// features (N, P, Dv) -> (N, P, Dl)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.linears[0].forward(x)?;
+        let mut x = self.linears[0].forward(&self.normalize_input(x)?)?;
         for lin in &self.linears[1..] {
             x = lin.forward(&act_forward(&x, self.cfg.act)?)?;
         }

@@ -162,12 +162,45 @@ impl VisionTower {
         } else {
             Tensor::cat(&states, D::Minus1)?
         };
-        Ok(match sel.strategy {
+        let x = match sel.strategy {
             SelectStrategy::Default => {
                 let l = x.dim(1)?;
                 x.narrow(1, 1, l - 1)?
             }
             SelectStrategy::Full => x,
-        })
+        };
+        match sel.pool {
+            None => Ok(x),
+            Some((ph, pw)) => {
+                if sel.strategy != SelectStrategy::Default {
+                    bail!("vision.pool needs the `default` strategy (patch tokens only)");
+                }
+                let (_, _, h, w) = pixels.dims4()?;
+                let p = self.patch_size();
+                avg_pool_grid(&x, h / p, w / p, ph, pw)
+            }
+        }
     }
+
+    fn patch_size(&self) -> usize {
+        match self {
+            Self::Clip(m) => m.cfg.patch_size,
+            Self::Dinov2(m) => m.cfg.patch_size,
+        }
+    }
+}
+
+/// Average-pools patch tokens (N, gh·gw, D) on their grid to (N, ph·pw, D); the grid must
+/// divide evenly.
+pub fn avg_pool_grid(x: &Tensor, gh: usize, gw: usize, ph: usize, pw: usize) -> Result<Tensor> {
+    let (n, l, d) = x.dims3()?;
+    if l != gh * gw || ph == 0 || pw == 0 || !gh.is_multiple_of(ph) || !gw.is_multiple_of(pw) {
+        bail!("cannot pool a {gh}x{gw} patch grid ({l} tokens) to {ph}x{pw}");
+    }
+    let (kh, kw) = (gh / ph, gw / pw);
+    Ok(x.reshape((n, ph, kh, pw, kw, d))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .contiguous()?
+        .reshape((n, ph * pw, kh * kw, d))?
+        .mean(2)?)
 }

@@ -6,6 +6,7 @@
 //! step consults, so that no gradient is ever computed for a frozen tensor.
 
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

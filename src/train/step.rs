@@ -460,9 +460,10 @@ fn projector_forward_train(
     p: &crate::model::projector::Projector,
     x: &Tensor,
 ) -> Result<(Tensor, Vec<Tensor>, Vec<Tensor>)> {
+    let x = p.normalize_input(x)?;
     let mut inputs = vec![x.clone()];
     let mut pre = Vec::new();
-    let mut y = p.linears[0].forward(x)?;
+    let mut y = p.linears[0].forward(&x)?;
     for lin in &p.linears[1..] {
         pre.push(y.clone());
         let a = act_forward(&y, p.cfg.act)?;
@@ -533,9 +534,16 @@ pub fn forward_backward(
     let mut grads = Grads::default();
 
     // --- forward ---------------------------------------------------------------------
-    let (proj_out, proj_ctx) = match (&batch.pixel_values, &model.vision) {
-        (Some(px), Some(v)) => {
-            let feats = v.tower.features(px, &v.select)?; // frozen: no context kept
+    let tower_out = match (&batch.vision_features, &batch.pixel_values, &model.vision) {
+        (Some(f), _, _) => Some(f.clone()),
+        (None, Some(px), Some(v)) => Some(v.tower.features(px, &v.select)?), // frozen: no context
+        (None, Some(_), None) => {
+            bail!("this model has no vision tower, but the batch has pixel_values")
+        }
+        _ => None,
+    };
+    let (proj_out, proj_ctx) = match (tower_out, &model.vision) {
+        (Some(feats), Some(v)) => {
             if flags.projector {
                 let (y, inputs, pre) = projector_forward_train(&v.projector, &feats)?;
                 (Some(y), Some((inputs, pre)))
@@ -543,7 +551,9 @@ pub fn forward_backward(
                 (Some(v.projector.forward(&feats)?), None)
             }
         }
-        (Some(_), None) => bail!("this model has no vision tower, but the batch has pixel_values"),
+        (Some(_), None) => {
+            bail!("this model has no vision tower, but the batch has image features")
+        }
         _ => (None, None),
     };
     let x0 = model.embed_with_images(&batch.input_ids, proj_out.as_ref())?;

@@ -25,7 +25,7 @@ pub struct TrainerConfig {
 }
 
 /// What one optimizer step did.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 pub struct StepReport {
     pub step: usize,
     /// token-mean loss over all micro-batches

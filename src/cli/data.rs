@@ -1,0 +1,48 @@
+//! `lntune data shapes`: writes the generated `shapes` benchmark.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::data::shapes::{ShapesConfig, generate};
+
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    /// Dataset to generate: `shapes`
+    pub what: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training images
+    #[arg(long, default_value_t = 1200)]
+    pub train: usize,
+    /// Test images
+    #[arg(long, default_value_t = 240)]
+    pub test: usize,
+    /// Image side in pixels
+    #[arg(long, default_value_t = 224)]
+    pub size: usize,
+}
+
+pub fn run(args: DataArgs) -> Result<()> {
+    if args.what != "shapes" {
+        bail!("data `{}`: unknown dataset (shapes)", args.what);
+    }
+    if args.size < 48 {
+        bail!("--size {} is too small (at least 48 px)", args.size);
+    }
+    let cfg = ShapesConfig {
+        seed: args.seed,
+        train: args.train,
+        test: args.test,
+        size: args.size,
+    };
+    let s = generate(&cfg, &args.out)?;
+    for (f, n) in &s.files {
+        println!("{:<28} {n:>7}", f);
+    }
+    println!("written to {}", args.out.display());
+    Ok(())
+}

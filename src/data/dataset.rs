@@ -1,0 +1,320 @@
+//! From LLaVA samples to batches: validation with counted skips, templating and
+//! tokenization, dynamic padding, and a loader thread that decodes and preprocesses the next
+//! batch's images while the current step runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::thread::JoinHandle;
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::image::Preprocess;
+use super::llava::{IMAGE_PLACEHOLDER, Sample};
+use super::template::{
+    Template, TemplateName, Tokenized, Truncation, move_image_first, tokenize, truncate,
+};
+use crate::io::tokenizer::TextTools;
+use crate::model::mllm::Batch;
+use crate::rng::Rng;
+
+/// One example ready for batching.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub id: String,
+    pub tokens: Tokenized,
+    pub images: Vec<PathBuf>,
+}
+
+/// Why samples were left out, with counts and the first few ids (never silent).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DataReport {
+    pub samples: usize,
+    pub kept: usize,
+    pub truncated: usize,
+    pub skipped: BTreeMap<String, usize>,
+    pub examples_of_skips: Vec<String>,
+}
+
+impl DataReport {
+    fn skip(&mut self, reason: &str, id: &str, detail: &str) {
+        *self.skipped.entry(reason.to_string()).or_default() += 1;
+        if self.examples_of_skips.len() < 5 {
+            self.examples_of_skips.push(format!("{id}: {detail}"));
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} samples: {} kept", self.samples, self.kept);
+        if self.truncated > 0 {
+            s += &format!(", {} truncated to --max-length", self.truncated);
+        }
+        for (k, v) in &self.skipped {
+            s += &format!(", {v} skipped ({k})");
+        }
+        s
+    }
+}
+
+/// What turns samples into examples.
+pub struct Prep<'a> {
+    pub template: &'a Template,
+    pub tools: &'a TextTools,
+    pub image_token_id: u32,
+    pub tokens_per_image: usize,
+    pub max_length: usize,
+    pub image_root: Option<&'a Path>,
+    pub add_special: bool,
+}
+
+impl Prep<'_> {
+    /// Validates, templates and tokenizes every sample; bad samples are counted and skipped.
+    pub fn examples(&self, samples: &[Sample]) -> (Vec<Example>, DataReport) {
+        let mut report = DataReport {
+            samples: samples.len(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for s in samples {
+            let id = s.id_string();
+            match self.example(s) {
+                Ok((ex, trunc)) => {
+                    if trunc == Truncation::Truncated {
+                        report.truncated += 1;
+                    }
+                    out.push(ex);
+                }
+                Err((reason, detail)) => report.skip(reason, &id, &detail),
+            }
+        }
+        report.kept = out.len();
+        (out, report)
+    }
+
+    fn example(
+        &self,
+        s: &Sample,
+    ) -> std::result::Result<(Example, Truncation), (&'static str, String)> {
+        let image_names = s.images();
+        let placeholders: usize = s
+            .conversations
+            .iter()
+            .map(|t| t.value.matches(IMAGE_PLACEHOLDER).count())
+            .sum();
+        if s.conversations.is_empty() {
+            return Err(("empty conversation", "no turns".into()));
+        }
+        if placeholders != image_names.len() {
+            return Err((
+                "image count mismatch",
+                format!(
+                    "{placeholders} {IMAGE_PLACEHOLDER} placeholders for {} images",
+                    image_names.len()
+                ),
+            ));
+        }
+        let mut images = Vec::new();
+        for name in &image_names {
+            let p = match self.image_root {
+                Some(root) => root.join(name),
+                None => PathBuf::from(name),
+            };
+            if !p.is_file() {
+                return Err(("missing image", format!("{} not found", p.display())));
+            }
+            images.push(p);
+        }
+        let turns = if self.template.name == TemplateName::Plain || image_names.len() != 1 {
+            s.conversations.clone()
+        } else {
+            move_image_first(&s.conversations)
+        };
+        let rendered = self
+            .template
+            .render(&turns)
+            .map_err(|e| ("malformed conversation", e.to_string()))?;
+        let mut tokens = tokenize(
+            &rendered,
+            self.tools,
+            self.image_token_id,
+            self.tokens_per_image,
+            self.add_special,
+        )
+        .map_err(|e| ("tokenizer error", e.to_string()))?;
+        if tokens.labels.iter().all(|&l| l < 0) {
+            return Err(("no trained token", "nothing to learn from".into()));
+        }
+        let trunc = truncate(&mut tokens, self.max_length, self.image_token_id)
+            .map_err(|e| ("too long", e.to_string()))?;
+        Ok((
+            Example {
+                id: s.id_string(),
+                tokens,
+                images,
+            },
+            trunc,
+        ))
+    }
+}
+
+/// A batch on the host: token rows padded to the longest, and the images' pixels.
+pub struct HostBatch {
+    pub ids: Vec<String>,
+    pub input_ids: Vec<Vec<u32>>,
+    pub attention_mask: Vec<Vec<bool>>,
+    pub labels: Vec<Vec<i64>>,
+    /// image files in batch order
+    pub images: Vec<PathBuf>,
+    /// their pixels, (N, 3, H, W) flattened
+    pub pixels: Vec<f32>,
+    pub hw: (usize, usize),
+}
+
+impl HostBatch {
+    /// Right-pads `examples` to the longest and decodes their images.
+    pub fn collate(examples: &[&Example], pad_id: u32, pre: &Preprocess) -> Result<Self> {
+        let t = examples
+            .iter()
+            .map(|e| e.tokens.input_ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut b = HostBatch {
+            ids: Vec::new(),
+            input_ids: Vec::new(),
+            attention_mask: Vec::new(),
+            labels: Vec::new(),
+            images: Vec::new(),
+            pixels: Vec::new(),
+            hw: (0, 0),
+        };
+        for e in examples {
+            let n = e.tokens.input_ids.len();
+            let mut ids = e.tokens.input_ids.clone();
+            ids.resize(t, pad_id);
+            let mut labels = e.tokens.labels.clone();
+            labels.resize(t, crate::ops::loss::IGNORE_INDEX);
+            let mut mask = vec![true; n];
+            mask.resize(t, false);
+            b.ids.push(e.id.clone());
+            b.input_ids.push(ids);
+            b.labels.push(labels);
+            b.attention_mask.push(mask);
+            for p in &e.images {
+                let (px, h, w) = pre.load(p)?;
+                if b.hw != (0, 0) && b.hw != (h, w) {
+                    bail!(
+                        "{}: preprocessed to {h}x{w}, other images in the batch are {}x{}",
+                        p.display(),
+                        b.hw.0,
+                        b.hw.1
+                    );
+                }
+                b.hw = (h, w);
+                b.pixels.extend(px);
+                b.images.push(p.clone());
+            }
+        }
+        Ok(b)
+    }
+
+    /// The device batch with pixel values.
+    pub fn to_batch(&self, device: &Device) -> Result<Batch> {
+        let n = self.images.len();
+        let pixel_values = if n > 0 {
+            Some(
+                Tensor::from_vec(self.pixels.clone(), (n, 3, self.hw.0, self.hw.1), device)?
+                    .to_dtype(DType::F32)?,
+            )
+        } else {
+            None
+        };
+        Ok(Batch {
+            input_ids: self.input_ids.clone(),
+            attention_mask: self.attention_mask.clone(),
+            labels: Some(self.labels.clone()),
+            pixel_values,
+            vision_features: None,
+        })
+    }
+}
+
+/// Where a run is in its data: epoch and position in that epoch's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    pub epoch: usize,
+    pub index: usize,
+}
+
+/// The example order of an epoch: a seeded shuffle, a function of (seed, epoch) only, so a
+/// resumed run sees the same batches.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(seed ^ (0xA5A5_0000 + epoch as u64)).shuffle(&mut order);
+    order
+}
+
+/// Produces optimizer-step batch groups (`accum` micro-batches of `batch` examples) from a
+/// background thread, starting at `start`. Each item is (position after it, micro-batches).
+pub struct Loader {
+    pub rx: Receiver<Result<(DataPosition, Vec<HostBatch>)>>,
+    _handle: JoinHandle<()>,
+}
+
+impl Loader {
+    pub fn spawn(
+        examples: std::sync::Arc<Vec<Example>>,
+        batch: usize,
+        accum: usize,
+        seed: u64,
+        start: DataPosition,
+        pad_id: u32,
+        pre: Preprocess,
+    ) -> Self {
+        let (tx, rx) = sync_channel(2);
+        let handle = std::thread::spawn(move || {
+            let n = examples.len();
+            let mut pos = start;
+            let mut order = epoch_order(n, seed, pos.epoch);
+            loop {
+                let mut micro = Vec::with_capacity(accum);
+                for _ in 0..accum {
+                    let mut picked = Vec::with_capacity(batch);
+                    while picked.len() < batch {
+                        if pos.index >= n {
+                            pos = DataPosition {
+                                epoch: pos.epoch + 1,
+                                index: 0,
+                            };
+                            order = epoch_order(n, seed, pos.epoch);
+                        }
+                        picked.push(&examples[order[pos.index]]);
+                        pos.index += 1;
+                    }
+                    match HostBatch::collate(&picked, pad_id, &pre) {
+                        Ok(b) => micro.push(b),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                if tx.send(Ok((pos, micro))).is_err() {
+                    return; // the trainer is done
+                }
+            }
+        });
+        Self {
+            rx,
+            _handle: handle,
+        }
+    }
+
+    pub fn next(&self) -> Result<(DataPosition, Vec<HostBatch>)> {
+        match self.rx.recv() {
+            Ok(r) => r,
+            Err(_) => bail!("data loader stopped"),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Text generation for the multimodal model with a key/value cache: batches of prompts
+//! (image features spliced in), left padding, greedy or sampled decoding (temperature,
+//! top-k, top-p, seed), EOS ids and stop strings, a token callback for streaming.
+//!
+//! Positions follow transformers' `generate` with left padding: position = number of real
+//! tokens before it in the row (pads get position 1, and are masked as keys).
+
+use anyhow::{Result, bail};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::io::tokenizer::TextTools;
+use crate::model::mllm::Mllm;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenConfig {
+    pub max_new_tokens: usize,
+    /// 0 = greedy
+    pub temperature: f64,
+    /// 0 = off
+    pub top_k: usize,
+    /// 1.0 = off
+    pub top_p: f64,
+    pub seed: u64,
+    /// generation ends at any of these token ids
+    pub eos_ids: Vec<u32>,
+    /// ... or once the text contains any of these (the stop string is cut off)
+    pub stop_strings: Vec<String>,
+}
+
+impl GenConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            eos_ids: vec![],
+            stop_strings: vec![],
+        }
+    }
+}
+
+/// One prompt: token ids with the model's image tokens already expanded, and the tower
+/// features (P, Dv) of its images in order.
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub images: Vec<Tensor>,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+/// Picks the next token from a logits row.
+fn pick(logits: &[f32], cfg: &GenConfig, rng: &mut Rng) -> u32 {
+    if cfg.temperature <= 0.0 {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let max = logits[idx[0]] as f64;
+    let mut p: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / cfg.temperature).exp())
+        .collect();
+    let sum: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= sum);
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = p.len();
+        for (k, x) in p.iter().enumerate() {
+            acc += x;
+            if acc >= cfg.top_p {
+                keep = k + 1;
+                break;
+            }
+        }
+        p.truncate(keep);
+        let s: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= s);
+    }
+    let u = rng.uniform();
+    let mut acc = 0.0;
+    for (k, x) in p.iter().enumerate() {
+        acc += x;
+        if u < acc {
+            return idx[k] as u32;
+        }
+    }
+    idx[p.len() - 1] as u32
+}
+
+/// Generates a continuation for every prompt. `on_token(row, piece)` receives the text of
+/// each new token as it is produced (for streaming).
+pub fn generate(
+    model: &Mllm,
+    tools: &TextTools,
+    prompts: &[Prompt],
+    cfg: &GenConfig,
+    mut on_token: impl FnMut(usize, &str),
+) -> Result<Vec<Generated>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(vec![]);
+    }
+    let llm = &model.llm;
+    let dev = llm.embed_tokens.device().clone();
+    let t = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    if t == 0 {
+        bail!("empty prompt");
+    }
+    let pad = tools.eos_id.unwrap_or(0);
+    // left padding
+    let mut ids = Vec::with_capacity(b);
+    let mut valid = Vec::with_capacity(b);
+    let mut positions = Vec::with_capacity(b * t);
+    for p in prompts {
+        let n_pad = t - p.ids.len();
+        let mut row = vec![pad; n_pad];
+        row.extend_from_slice(&p.ids);
+        ids.push(row);
+        let mut v = vec![false; n_pad];
+        v.extend(std::iter::repeat_n(true, p.ids.len()));
+        let mut pos = 0u32;
+        for &ok in &v {
+            positions.push(if ok { pos } else { 1 });
+            if ok {
+                pos += 1;
+            }
+        }
+        valid.push(v);
+    }
+    let images: Vec<Tensor> = prompts
+        .iter()
+        .flat_map(|p| p.images.iter().cloned())
+        .collect();
+    let feats = if images.is_empty() {
+        None
+    } else {
+        let v = model.vision.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("prompts have images but the model has no vision tower")
+        })?;
+        Some(v.projector.forward(&Tensor::stack(&images, 0)?)?)
+    };
+    let x = model.embed_with_images(&ids, feats.as_ref())?;
+    let inp = llm.prepare(&valid, &positions, t)?;
+    let mut cache = Vec::new();
+    let h = llm.forward_hidden_cached(&x, &inp, &mut cache)?;
+    let mut last = h.narrow(1, t - 1, 1)?; // (B, 1, C)
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.ids.len() as u32).collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut text: Vec<String> = vec![String::new(); b];
+    let mut done = vec![false; b];
+    let mut rngs: Vec<Rng> = (0..b)
+        .map(|i| Rng::new(cfg.seed ^ (i as u64) << 16))
+        .collect();
+    for _ in 0..cfg.max_new_tokens {
+        let logits = llm.logits(&last)?.squeeze(1)?; // (B, V)
+        let rows = logits.to_vec2::<f32>()?;
+        let mut step_ids = Vec::with_capacity(b);
+        for (r, row) in rows.iter().enumerate() {
+            if done[r] {
+                step_ids.push(pad);
+                continue;
+            }
+            let id = pick(row, cfg, &mut rngs[r]);
+            step_ids.push(id);
+            if cfg.eos_ids.contains(&id) {
+                done[r] = true;
+                continue;
+            }
+            out[r].push(id);
+            let full = tools.decode(&out[r])?;
+            let piece = full.get(text[r].len()..).unwrap_or("").to_string();
+            text[r] = full;
+            if let Some(k) = cfg
+                .stop_strings
+                .iter()
+                .filter_map(|s| text[r].find(s.as_str()))
+                .min()
+            {
+                text[r].truncate(k);
+                done[r] = true;
+            } else {
+                on_token(r, &piece);
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        // one more position: keys of finished rows stay valid (their outputs are ignored)
+        for v in valid.iter_mut() {
+            v.push(true);
+        }
+        let pos: Vec<u32> = next_pos.clone();
+        next_pos.iter_mut().for_each(|p| *p += 1);
+        let step = Tensor::from_vec(step_ids, b, &dev)?;
+        let x = llm.embed(&step)?.unsqueeze(1)?; // (B, 1, C)
+        let inp = llm.prepare(&valid, &pos, 1)?;
+        let h = llm.forward_hidden_cached(&x, &inp, &mut cache)?;
+        last = h;
+    }
+    Ok(out
+        .into_iter()
+        .zip(text)
+        .map(|(ids, text)| Generated { ids, text })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_rules() {
+        let logits = [0.0f32, 5.0, 4.9, -3.0];
+        let mut rng = Rng::new(1);
+        assert_eq!(pick(&logits, &GenConfig::greedy(1), &mut rng), 1);
+        // top-k 1 is greedy whatever the temperature
+        let mut c = GenConfig::greedy(1);
+        c.temperature = 10.0;
+        c.top_k = 1;
+        for _ in 0..20 {
+            assert_eq!(pick(&logits, &c, &mut rng), 1);
+        }
+        // top-k 2 only ever picks ids 1 and 2, both often
+        c.top_k = 2;
+        let picks: Vec<u32> = (0..200).map(|_| pick(&logits, &c, &mut rng)).collect();
+        assert!(picks.iter().all(|&p| p == 1 || p == 2));
+        assert!(picks.contains(&1) && picks.contains(&2));
+        // top-p small keeps only the best
+        c.top_k = 0;
+        c.top_p = 0.1;
+        assert!((0..50).all(|_| pick(&logits, &c, &mut rng) == 1));
+    }
+}

@@ -1,0 +1,3 @@
+//! Generation and evaluation: decoding with a KV cache, the benchmark metrics, harnesses.
+
+pub mod generate;
