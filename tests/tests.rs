@@ -4,6 +4,7 @@ mod common;
 mod generation;
 mod gguf;
 mod loading_errors;
+mod metrics;
 mod model_fixtures;
 mod preprocess;
 mod real_weights;
