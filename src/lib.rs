@@ -7,6 +7,7 @@
 //! Error policy: ops return `candle_core::Result`; everything that touches files or user
 //! input returns `anyhow::Result` with the file and field named in the message.
 
+pub mod analyze;
 pub mod cli;
 pub mod data;
 pub mod eval;

@@ -283,20 +283,121 @@ impl Chart {
             );
             cv.text(lx + 22, ly, &s.label, 2, black);
         }
-        let tmp = path.with_extension("png.part");
-        image::save_buffer_with_format(
-            &tmp,
-            &cv.px,
-            W as u32,
-            H as u32,
-            image::ExtendedColorType::Rgb8,
-            image::ImageFormat::Png,
-        )
-        .with_context(|| format!("{}: cannot write PNG", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("{}: cannot rename", path.display()))?;
-        Ok(())
+        write_png(&cv, path)
     }
+}
+
+/// A matrix drawn as colored cells (white at `lo` to dark blue at `hi`), with row/column
+/// indices and a color bar.
+pub struct Heatmap {
+    pub title: String,
+    /// what rows and columns index (e.g. "layer")
+    pub axis_label: String,
+    pub values: Vec<Vec<f64>>,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+fn ramp(t: f64) -> [u8; 3] {
+    // white -> steel blue -> navy
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let (a, b, u) = if t < 0.5 {
+        ([255.0, 255.0, 255.0], [70.0, 130.0, 190.0], t * 2.0)
+    } else {
+        ([70.0, 130.0, 190.0], [10.0, 20.0, 80.0], t * 2.0 - 1.0)
+    };
+    [0, 1, 2].map(|k| (a[k] + (b[k] - a[k]) * u).round() as u8)
+}
+
+impl Heatmap {
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        let mut cv = Canvas {
+            px: vec![255; W * H * 3],
+        };
+        let black = [0, 0, 0];
+        let n = self.values.len().max(1);
+        let side = (H - TOP - BOTTOM).min(W - LEFT - 200);
+        let cell = (side / n).max(1);
+        let side = cell * n;
+        let span = (self.hi - self.lo).max(1e-12);
+        for (i, row) in self.values.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let c = ramp((v - self.lo) / span);
+                for dy in 0..cell {
+                    for dx in 0..cell {
+                        cv.set(
+                            (LEFT + j * cell + dx) as i64,
+                            (TOP + i * cell + dy) as i64,
+                            c,
+                        );
+                    }
+                }
+            }
+        }
+        // indices every few cells
+        let every = n.div_ceil(12).max(1);
+        for k in (0..n).step_by(every) {
+            let lbl = k.to_string();
+            cv.text(
+                LEFT - 8 - text_width(&lbl, 2),
+                TOP + k * cell + cell / 2 - 5,
+                &lbl,
+                2,
+                black,
+            );
+            cv.text(
+                LEFT + k * cell + cell / 2 - text_width(&lbl, 2) / 2,
+                TOP + side + 6,
+                &lbl,
+                2,
+                black,
+            );
+        }
+        cv.text(
+            (W - text_width(&self.title, 3)) / 2,
+            8,
+            &self.title,
+            3,
+            black,
+        );
+        cv.text(
+            LEFT + side / 2 - text_width(&self.axis_label, 2) / 2,
+            TOP + side + 24,
+            &self.axis_label,
+            2,
+            black,
+        );
+        // color bar
+        let bx = LEFT + side + 40;
+        for y in 0..side {
+            let c = ramp(1.0 - y as f64 / side as f64);
+            for dx in 0..20 {
+                cv.set((bx + dx) as i64, (TOP + y) as i64, c);
+            }
+        }
+        cv.text(bx + 28, TOP, &fmt_tick(self.hi), 2, black);
+        cv.text(bx + 28, TOP + side - 10, &fmt_tick(self.lo), 2, black);
+        write_png(&cv, path)
+    }
+}
+
+fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("png.part");
+    image::save_buffer_with_format(
+        &tmp,
+        &cv.px,
+        W as u32,
+        H as u32,
+        image::ExtendedColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+    .with_context(|| format!("{}: cannot write PNG", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename", path.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -327,6 +428,20 @@ mod tests {
         // the series color appears somewhere
         let rgb = img.to_rgb8();
         assert!(rgb.pixels().any(|p| p.0 == PALETTE[0]));
+        // a heatmap: its extreme colors appear
+        let hm = Heatmap {
+            title: "similarity".into(),
+            axis_label: "layer".into(),
+            values: (0..6)
+                .map(|i| (0..6).map(|j| if i == j { 1.0 } else { 0.2 }).collect())
+                .collect(),
+            lo: 0.0,
+            hi: 1.0,
+        };
+        let p2 = dir.join("hm.png");
+        hm.save_png(&p2).unwrap();
+        let rgb = image::open(&p2).unwrap().to_rgb8();
+        assert!(rgb.pixels().any(|p| p.0 == ramp(1.0)) && rgb.pixels().any(|p| p.0 == ramp(0.2)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

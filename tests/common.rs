@@ -294,3 +294,79 @@ pub fn tiny_tokenizer() -> lntune::io::tokenizer::TextTools {
         manual_bos: false,
     }
 }
+
+/// tiny-llava with a tokenizer (tokenizer.json + a ChatML chat template) in a temp dir, and
+/// `shapes` data at the tower's 56 px.
+pub struct TinyRun {
+    pub dir: tempfile::TempDir,
+}
+
+impl TinyRun {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        copy_dir(&fixture("tiny-llava"), &model);
+        let tools = tiny_tokenizer();
+        tools
+            .tokenizer
+            .save(model.join("tokenizer.json"), false)
+            .unwrap();
+        let cfg = serde_json::json!({
+            "bos_token": "<s>", "eos_token": "<|im_end|>",
+            "chat_template": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        });
+        std::fs::write(model.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        lntune::data::shapes::generate(
+            &lntune::data::shapes::ShapesConfig {
+                seed: 1,
+                train: 24,
+                test: 8,
+                size: 56,
+            },
+            &dir.path().join("data"),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> std::path::PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `lntune train` on the tiny model; returns (success, stderr).
+    pub fn train(&self, out: &str, extra: &[&str]) -> (bool, String) {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .arg("train")
+            .arg("--model")
+            .arg(self.path("model"))
+            .arg("--images")
+            .arg(self.path("data/images"))
+            .arg("--out")
+            .arg(self.path(out))
+            .args([
+                "--batch",
+                "2",
+                "--template",
+                "chatml",
+                "--quiet",
+                "--max-length",
+                "256",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    }
+}
+
+/// The metrics.jsonl lines of a run.
+pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

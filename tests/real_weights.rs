@@ -183,10 +183,12 @@ fn smollm2_kv_cache_generation_matches_the_reference_in_one_left_padded_batch() 
         Prompt {
             ids: ids("prompt0"),
             images: vec![],
+            seed: None,
         },
         Prompt {
             ids: ids("prompt1"),
             images: vec![],
+            seed: None,
         },
     ];
     // the reference decoded 20 tokens without stopping at EOS
@@ -201,4 +203,118 @@ fn smollm2_kv_cache_generation_matches_the_reference_in_one_left_padded_batch() 
         assert_eq!(g.ids, w, "{k}");
     }
     assert!(out[0].text.starts_with(" Paris."));
+}
+
+/// Why the demo feeds the projector DINOv2 blocks 4 and 8 instead of the last layer: a
+/// nearest-centroid probe (leave-one-out) on the token under each object's center reads its
+/// color far better from them (the last layer is trained to ignore color jitter).
+#[test]
+fn demo_feature_layers_carry_color() {
+    use lntune::data::image::Preprocess;
+    use lntune::data::shapes::{Scene, ShapesConfig, generate};
+    let Some(dir) = asset("LNTUNE_DINOV2_DIR", "dinov2-vits14") else {
+        return;
+    };
+    use lntune::io::store::{Store, Weights};
+    use lntune::model::config::{FeatureSelect, SelectStrategy, VisionConfigFile};
+    use lntune::model::vision::VisionTower;
+    let cfg: VisionConfigFile =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = cfg.resolve("dinov2", "x").unwrap();
+    let store = Store::open_dir(&dir, &Device::Cpu).unwrap();
+    let tower =
+        VisionTower::load(&Weights::new(std::sync::Arc::new(store), DType::F32), &cfg).unwrap();
+    let mut acc = Vec::new();
+    for (size, layers, attr) in [(112usize, vec![-1i64], "color"), (112, vec![4, 8], "color")] {
+        let tmp = tempfile::tempdir().unwrap();
+        generate(
+            &ShapesConfig {
+                seed: 9,
+                train: 120,
+                test: 0,
+                size,
+            },
+            tmp.path(),
+        )
+        .unwrap();
+        let scenes: Vec<Scene> = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("scenes_train.json")).unwrap(),
+        )
+        .unwrap();
+        let mut pre = Preprocess::dinov2();
+        pre.shortest_edge = Some(size);
+        pre.crop = Some((size, size));
+        let fln = layers == vec![-1];
+        let sel = FeatureSelect {
+            layers: layers.clone(),
+            strategy: SelectStrategy::Default,
+            final_layernorm: fln,
+            pool: Some((4, 4)),
+        };
+        // token of each object's center, labelled with its color
+        let mut xs: Vec<Vec<f32>> = Vec::new();
+        let mut ys: Vec<String> = Vec::new();
+        for s in &scenes {
+            let (v, h, w) = pre.load(&tmp.path().join("images").join(&s.image)).unwrap();
+            let f = tower
+                .features(
+                    &Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap(),
+                    &sel,
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            for o in &s.objects {
+                let (r, c) = (
+                    (o.center.1 / size as f64 * 4.0) as usize,
+                    (o.center.0 / size as f64 * 4.0) as usize,
+                );
+                xs.push(f.get(r * 4 + c).unwrap().to_vec1::<f32>().unwrap());
+                ys.push(match attr {
+                    "color" => o.color.clone(),
+                    "shape" => o.shape.clone(),
+                    _ => o.size.clone(),
+                });
+            }
+        }
+        // leave-one-out nearest class centroid
+        let colors: Vec<String> = ys
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut correct = 0;
+        for i in 0..xs.len() {
+            let mut best = (f32::MAX, "");
+            for c in &colors {
+                let members: Vec<usize> =
+                    (0..xs.len()).filter(|&j| j != i && &ys[j] == c).collect();
+                let cent: Vec<f32> = (0..xs[0].len())
+                    .map(|d| members.iter().map(|&j| xs[j][d]).sum::<f32>() / members.len() as f32)
+                    .collect();
+                let dist: f32 = xs[i]
+                    .iter()
+                    .zip(&cent)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum();
+                if dist < best.0 {
+                    best = (dist, c);
+                }
+            }
+            correct += (best.1 == ys[i]) as usize;
+        }
+        let a = 100.0 * correct as f64 / xs.len() as f64;
+        eprintln!(
+            "{size} px layers {layers:?}: {attr} from the object's token, nearest centroid: {correct}/{} = {a:.1}%",
+            xs.len()
+        );
+        acc.push(a);
+    }
+    assert!(
+        acc[1] > acc[0] + 25.0 && acc[1] > 70.0,
+        "color probe: last layer {:.1}%, blocks 4+8 {:.1}%",
+        acc[0],
+        acc[1]
+    );
 }

@@ -1,6 +1,8 @@
 //! One integration-test binary (fewer links on a 2-core machine).
 
 mod common;
+mod compare_cli;
+mod eval_cli;
 mod generation;
 mod gguf;
 mod loading_errors;
@@ -8,4 +10,6 @@ mod metrics;
 mod model_fixtures;
 mod preprocess;
 mod real_weights;
+mod shapes;
+mod train_cli;
 mod training;

@@ -1,10 +1,15 @@
 //! Command-line interface: one file per subcommand, each with `pub fn run(args) -> Result<()>`.
 //! `main` only parses and maps the result to an exit code.
 
+pub mod analyze;
 pub mod bench;
 pub mod check;
+pub mod compare;
 pub mod data;
+pub mod demo;
+pub mod eval;
 pub mod fetch;
+pub mod generate;
 pub mod method_args;
 pub mod plan;
 pub mod train;
@@ -44,6 +49,22 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Generate a dataset (`shapes`: images, captions, instruction data, test sets)
     Data(data::DataArgs),
+    /// The main job: build DINOv2-S + projector + SmolLM2-135M, train stage 1 and stage 2
+    /// on `shapes`, report held-out scores
+    Demo(demo::DemoArgs),
+    /// Answer a benchmark (mme, pope, vqav2, coco, flickr, shapes) and score it
+    Eval(eval::EvalArgs),
+    /// Score a predictions file in a benchmark's official format, without a model
+    Score(eval::ScoreArgs),
+    /// Answer one prompt (with an optional image), streaming the text
+    Generate(generate::GenerateArgs),
+    /// Talk with a model about an image, turn by turn
+    Chat(generate::ChatArgs),
+    /// The paper's comparison: stage 2 with several methods (and ablations) from one stage-1
+    /// checkpoint, each trained, timed and evaluated; a report with tables and plots
+    Compare(compare::CompareArgs),
+    /// Layer similarity of models, gradient variance of training runs
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Numeric precision of the frozen weights' matmuls.
@@ -91,6 +112,42 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fetch(args) => fetch::run(args),
         Command::Train(args) => train::run(args),
         Command::Data(args) => data::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Score(args) => eval::score_run(args),
+        Command::Generate(args) => generate::run_generate(args),
+        Command::Chat(args) => generate::run_chat(args),
+        Command::Compare(args) => compare::run(args),
+        Command::Analyze(args) => analyze::run(args),
+    }
+}
+
+/// Loads a model and, if given, an adapter onto it (checked against the base's fingerprint;
+/// LoRA stays unmerged).
+pub fn load_model(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    dtype: DType,
+) -> Result<crate::model::mllm::Mllm> {
+    let mut m = crate::model::mllm::Mllm::load(model, dtype, &Device::Cpu)?;
+    if let Some(a) = adapter {
+        crate::io::adapter::apply_adapter(a, &mut m)?;
+    }
+    Ok(m)
+}
+
+/// The template a model is talked to with by default: its own chat template if it has one,
+/// else vicuna_v1 (LLaVA-1.5).
+pub fn default_template(model: &crate::model::mllm::Mllm) -> crate::data::template::TemplateName {
+    use crate::data::template::TemplateName;
+    if model
+        .text
+        .as_ref()
+        .is_some_and(|t| t.chat_template.is_some())
+    {
+        TemplateName::Model
+    } else {
+        TemplateName::VicunaV1
     }
 }
 

@@ -22,6 +22,10 @@ pub struct TrainArgs {
     /// LLaVA JSON files, comma separated, each with an optional sample budget: a.json:20000,b.json
     #[arg(long)]
     pub data: String,
+    /// Held-out LLaVA JSON data (same syntax as --data) whose loss is measured after
+    /// training and written to summary.json
+    #[arg(long)]
+    pub val_data: Option<String>,
     /// Directory that image paths in the data are relative to
     #[arg(long)]
     pub images: Option<PathBuf>,
@@ -94,6 +98,20 @@ pub struct TrainArgs {
     /// Run the vision tower on every step instead of caching each image's features
     #[arg(long)]
     pub no_feature_cache: bool,
+    /// Batch examples in random order instead of grouping similar lengths
+    #[arg(long)]
+    pub no_group_by_length: bool,
+    /// Record gradient-variance statistics in grad_stats.jsonl (across steps in windows, and
+    /// across micro-batches at fixed weights when --grad-accum is 2 or more); `lntune analyze
+    /// gradvar` plots them
+    #[arg(long)]
+    pub log_grad_stats: bool,
+    /// Which gradient: `trainable`, `projector`, or a checkpoint-name prefix
+    #[arg(long, default_value = "trainable")]
+    pub grad_stats_subset: String,
+    /// Steps per window of the across-steps variance
+    #[arg(long, default_value_t = 10)]
+    pub grad_stats_window: usize,
     /// No progress bar
     #[arg(long)]
     pub quiet: bool,
@@ -165,8 +183,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
         recompute: args.recompute,
         preprocess,
         cache_features: !args.no_feature_cache,
+        group_by_length: !args.no_group_by_length,
+        val_data: match &args.val_data {
+            Some(v) => DataSource::parse_list(v)?,
+            None => vec![],
+        },
+        grad_stats: args
+            .log_grad_stats
+            .then(|| crate::train::run::GradStatsConfig {
+                subset: args.grad_stats_subset.clone(),
+                window: args.grad_stats_window,
+            }),
     };
-    let r = train_run(&cfg, &args.out, args.resume.as_deref(), !args.quiet)?;
+    let mut cache = crate::train::run::FeatureCache::new(!args.no_feature_cache);
+    let r = train_run(
+        &cfg,
+        &args.out,
+        args.resume.as_deref(),
+        !args.quiet,
+        &mut cache,
+    )?;
     let last = r.reports.last().map(|r| r.loss).unwrap_or(f64::NAN);
     println!(
         "trained {} steps in {:.1}s, final loss {last:.4}; adapter: {}",

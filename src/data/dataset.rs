@@ -247,12 +247,31 @@ pub struct DataPosition {
     pub index: usize,
 }
 
-/// The example order of an epoch: a seeded shuffle, a function of (seed, epoch) only, so a
-/// resumed run sees the same batches.
-pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+/// The example order of an epoch: a seeded shuffle, a function of (seed, epoch, lengths)
+/// only, so a resumed run sees the same batches. With `group` = (lengths, batch), examples
+/// are grouped by length as LLaVA's `group_by_modality_length` does: the shuffled order is cut
+/// into mega-batches of 16 batches, each sorted by length and cut into batches, and the
+/// batches are shuffled; padding then wastes little.
+pub fn epoch_order(
+    n: usize,
+    seed: u64,
+    epoch: usize,
+    group: Option<(&[usize], usize)>,
+) -> Vec<usize> {
+    let mut rng = Rng::new(seed ^ (0xA5A5_0000 + epoch as u64));
     let mut order: Vec<usize> = (0..n).collect();
-    Rng::new(seed ^ (0xA5A5_0000 + epoch as u64)).shuffle(&mut order);
-    order
+    rng.shuffle(&mut order);
+    let Some((lengths, batch)) = group.filter(|(_, b)| *b > 1) else {
+        return order;
+    };
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for mega in order.chunks(batch * 16) {
+        let mut m = mega.to_vec();
+        m.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        batches.extend(m.chunks(batch).map(|c| c.to_vec()));
+    }
+    rng.shuffle(&mut batches);
+    batches.into_iter().flatten().collect()
 }
 
 /// Produces optimizer-step batch groups (`accum` micro-batches of `batch` examples) from a
@@ -263,6 +282,7 @@ pub struct Loader {
 }
 
 impl Loader {
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         examples: std::sync::Arc<Vec<Example>>,
         batch: usize,
@@ -271,12 +291,15 @@ impl Loader {
         start: DataPosition,
         pad_id: u32,
         pre: Preprocess,
+        group_by_length: bool,
     ) -> Self {
         let (tx, rx) = sync_channel(2);
         let handle = std::thread::spawn(move || {
             let n = examples.len();
+            let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.input_ids.len()).collect();
+            let group = group_by_length.then_some((lengths.as_slice(), batch));
             let mut pos = start;
-            let mut order = epoch_order(n, seed, pos.epoch);
+            let mut order = epoch_order(n, seed, pos.epoch, group);
             loop {
                 let mut micro = Vec::with_capacity(accum);
                 for _ in 0..accum {
@@ -287,7 +310,7 @@ impl Loader {
                                 epoch: pos.epoch + 1,
                                 index: 0,
                             };
-                            order = epoch_order(n, seed, pos.epoch);
+                            order = epoch_order(n, seed, pos.epoch, group);
                         }
                         picked.push(&examples[order[pos.index]]);
                         pos.index += 1;
@@ -316,5 +339,33 @@ impl Loader {
             Ok(r) => r,
             Err(_) => bail!("data loader stopped"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_orders_are_permutations_and_grouping_cuts_padding() {
+        let lengths: Vec<usize> = (0..200).map(|i| 10 + (i * 37) % 90).collect();
+        for group in [None, Some((lengths.as_slice(), 8))] {
+            let mut o = epoch_order(200, 3, 1, group);
+            assert_eq!(o, epoch_order(200, 3, 1, group), "deterministic");
+            assert_ne!(o, epoch_order(200, 3, 2, group), "differs by epoch");
+            o.sort();
+            assert_eq!(o, (0..200).collect::<Vec<_>>());
+        }
+        let padded = |o: &[usize]| -> usize {
+            o.chunks(8)
+                .map(|c| c.iter().map(|&i| lengths[i]).max().unwrap() * c.len())
+                .sum()
+        };
+        let plain = padded(&epoch_order(200, 3, 1, None));
+        let grouped = padded(&epoch_order(200, 3, 1, Some((&lengths, 8))));
+        assert!(
+            grouped * 10 < plain * 8,
+            "grouped {grouped} vs shuffled {plain}"
+        );
     }
 }

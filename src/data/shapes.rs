@@ -474,6 +474,48 @@ pub fn short_questions(s: &Scene, rng: &mut Rng) -> Vec<Qa> {
     out
 }
 
+/// Yes/no questions about count, color and position, each yes or no with equal chance
+/// (conversation data; the MME-style test asks the same kinds).
+pub fn yes_no_questions(s: &Scene, rng: &mut Rng) -> Vec<Qa> {
+    let i = rng.below(s.objects.len());
+    let o = &s.objects[i];
+    let r = ref_to(s, i);
+    let n = s.objects.len();
+    let yes = |rng: &mut Rng| rng.below(2) == 0;
+    let count = if yes(rng) {
+        n
+    } else if n == 5 || (n > 1 && yes(rng)) {
+        n - 1
+    } else {
+        n + 1
+    };
+    let color = if yes(rng) {
+        o.color.clone()
+    } else {
+        COLORS
+            .iter()
+            .filter(|c| **c != o.color)
+            .nth(rng.below(4))
+            .expect("4 other colors")
+            .to_string()
+    };
+    let cell = if yes(rng) {
+        o.cell
+    } else {
+        ((o.cell.0 + 1 + rng.below(2)) % 3, o.cell.1)
+    };
+    let mut out: Vec<Qa> = [
+        Query::CountIs(count),
+        Query::ColorIs(r, color),
+        Query::AtCell(o.color.clone(), o.shape.clone(), cell),
+    ]
+    .into_iter()
+    .filter_map(|q| qa(s, q))
+    .collect();
+    rng.shuffle(&mut out);
+    out
+}
+
 /// Reasoning questions (relations and comparisons between two objects).
 pub fn reasoning_questions(s: &Scene, rng: &mut Rng) -> Vec<Qa> {
     if s.objects.len() < 2 {
@@ -694,11 +736,13 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
     let mut detail = Vec::new();
     let mut reason = Vec::new();
     for (i, s) in train.iter().enumerate() {
-        let qs = short_questions(s, &mut rng);
+        let mut qs = short_questions(s, &mut rng);
+        qs.extend(yes_no_questions(s, &mut rng));
+        rng.shuffle(&mut qs);
         let mut turns = Vec::new();
-        for (k, q) in qs.iter().take(3 + rng.below(3)).enumerate() {
-            // half the turns in LLaVA-1.5's short-answer format, half as sentences
-            let (text, ans) = if rng.below(2) == 0 {
+        for (k, q) in qs.iter().take(5 + rng.below(3)).enumerate() {
+            // three turns in four in LLaVA-1.5's short-answer format, the rest as sentences
+            let (text, ans) = if rng.below(4) != 0 {
                 (format!("{}\n{SHORT}", q.question), short_form(&q.answer))
             } else {
                 (q.question.clone(), sentence(q))

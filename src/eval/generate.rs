@@ -48,6 +48,8 @@ impl GenConfig {
 pub struct Prompt {
     pub ids: Vec<u32>,
     pub images: Vec<Tensor>,
+    /// this row's sampling seed (default: from `GenConfig::seed` and the row index)
+    pub seed: Option<u64>,
 }
 
 /// A finished generation.
@@ -166,8 +168,10 @@ pub fn generate(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut text: Vec<String> = vec![String::new(); b];
     let mut done = vec![false; b];
-    let mut rngs: Vec<Rng> = (0..b)
-        .map(|i| Rng::new(cfg.seed ^ (i as u64) << 16))
+    let mut rngs: Vec<Rng> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Rng::new(p.seed.unwrap_or(cfg.seed ^ ((i as u64) << 16))))
         .collect();
     for _ in 0..cfg.max_new_tokens {
         let logits = llm.logits(&last)?.squeeze(1)?; // (B, V)

@@ -456,17 +456,11 @@ fn is_initials(s: &str) -> bool {
 
 fn split_clitics(w: &str, out: &mut Vec<String>) {
     let lower = w.to_lowercase();
-    for (whole, a, b) in [
-        ("cannot", "can", "not"),
-        ("gonna", "gon", "na"),
-        ("gotta", "got", "ta"),
-        ("wanna", "wan", "na"),
-    ] {
-        if lower == whole {
-            out.push(w[..a.len()].to_string());
-            out.push(w[a.len()..].to_string());
-            return;
-        }
+    // cannot -> can not, gonna -> gon na, gotta -> got ta, wanna -> wan na
+    if ["cannot", "gonna", "gotta", "wanna"].contains(&lower.as_str()) {
+        out.push(w[..3].to_string());
+        out.push(w[3..].to_string());
+        return;
     }
     if lower.ends_with("n't") && w.len() > 3 {
         let cut = w.len() - 3;
@@ -497,8 +491,7 @@ pub fn ptb_tokenize(text: &str) -> String {
         let mut lead = Vec::new();
         let mut trail = Vec::new();
         // leading punctuation
-        loop {
-            let Some(c) = w.chars().next() else { break };
+        while let Some(c) = w.chars().next() {
             if matches!(c, '"' | '(' | '[' | '{' | '`' | '$' | '#')
                 || (c == '\'' && w.len() > 1 && !w[1..].starts_with('s'))
             {
@@ -509,8 +502,7 @@ pub fn ptb_tokenize(text: &str) -> String {
             }
         }
         // trailing punctuation (a period stays on abbreviations and initials)
-        loop {
-            let Some(c) = w.chars().last() else { break };
+        while let Some(c) = w.chars().last() {
             let body = &w[..w.len() - c.len_utf8()];
             let keep_period = c == '.'
                 && !body.is_empty()

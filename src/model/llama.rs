@@ -232,6 +232,21 @@ impl Llama {
         self.norm.forward(&x)
     }
 
+    /// Every block's output (B, T, C), before the final norm.
+    pub fn layer_outputs(
+        &self,
+        x: &Tensor,
+        inp: &DecoderInputs,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let mut x = x.clone();
+        let mut outs = Vec::with_capacity(self.layers.len());
+        for l in 0..self.layers.len() {
+            x = self.block_forward(l, &x, inp)?;
+            outs.push(x.clone());
+        }
+        Ok(outs)
+    }
+
     /// All blocks with a key/value cache (one entry per layer, filled on the first call).
     pub fn forward_hidden_cached(
         &self,
@@ -285,6 +300,33 @@ impl Llama {
         self.layers
             .get_mut(l.parse::<usize>().ok()?)?
             .linear_mut(path)
+    }
+
+    /// Folds every LoRA adapter into its base weight (W ← W + scale·B·A, in W's dtype) and
+    /// drops it; returns how many were merged.
+    pub fn merge_lora(&mut self) -> candle_core::Result<usize> {
+        const LINEARS: [&str; 7] = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        let mut n = 0;
+        for b in &mut self.layers {
+            for path in LINEARS {
+                let lin = b.linear_mut(path).expect("known linear");
+                if let Some(l) = lin.lora.take() {
+                    let delta = (l.b.matmul(&l.a)? * l.scale)?; // (OC, IC) f32
+                    let w = (lin.weight.to_dtype(candle_core::DType::F32)? + delta)?;
+                    lin.weight = w.to_dtype(lin.weight.dtype())?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// After the embeddings changed: a tied head is the same tensor again.

@@ -238,7 +238,9 @@ pub struct ComposeVision {
     pub model_type: Option<String>,
     /// `last_hidden_state` or `hidden_states`
     pub feature: Option<String>,
-    pub feature_layer: Option<i64>,
+    /// one index into the tower's hidden states, or a list whose states are concatenated
+    /// along channels (lntune extension)
+    pub feature_layer: Option<super::config::OneOrMany>,
     pub apply_final_layernorm: Option<bool>,
     pub select_strategy: Option<String>,
     /// pixel height and width the model is used with
@@ -460,11 +462,19 @@ impl Mllm {
         let feature = c.vision.feature.as_deref().unwrap_or("hidden_states");
         let (layers, final_layernorm) = match feature {
             "last_hidden_state" => (
-                vec![c.vision.feature_layer.unwrap_or(-1)],
+                c.vision
+                    .feature_layer
+                    .as_ref()
+                    .map(|l| l.to_vec())
+                    .unwrap_or(vec![-1]),
                 c.vision.apply_final_layernorm.unwrap_or(true),
             ),
             "hidden_states" => (
-                vec![c.vision.feature_layer.unwrap_or(-2)],
+                c.vision
+                    .feature_layer
+                    .as_ref()
+                    .map(|l| l.to_vec())
+                    .unwrap_or(vec![-2]),
                 c.vision.apply_final_layernorm.unwrap_or(false),
             ),
             other => bail!(

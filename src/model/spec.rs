@@ -100,10 +100,16 @@ impl ModelSpec {
                 .unwrap_or("clip_vision_model"),
             &vp.display().to_string(),
         )?;
+        let n_layers = c
+            .vision
+            .feature_layer
+            .as_ref()
+            .map(|l| l.to_vec().len())
+            .unwrap_or(1);
         let projector = ProjectorConfig::parse_type(
             &c.projector.type_,
             c.projector.bias.unwrap_or(true),
-            vision.hidden_size(),
+            vision.hidden_size() * n_layers,
             llm.hidden_size,
             &origin,
         )?;

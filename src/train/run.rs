@@ -60,6 +60,91 @@ pub struct RunConfig {
     pub preprocess: Preprocess,
     /// compute each image's (frozen) tower features once and reuse them
     pub cache_features: bool,
+    /// batch examples of similar length together (LLaVA's group_by_modality_length)
+    pub group_by_length: bool,
+    /// record gradient-variance statistics in grad_stats.jsonl
+    #[serde(default)]
+    pub grad_stats: Option<GradStatsConfig>,
+    /// held-out data whose loss is measured after training (summary.json `val_loss`)
+    #[serde(default)]
+    pub val_data: Vec<DataSource>,
+}
+
+impl RunConfig {
+    /// LLaVA-recipe defaults for everything but the model; callers set what they need.
+    pub fn minimal(model: &Path) -> Self {
+        Self {
+            model: model.to_path_buf(),
+            data: vec![],
+            images: None,
+            method: MethodConfig::new(crate::methods::Method::Ln),
+            template: TemplateName::Plain,
+            lr: 5e-4,
+            warmup_ratio: 0.03,
+            warmup_steps: None,
+            min_lr_ratio: 0.0,
+            epochs: 1.0,
+            steps: None,
+            batch: 8,
+            grad_accum: 1,
+            max_grad_norm: Some(1.0),
+            max_length: 2048,
+            seed: 0,
+            optim: AdamWConfig::default(),
+            init_adapter: None,
+            save_every: None,
+            bf16: false,
+            recompute: Recompute::Auto,
+            preprocess: Preprocess::clip(224),
+            cache_features: true,
+            group_by_length: true,
+            grad_stats: None,
+            val_data: vec![],
+        }
+    }
+}
+
+/// What `--log-grad-stats` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GradStatsConfig {
+    /// `trainable` (every trained tensor) or a checkpoint-name prefix (e.g. the projector's,
+    /// to compare methods on a subset they all train)
+    pub subset: String,
+    /// steps per window of the across-steps variance
+    pub window: usize,
+}
+
+/// A run's headline numbers, written to `summary.json` (what `lntune compare` tabulates).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub method: String,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub trainable_percent: f64,
+    pub steps: usize,
+    pub median_step_s: f64,
+    pub median_tokens_per_s: f64,
+    /// mean loss of the last 10 steps
+    pub final_loss: f64,
+    /// the process's peak resident memory (VmHWM) when the run ended, MiB
+    pub peak_rss_mib: f64,
+    /// token-mean loss on the validation data after training
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    pub wall_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 pub struct RunResult {
@@ -82,6 +167,64 @@ impl FeatureCache {
             map: HashMap::new(),
             enabled,
         }
+    }
+
+    /// Images whose features are held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Drops every held feature.
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Tower features (P, Dv) of image files, computed in chunks for those not cached yet.
+    pub fn for_paths(
+        &mut self,
+        model: &Mllm,
+        paths: &[PathBuf],
+        pre: &Preprocess,
+        dev: &Device,
+        progress: bool,
+    ) -> Result<Vec<Tensor>> {
+        let v = model
+            .vision
+            .as_ref()
+            .context("images given but the model has no vision tower")?;
+        let mut missing: Vec<&PathBuf> = paths
+            .iter()
+            .filter(|p| !self.map.contains_key(*p))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        let bar = progress_bar(
+            missing.len() as u64,
+            0,
+            progress && missing.len() > 16,
+            "image features",
+        );
+        for chunk in missing.chunks(16) {
+            let mut px = Vec::new();
+            let mut hw = (0, 0);
+            for p in chunk {
+                let (v, h, w) = pre.load(p)?;
+                hw = (h, w);
+                px.extend(v);
+            }
+            let t = Tensor::from_vec(px, (chunk.len(), 3, hw.0, hw.1), dev)?;
+            let f = v.tower.features(&t, &v.select)?;
+            for (k, p) in chunk.iter().enumerate() {
+                self.map.insert((*p).clone(), f.get(k)?);
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        Ok(paths.iter().map(|p| self.map[p].clone()).collect())
     }
 
     /// Tower features (N, P, Dv) of a host batch's images, or None without images.
@@ -163,6 +306,40 @@ pub fn prepare_examples(cfg: &RunConfig, model: &Mllm) -> Result<(Vec<Example>, 
     Ok((ex, report))
 }
 
+/// Token-mean loss of `examples` (forward only, in batches of `batch`).
+pub fn eval_loss(
+    model: &Mllm,
+    examples: &[Example],
+    batch: usize,
+    pre: &Preprocess,
+    cache: &mut FeatureCache,
+) -> Result<f64> {
+    let dev = model.llm.embed_tokens.device().clone();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let hb = HostBatch::collate(&refs, pad_id(model), pre)?;
+        let mut b = hb.to_batch(&dev)?;
+        b.vision_features = cache.features(model, &hb, &dev)?;
+        b.pixel_values = None;
+        let tokens = crate::train::step::count_scored(&b)?;
+        if tokens == 0 {
+            continue;
+        }
+        let logits = model.forward(&b)?;
+        let labels = b.labels.as_ref().context("examples without labels")?;
+        let loss = Mllm::loss(&logits, labels)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        sum += loss * tokens as f64;
+        n += tokens;
+    }
+    if n == 0 {
+        bail!("the validation data has no supervised token");
+    }
+    Ok(sum / n as f64)
+}
+
 fn pad_id(model: &Mllm) -> u32 {
     model.text.as_ref().and_then(|t| t.eos_id).unwrap_or(0)
 }
@@ -174,6 +351,7 @@ pub fn train_run(
     out: &Path,
     resume: Option<&Path>,
     progress: bool,
+    cache: &mut FeatureCache,
 ) -> Result<RunResult> {
     let t0 = Instant::now();
     let dev = Device::Cpu;
@@ -279,8 +457,74 @@ pub fn train_run(
         start,
         pad_id(&model),
         cfg.preprocess.clone(),
+        cfg.group_by_length,
     );
-    let mut cache = FeatureCache::new(cfg.cache_features);
+    // The tower is frozen, so each image's features can be computed once. They are all
+    // computed up front, in sorted path order with fixed chunks, so that a value never
+    // depends on which batch an image first appeared in (a resumed run sees the same bits).
+    // Skipped when they would not fit in memory; then each batch runs the tower.
+    let mut image_paths: Vec<PathBuf> = examples
+        .iter()
+        .flat_map(|e| e.images.iter().cloned())
+        .collect();
+    image_paths.sort();
+    image_paths.dedup();
+    let feature_bytes = match &model.vision {
+        Some(v) => {
+            let (h, w) = cfg.preprocess.crop.unwrap_or((224, 224));
+            4 * v.tokens_per_image(h, w) * v.tower.hidden_size() * v.select.layers.len()
+        }
+        None => 0,
+    };
+    cache.enabled = cfg.cache_features && image_paths.len() * feature_bytes <= 2 << 30;
+    if cache.enabled && !image_paths.is_empty() {
+        cache.for_paths(&model, &image_paths, &cfg.preprocess, &dev, progress)?;
+    }
+    let n_total =
+        model.param_specs().iter().map(|s| s.numel()).sum::<usize>() + model.vision_param_count();
+    // gradient statistics: the tensors of the chosen subset, in name order
+    let mut grad_stats = match &cfg.grad_stats {
+        Some(gs) => {
+            let mut names: Vec<String> = trainer
+                .setup
+                .trainable_specs()
+                .filter(|s| match gs.subset.as_str() {
+                    "trainable" => true,
+                    "projector" => s.name.starts_with(&format!("{}.", model.keys.projector)),
+                    prefix => s.name.starts_with(prefix),
+                })
+                .map(|s| s.name.clone())
+                .collect();
+            names.sort();
+            if names.is_empty() {
+                anyhow::bail!(
+                    "--grad-stats-subset `{}`: no trainable tensor of this method matches",
+                    gs.subset
+                );
+            }
+            let dim: usize = trainer
+                .setup
+                .trainable_specs()
+                .filter(|s| names.contains(&s.name))
+                .map(|s| s.numel())
+                .sum();
+            let path = out.join("grad_stats.jsonl");
+            if trainer.step == 0 {
+                let _ = std::fs::remove_file(&path);
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("{}: cannot open", path.display()))?;
+            Some((
+                names,
+                crate::analyze::gradvar::GradStatsRecorder::new(&gs.subset, dim, gs.window),
+                file,
+            ))
+        }
+        None => None,
+    };
     let bar = progress_bar(total as u64, trainer.step as u64, progress, "train");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -300,19 +544,32 @@ pub fn train_run(
         let ts = Instant::now();
         let mut batches = Vec::with_capacity(micro.len());
         let mut real_tokens = 0usize;
+        let mut padded_tokens = 0usize;
         for hb in &micro {
+            padded_tokens +=
+                hb.input_ids.len() * hb.input_ids.first().map(|r| r.len()).unwrap_or(0);
             let mut b = hb.to_batch(&dev)?;
             b.vision_features = cache.features(&model, hb, &dev)?;
             b.pixel_values = None;
             real_tokens += hb.attention_mask.iter().flatten().filter(|&&m| m).count();
             batches.push(b);
         }
-        let mut r = trainer.step(&mut model, &batches)?;
+        let mut r = match &mut grad_stats {
+            None => trainer.step(&mut model, &batches)?,
+            Some((names, rec, file)) => {
+                let (grads, loss, tokens, micro) =
+                    trainer.gradients_detailed(&model, &batches, Some(names))?;
+                let whole = grads.flatten(names, 1.0)?;
+                let line = rec.record(trainer.step + 1, &whole, &micro);
+                writeln!(file, "{}", serde_json::to_string(&line)?)?;
+                trainer.apply(&mut model, grads, loss, tokens)?
+            }
+        };
         let dt = ts.elapsed().as_secs_f64();
         r.step += 1; // report the step count after the update
         let line = serde_json::json!({
             "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-            "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt, "step_s": dt,
+            "tokens": real_tokens, "padded_tokens": padded_tokens, "tokens_per_s": real_tokens as f64 / dt, "step_s": dt,
         });
         writeln!(metrics, "{line}")?;
         metrics.flush()?;
@@ -357,6 +614,48 @@ pub fn train_run(
         &reports,
         &out.join("loss.png"),
         &format!("{} loss", cfg.method.method.name()),
+    )?;
+    let val_loss = if cfg.val_data.is_empty() {
+        None
+    } else {
+        let vcfg = RunConfig {
+            data: cfg.val_data.clone(),
+            ..cfg.clone()
+        };
+        let (val, rep) = prepare_examples(&vcfg, &model)?;
+        eprintln!("validation {}", rep.summary());
+        let v = eval_loss(&model, &val, cfg.batch, &cfg.preprocess, cache)?;
+        eprintln!("validation loss {v:.4}");
+        Some(v)
+    };
+    // the steps of this process (a resumed run's earlier steps have no timing here)
+    let timed: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let last: Vec<f64> = reports.iter().rev().take(10).map(|r| r.loss).collect();
+    let summary = RunSummary {
+        method: cfg.method.method.name().to_string(),
+        trainable_params: trainer.setup.n_trainable(),
+        total_params: n_total,
+        trainable_percent: 100.0 * trainer.setup.n_trainable() as f64 / n_total as f64,
+        steps: trainer.step,
+        median_step_s: median(timed.iter().filter_map(|v| v["step_s"].as_f64()).collect()),
+        median_tokens_per_s: median(
+            timed
+                .iter()
+                .filter_map(|v| v["tokens_per_s"].as_f64())
+                .collect(),
+        ),
+        final_loss: last.iter().sum::<f64>() / last.len().max(1) as f64,
+        peak_rss_mib: crate::cli::bench::peak_rss_mib(),
+        val_loss,
+        wall_s: t0.elapsed().as_secs_f64(),
+    };
+    crate::eval::bench::write_atomically(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(RunResult {
         reports,

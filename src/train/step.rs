@@ -52,10 +52,33 @@ impl Grads {
         Ok(())
     }
 
+    /// The tensors `names` (missing ones as zeros is not allowed: every name must have a
+    /// gradient) flattened into one f32 vector, times `scale`.
+    pub fn flatten(&self, names: &[String], scale: f64) -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        for n in names {
+            let g = self
+                .0
+                .get(n)
+                .ok_or_else(|| anyhow::anyhow!("no gradient for `{n}`"))?;
+            v.extend(
+                g.flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|x| x * scale as f32),
+            );
+        }
+        Ok(v)
+    }
+
     /// sqrt(Σ ‖g‖²), accumulated in f64.
     pub fn global_norm(&self) -> Result<f64> {
+        // summed in name order: HashMap order varies between processes
+        let mut names: Vec<&String> = self.0.keys().collect();
+        names.sort();
         let mut s = 0f64;
-        for g in self.0.values() {
+        for g in names.into_iter().map(|n| &self.0[n]) {
             s += g
                 .to_dtype(DType::F64)?
                 .sqr()?

@@ -64,12 +64,25 @@ impl Trainer {
 
     /// Accumulated gradients of one optimizer step, its mean loss and token count.
     pub fn gradients(&self, model: &Mllm, micro: &[Batch]) -> Result<(Grads, f64, usize)> {
+        let (g, l, t, _) = self.gradients_detailed(model, micro, None)?;
+        Ok((g, l, t))
+    }
+
+    /// `gradients`, plus each micro-batch's token-mean gradient of the tensors `subset`
+    /// (flattened in that order) when asked: the gradient-variance statistics' input.
+    pub fn gradients_detailed(
+        &self,
+        model: &Mllm,
+        micro: &[Batch],
+        subset: Option<&[String]>,
+    ) -> Result<(Grads, f64, usize, Vec<Vec<f32>>)> {
         let tokens: usize = micro.iter().map(count_scored).sum::<Result<usize>>()?;
         if tokens == 0 {
             bail!("step {}: no supervised token in the batch", self.step);
         }
         let mut grads = Grads::default();
         let mut loss_sum = 0.0;
+        let mut per_micro = Vec::new();
         for (i, mb) in micro.iter().enumerate() {
             let seed = self.cfg.seed ^ ((self.step as u64) << 20) ^ i as u64;
             let (l, g) = forward_backward(
@@ -82,9 +95,15 @@ impl Trainer {
                 self.cfg.activation_budget,
             )?;
             loss_sum += l.sum;
+            if let Some(names) = subset {
+                // g is this micro-batch's share of the step's token mean; rescale it to
+                // the micro-batch's own token mean
+                let own = count_scored(mb)?.max(1);
+                per_micro.push(g.flatten(names, tokens as f64 / own as f64)?);
+            }
             grads.merge(g)?;
         }
-        Ok((grads, loss_sum / tokens as f64, tokens))
+        Ok((grads, loss_sum / tokens as f64, tokens, per_micro))
     }
 
     /// Checks, clips and applies accumulated gradients.

@@ -1,0 +1,411 @@
+//! `lntune compare` and `lntune analyze` end to end on the tiny model: report structure,
+//! finite numbers, resume of an interrupted comparison, gradient statistics in training.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::*;
+
+fn lntune(args: &[String]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn numbers(v: &serde_json::Value, at: &str, out: &mut Vec<(String, f64)>) {
+    match v {
+        serde_json::Value::Number(n) => out.push((at.to_string(), n.as_f64().unwrap())),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| numbers(x, &format!("{at}[{i}]"), out)),
+        serde_json::Value::Object(o) => o
+            .iter()
+            .for_each(|(k, x)| numbers(x, &format!("{at}.{k}"), out)),
+        _ => {}
+    }
+}
+
+fn find_nulls(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Null => out.push(at.to_string()),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| find_nulls(x, &format!("{at}[{i}]"), out)),
+        serde_json::Value::Object(o) => o
+            .iter()
+            .for_each(|(k, x)| find_nulls(x, &format!("{at}.{k}"), out)),
+        _ => {}
+    }
+}
+
+fn compare_args(t: &TinyRun, out: &str) -> Vec<String> {
+    let mut a = s(&["compare", "--model"]);
+    a.push(p(&t.path("model")));
+    a.extend(s(&["--data"]));
+    a.push(format!(
+        "{},{}",
+        p(&t.path("data/conversation_train.json")),
+        p(&t.path("data/captions_train.json"))
+    ));
+    a.extend(s(&["--images"]));
+    a.push(p(&t.path("data/images")));
+    a.extend(s(&[
+        "--methods",
+        "ln,lora",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-length",
+        "256",
+        "--template",
+        "chatml",
+    ]));
+    a.extend(s(&["--bench", "shapes", "--eval-data"]));
+    a.push(p(&t.path("data")));
+    a.extend(s(&[
+        "--eval-limit",
+        "2",
+        "--similarity-samples",
+        "4",
+        "--quiet",
+        "--out",
+    ]));
+    a.push(p(&t.path(out)));
+    a
+}
+
+#[test]
+fn compare_report_is_complete_finite_and_resumable() {
+    let t = TinyRun::new();
+    let mut args = compare_args(&t, "cmp");
+    args.extend(s(&[
+        "--ablation",
+        "connector",
+        "--ablation",
+        "data-type",
+        "--data-type-samples",
+        "6",
+        "--data-types",
+    ]));
+    args.push(format!(
+        "conversation={},reasoning={}",
+        p(&t.path("data/conversation_train.json")),
+        p(&t.path("data/reasoning_train.json"))
+    ));
+    let (ok, out, err) = lntune(&args);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("## Quality") && out.contains("## Cost"),
+        "{out}"
+    );
+    let dir = t.path("cmp");
+    for f in [
+        "report.md",
+        "report.json",
+        "loss_curves.png",
+        "score_vs_trainable.png",
+        "score_vs_memory.png",
+        "ablation_connector.png",
+        "ablation_data_type.png",
+        "analysis/gradvar/gradvar_steps.png",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let names: Vec<&str> = r["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ln", "lora"]);
+    for m in r["methods"].as_array().unwrap() {
+        let sm = &m["summary"];
+        assert_eq!(sm["steps"], 4);
+        assert!(
+            sm["trainable_params"].as_u64().unwrap() > 0
+                && sm["peak_rss_mib"].as_f64().unwrap() > 10.0
+        );
+        assert_eq!(m["loss_curve"].as_array().unwrap().len(), 4);
+        let sc = &m["scores"];
+        assert!(
+            sc["vqav2"]["overall"].is_number()
+                && sc["mme"]["perception"].is_number()
+                && sc["captions"]["cider"].is_number()
+        );
+    }
+    assert_eq!(r["connector"].as_array().unwrap().len(), 3);
+    let dt: Vec<&str> = r["data_type"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(dt, ["conversation", "reasoning", "mixed"]);
+    // the connector arms train what they say
+    let trainable: Vec<u64> = r["connector"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["summary"]["trainable_params"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        trainable[0],
+        trainable[1] + trainable[2],
+        "ln + connector = ln only + connector only"
+    );
+    // analyses: stage model + both methods; gradient variance across micro-batches exists
+    let sim = r["similarity"]["models"].as_array().unwrap();
+    assert_eq!(sim.len(), 3);
+    for g in r["gradvar"].as_array().unwrap() {
+        assert!(g["mean_microbatch_var"].as_f64().unwrap() > 0.0, "{g}");
+    }
+    // every number is finite (NaN would have been written as null)
+    let mut nums = Vec::new();
+    numbers(&r, "report", &mut nums);
+    assert!(nums.len() > 100);
+    for (at, x) in &nums {
+        assert!(x.is_finite(), "{at} = {x}");
+    }
+    // the only nulls allowed: POPE precision and F1 when nothing was predicted "yes" (0/0)
+    let mut nulls = Vec::new();
+    find_nulls(&r, "report", &mut nulls);
+    for at in &nulls {
+        assert!(
+            at.contains(".pope.") && (at.ends_with(".precision") || at.ends_with(".f1")),
+            "null at {at}"
+        );
+    }
+
+    // interrupted: the lora arm lost its summary and scores (as if killed), the ablations are
+    // finished; a rerun redoes only that arm and gives the same tables
+    std::fs::remove_file(dir.join("runs/methods/lora/summary.json")).unwrap();
+    std::fs::remove_dir_all(dir.join("runs/methods/lora/eval")).unwrap();
+    let mut again = compare_args(&t, "cmp");
+    again.extend_from_slice(&args[compare_args(&t, "cmp").len()..]);
+    let (ok, _, err) = lntune(&again);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("done train lora") && err.contains("skip (already done) train ln"),
+        "{err}"
+    );
+    assert!(
+        err.contains("skip (already done) train connector/ln only"),
+        "{err}"
+    );
+    let r2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    for (a, b) in r["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(r2["methods"].as_array().unwrap())
+    {
+        assert_eq!(a["scores"], b["scores"], "{}", a["name"]);
+        assert_eq!(a["loss_curve"], b["loss_curve"], "{}", a["name"]);
+    }
+}
+
+#[test]
+fn compare_lr_sweep_keeps_the_lowest_validation_loss() {
+    let t = TinyRun::new();
+    let mut args = compare_args(&t, "sw");
+    args.extend(s(&[
+        "--lr-sweep",
+        "--sweep-factors",
+        "0.1,10",
+        "--val-samples",
+        "6",
+        "--no-analysis",
+    ]));
+    // one method is enough here
+    let i = args.iter().position(|a| a == "ln,lora").unwrap();
+    args[i] = "ln".into();
+    let (ok, out, err) = lntune(&args);
+    assert!(ok, "{err}");
+    assert!(out.contains("Learning-rate sweep"), "{out}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("sw/report.json")).unwrap()).unwrap();
+    let sweep = r["lr_sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 2);
+    let best = sweep
+        .iter()
+        .min_by(|a, b| {
+            a["summary"]["val_loss"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["summary"]["val_loss"].as_f64().unwrap())
+        })
+        .unwrap();
+    assert_eq!(r["methods"][0]["lr"], best["lr"]);
+    assert!(t.path("sw/data/val.json").is_file());
+}
+
+#[test]
+fn train_logs_gradient_statistics_and_analyze_reads_them() {
+    let t = TinyRun::new();
+    let data = p(&t.path("data/conversation_train.json"));
+    let (ok, err) = t.train(
+        "g",
+        &[
+            "--data",
+            &data,
+            "--method",
+            "ln",
+            "--steps",
+            "6",
+            "--grad-accum",
+            "3",
+            "--log-grad-stats",
+            "--grad-stats-window",
+            "3",
+            "--grad-stats-subset",
+            "projector",
+        ],
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(t.path("g/grad_stats.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["microbatch_var"].as_f64().unwrap() > 0.0 && l["subset"] == "projector")
+    );
+    let windows: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["window_var"].is_number())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(windows, [3, 6]);
+    let (ok, out, err) = lntune(
+        &[
+            s(&["analyze", "gradvar", "--run"]),
+            vec![
+                format!("ln={}", p(&t.path("g"))),
+                "--out".into(),
+                p(&t.path("gv")),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("| ln | projector |"), "{out}");
+    assert!(t.path("gv/gradvar_microbatch.png").is_file());
+    // a subset the method does not train is refused clearly
+    let (ok, err) = t.train(
+        "g2",
+        &[
+            "--data",
+            &data,
+            "--method",
+            "ln-simple",
+            "--steps",
+            "1",
+            "--log-grad-stats",
+            "--grad-stats-subset",
+            "projector",
+        ],
+    );
+    assert!(
+        !ok && err.contains("no trainable tensor of this method matches"),
+        "{err}"
+    );
+    // analyze without stats names the file
+    let (ok, _, err) = lntune(
+        &[
+            s(&["analyze", "gradvar", "--run"]),
+            vec![p(&t.path("data")), "--out".into(), p(&t.path("gv2"))],
+        ]
+        .concat(),
+    );
+    assert!(
+        !ok && err.contains("grad_stats.jsonl: cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn analyze_similarity_writes_tables_and_heatmaps() {
+    let t = TinyRun::new();
+    let data = p(&t.path("data/conversation_train.json"));
+    let (ok, err) = t.train(
+        "a",
+        &[
+            "--data", &data, "--method", "ln", "--steps", "2", "--lr", "1e-1",
+        ],
+    );
+    assert!(ok, "{err}");
+    let args = [
+        s(&["analyze", "similarity", "--model"]),
+        vec![
+            p(&t.path("model")),
+            "--adapter".into(),
+            format!("tuned={}", p(&t.path("a/adapter"))),
+            "--data".into(),
+            data,
+            "--images".into(),
+            p(&t.path("data/images")),
+        ],
+        s(&[
+            "--samples",
+            "3",
+            "--template",
+            "chatml",
+            "--max-length",
+            "256",
+            "--out",
+        ]),
+        vec![p(&t.path("sim"))],
+    ]
+    .concat();
+    let (ok, out, err) = lntune(&args);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| base |") && out.contains("| tuned |"),
+        "{out}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("sim/similarity.json")).unwrap())
+            .unwrap();
+    let models = r["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    for m in models {
+        let s = &m[1];
+        let mat = s["matrix"].as_array().unwrap();
+        assert_eq!(mat.len(), 4, "tiny-llava has 4 decoder layers");
+        assert!((mat[0][0].as_f64().unwrap() - 1.0).abs() < 1e-9);
+        let v = s["all_pairs"].as_f64().unwrap();
+        assert!(v > -1.0 && v < 1.0);
+    }
+    assert_ne!(
+        models[0][1]["all_pairs"], models[1][1]["all_pairs"],
+        "the adapter changes the hidden states"
+    );
+    assert!(
+        t.path("sim/similarity_base.png").is_file() && t.path("sim/similarity_tuned.png").is_file()
+    );
+}

@@ -1,0 +1,236 @@
+//! `lntune train` end to end on the tiny model: outputs, checkpoints, resume, adapters and
+//! their base check, NaN handling, and bad data.
+
+use crate::common::*;
+
+#[test]
+fn train_writes_adapter_checkpoints_metrics_and_plot() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train(
+        "run",
+        &[
+            "--data",
+            &data,
+            "--method",
+            "ln",
+            "--steps",
+            "4",
+            "--save-every",
+            "2",
+        ],
+    );
+    assert!(ok, "{err}");
+    let m = metrics(&t.path("run/metrics.jsonl"));
+    assert_eq!(m.len(), 4);
+    for (i, l) in m.iter().enumerate() {
+        assert_eq!(l["step"], i + 1);
+        assert!(
+            l["loss"].as_f64().unwrap().is_finite() && l["tokens_per_s"].as_f64().unwrap() > 0.0
+        );
+    }
+    assert!(t.path("run/loss.png").is_file());
+    assert!(t.path("run/config.json").is_file());
+    assert!(
+        t.path("run/checkpoints/step-000002/optimizer.safetensors")
+            .is_file()
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("run/adapter/adapter.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["method"]["method"], "ln");
+    let tensors = load_all(&t.path("run/adapter/adapter.safetensors"));
+    // ln: norms, projector, embeddings and head (untied), nothing else
+    assert!(
+        tensors
+            .keys()
+            .any(|k| k.ends_with("input_layernorm.weight"))
+    );
+    assert!(tensors.contains_key("language_model.lm_head.weight"));
+    assert!(
+        !tensors
+            .keys()
+            .any(|k| k.contains("q_proj") || k.starts_with("vision_tower"))
+    );
+    assert!(err.contains("data: 24 samples: "), "{err}");
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run() {
+    let t = TinyRun::new();
+    let data = format!(
+        "{},{}",
+        t.path("data/conversation_train.json").display(),
+        t.path("data/captions_train.json").display()
+    );
+    let args = [
+        "--data",
+        data.as_str(),
+        "--method",
+        "lora",
+        "--steps",
+        "6",
+        "--save-every",
+        "3",
+        "--lora-dropout",
+        "0.1",
+    ];
+    let (ok, err) = t.train("a", &args);
+    assert!(ok, "{err}");
+    // a second run that picks up from the first one's step-3 checkpoint
+    let ck = t.path("a/checkpoints/step-000003").display().to_string();
+    let mut resumed: Vec<&str> = args.to_vec();
+    resumed.extend(["--resume", ck.as_str()]);
+    let (ok, err) = t.train("b", &resumed);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+    let (a, b) = (
+        metrics(&t.path("a/metrics.jsonl")),
+        metrics(&t.path("b/metrics.jsonl")),
+    );
+    assert_eq!(b.len(), 3);
+    for (x, y) in a[3..].iter().zip(&b) {
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(x["loss"], y["loss"], "loss at step {}", x["step"]);
+        assert_eq!(x["grad_norm"], y["grad_norm"]);
+    }
+    let (ta, tb) = (
+        load_all(&t.path("a/adapter/adapter.safetensors")),
+        load_all(&t.path("b/adapter/adapter.safetensors")),
+    );
+    for (k, v) in &ta {
+        assert_eq!(max_abs(v, &tb[k]), 0.0, "{k}");
+    }
+}
+
+#[test]
+fn stage_two_from_stage_one_and_base_mismatch() {
+    let t = TinyRun::new();
+    let caps = t.path("data/captions_train.json").display().to_string();
+    let (ok, err) = t.train("s1", &["--data", &caps, "--stage", "1", "--steps", "2"]);
+    assert!(ok, "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("s1/adapter/adapter.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["method"]["method"], "projector");
+    let conv = t.path("data/conversation_train.json").display().to_string();
+    let init = t.path("s1/adapter").display().to_string();
+    let (ok, err) = t.train(
+        "s2",
+        &[
+            "--data",
+            &conv,
+            "--method",
+            "ln-simple",
+            "--steps",
+            "2",
+            "--init-adapter",
+            &init,
+        ],
+    );
+    assert!(ok, "{err}");
+    // the stage-2 adapter carries the stage-1 projector too
+    let s2 = load_all(&t.path("s2/adapter/adapter.safetensors"));
+    let s1 = load_all(&t.path("s1/adapter/adapter.safetensors"));
+    assert_eq!(
+        max_abs(
+            &s2["multi_modal_projector.linear_1.weight"],
+            &s1["multi_modal_projector.linear_1.weight"]
+        ),
+        0.0
+    );
+    // an adapter is refused on another base model
+    let other = tempfile::tempdir().unwrap();
+    copy_dir(&t.path("model"), other.path());
+    let mut w = load_all(&other.path().join("model.safetensors"));
+    let key = "language_model.model.norm.weight";
+    w.insert(key.into(), (w[key].clone() * 2.0).unwrap());
+    save_all(&w, &other.path().join("model.safetensors"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .arg("train")
+        .arg("--model")
+        .arg(other.path())
+        .args(["--data", &conv, "--images"])
+        .arg(t.path("data/images"))
+        .args(["--out"])
+        .arg(t.path("s3"))
+        .args(["--steps", "1", "--quiet", "--init-adapter", &init])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("another base model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_without_an_adapter() {
+    let t = TinyRun::new();
+    let conv = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train(
+        "nan",
+        &[
+            "--data",
+            &conv,
+            "--method",
+            "full",
+            "--steps",
+            "30",
+            "--lr",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("stopping before the update"), "{err}");
+    assert!(!t.path("nan/adapter").exists());
+}
+
+#[test]
+fn bad_data_is_reported() {
+    let t = TinyRun::new();
+    let write = |name: &str, text: &str| {
+        let p = t.path(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    // malformed JSON: the file and the position
+    let bad = write("bad.json", "[{\"id\": 1, \"conversations\": [}]");
+    let (ok, err) = t.train("x", &["--data", &bad, "--steps", "1"]);
+    assert!(
+        !ok && err.contains("bad.json") && err.contains("line 1"),
+        "{err}"
+    );
+    // counted skips: empty conversation, missing image, placeholder/image mismatch, too long
+    let long = "word ".repeat(300);
+    let mixed = write(
+        "mixed.json",
+        &serde_json::json!([
+            {"id": "ok", "image": "train_00000.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "red"}]},
+            {"id": "empty", "conversations": []},
+            {"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}]},
+            {"id": "mismatch", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}]},
+            {"id": "long", "image": "train_00001.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": long}]},
+            {"id": "text", "conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "there"}]},
+        ])
+        .to_string(),
+    );
+    let (ok, err) = t.train("y", &["--data", &mixed, "--steps", "1"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("6 samples: 3 kept, 1 truncated"), "{err}");
+    assert!(
+        err.contains("1 skipped (empty conversation)") && err.contains("1 skipped (missing image)"),
+        "{err}"
+    );
+    assert!(err.contains("1 skipped (image count mismatch)"), "{err}");
+    // a corrupt image is an error naming the file
+    std::fs::write(t.path("data/images/train_00000.png"), b"not a png").unwrap();
+    let one = write("one.json", &serde_json::json!([{"id": "ok", "image": "train_00000.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "red"}]}]).to_string());
+    let (ok, err) = t.train("z", &["--data", &one, "--steps", "1"]);
+    assert!(
+        !ok && err.contains("train_00000.png") && err.contains("cannot decode"),
+        "{err}"
+    );
+}
