@@ -367,6 +367,8 @@ impl Runner<'_> {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
         self.child(&args, &dir.join("train.log"))?;
+        // a finished arm needs no resume point (full finetuning's are gigabytes)
+        let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
         Ok(true)
     }
 

@@ -8,11 +8,11 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use super::generate::{GenConfig, Prompt, generate};
-use super::metrics::{
-    MmeScore, PopeMetrics, bleu, cider_d, mme_subtask, mme_totals, pope_metrics, pope_parse,
-    ptb_tokenize, vqa_accuracy,
+use super::bench::{
+    Item, Truth, load_captions, load_mme_jsonl, load_pope, load_vqav2, score, submission_answer,
 };
+use super::generate::{GenConfig, Prompt, generate};
+use super::metrics::{MmeScore, PopeMetrics, vqa_accuracy};
 use crate::data::image::Preprocess;
 use crate::data::llava::{IMAGE_PLACEHOLDER, Turn};
 use crate::data::template::{Rendered, Template, tokenize};
@@ -165,29 +165,6 @@ pub struct ShapesScores {
     pub examples: Vec<(String, String, String)>,
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    crate::model::config::read_json(path)
-}
-
-fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| anyhow::anyhow!("{}: line {}: {e}", path.display(), i + 1))
-        })
-        .collect()
-}
-
-fn str_field<'a>(v: &'a serde_json::Value, field: &str, file: &Path) -> Result<&'a str> {
-    v.get(field)
-        .and_then(|x| x.as_str())
-        .with_context(|| format!("{}: missing string field `{field}`", file.display()))
-}
-
 /// What to evaluate.
 pub struct ShapesEval<'a> {
     pub data: &'a Path,
@@ -202,16 +179,22 @@ pub struct ShapesEval<'a> {
     pub caption_prompt: String,
 }
 
-/// Evaluates a model on the shapes test sets. `ask` answers short questions; `caption`
-/// (plain template) generates captions.
+/// Evaluates a model on the shapes test sets, read and scored like `lntune eval --bench
+/// shapes` (`bench.rs`). `ask` answers short questions; `caption` generates captions.
 pub fn eval_shapes(
     e: &ShapesEval,
     ask: &Asker,
     caption: Option<&Asker>,
     cache: &mut FeatureCache,
 ) -> Result<ShapesScores> {
-    let img = |name: &str| e.data.join("images").join(name);
-    let within = |name: &str, limit: Option<usize>| -> bool {
+    let images = e.data.join("images");
+    // test images are test_<index>.png; limits keep the first n
+    let within = |it: &Item, limit: Option<usize>| -> bool {
+        let name = it
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         match limit {
             None => true,
             Some(n) => name
@@ -221,44 +204,29 @@ pub fn eval_shapes(
                 .is_some_and(|i| i < n),
         }
     };
-    let keep_image = |name: &str| within(name, e.limit);
-    let keep_small = |name: &str| within(name, e.limit_small.or(e.limit));
-    let suffix = format!("\n{}", crate::data::shapes::SHORT);
-    // VQA
-    let qf = e.data.join("vqa_test_questions.json");
-    let af = e.data.join("vqa_test_annotations.json");
-    let qs = read_json(&qf)?;
-    let anns = read_json(&af)?;
-    let anns: BTreeMap<u64, &serde_json::Value> = anns["annotations"]
-        .as_array()
-        .with_context(|| format!("{}: missing `annotations`", af.display()))?
-        .iter()
-        .filter_map(|a| Some((a["question_id"].as_u64()?, a)))
-        .collect();
-    let mut vqa_items = Vec::new();
-    for q in qs["questions"]
-        .as_array()
-        .with_context(|| format!("{}: missing `questions`", qf.display()))?
-    {
-        let image = str_field(q, "image", &qf)?;
-        if !keep_image(image) {
-            continue;
-        }
-        let qid = q["question_id"]
-            .as_u64()
-            .with_context(|| format!("{}: missing `question_id`", qf.display()))?;
-        let ann = anns
-            .get(&qid)
-            .with_context(|| format!("{}: no annotation for question {qid}", af.display()))?;
-        vqa_items.push((
-            Question {
-                image: img(image),
-                text: format!("{}{suffix}", str_field(q, "question", &qf)?),
-            },
-            *ann,
+    let small = e.limit_small.or(e.limit);
+    let vqa: Vec<Item> = load_vqav2(
+        &e.data.join("vqa_test_questions.json"),
+        &e.data.join("vqa_test_annotations.json"),
+        &images,
+    )?
+    .into_iter()
+    .filter(|it| within(it, e.limit))
+    .collect();
+    let mut groups: Vec<(String, Vec<Item>)> = vec![("vqa".into(), vqa)];
+    for split in ["random", "popular", "adversarial"] {
+        let items = load_pope(&e.data.join(format!("pope_test_{split}.jsonl")), &images)?;
+        groups.push((
+            format!("pope {split}"),
+            items.into_iter().filter(|it| within(it, small)).collect(),
         ));
     }
-    // wrong-image control: every question is shown the image of another test scene (that of
+    let mme = load_mme_jsonl(&e.data.join("mme_test.jsonl"), &images, None)?;
+    groups.push((
+        "mme".into(),
+        mme.into_iter().filter(|it| within(it, small)).collect(),
+    ));
+    // the wrong-image control shows every question the image of another test scene (that of
     // the question half the list away)
     let shifted = |qs: &[Question]| -> Vec<Question> {
         let n = qs.len();
@@ -279,156 +247,114 @@ pub fn eval_shapes(
             .collect()
     };
     let mut memo = std::collections::HashMap::new();
-    let questions: Vec<Question> =
-        shifted(&vqa_items.iter().map(|(q, _)| q.clone()).collect::<Vec<_>>());
-    let preds = answer_memo(ask, &questions, cache, &mut memo, "vqa")?;
-    let mut by_type: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut all = Vec::new();
-    let mut examples = Vec::new();
-    for ((q, ann), p) in vqa_items.iter().zip(&preds) {
-        let gts: Vec<String> = ann["answers"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .filter_map(|a| a["answer"].as_str().map(String::from))
-                    .collect()
+    let (mut items, mut answers) = (Vec::new(), Vec::new());
+    for (what, group) in groups {
+        // LLaVA-1.5's instruction after VQA and POPE questions; MME's own "Please answer yes
+        // or no." stays alone, as the model was trained
+        let qs: Vec<Question> = group
+            .iter()
+            .map(|it| Question {
+                image: it.image.clone(),
+                text: match it.truth {
+                    Truth::Mme { .. } => it.question.clone(),
+                    _ => format!("{}\n{SHORT_ANSWER}", it.question),
+                },
             })
-            .unwrap_or_default();
-        let acc = vqa_accuracy(p, &gts);
-        let kind = ann["query"]
-            .as_object()
-            .and_then(|o| o.keys().next().cloned())
-            .unwrap_or_else(|| ann["query"].as_str().unwrap_or("other").to_string());
-        by_type.entry(kind).or_default().push(acc);
-        all.push(acc);
-        if examples.len() < 8 {
-            examples.push((
-                q.text.replace(&suffix, ""),
-                gts.first().cloned().unwrap_or_default(),
-                p.clone(),
-            ));
+            .collect();
+        answers.extend(answer_memo(ask, &shifted(&qs), cache, &mut memo, &what)?);
+        items.extend(group);
+    }
+    if let Some(cap) = caption.filter(|_| e.captions) {
+        let caps: Vec<Item> = load_captions(&e.data.join("captions_test.json"), &images, "test")?
+            .into_iter()
+            .filter(|it| within(it, small))
+            .collect();
+        let qs: Vec<Question> = caps
+            .iter()
+            .map(|it| Question {
+                image: it.image.clone(),
+                text: e.caption_prompt.clone(),
+            })
+            .collect();
+        answers.extend(cap.answer(&qs, cache, &|i| i, "captions")?);
+        items.extend(caps);
+    }
+    let submitted: Vec<String> = items
+        .iter()
+        .zip(&answers)
+        .map(|(it, a)| submission_answer(it, a))
+        .collect();
+    let scores = score(&items, &submitted);
+    // VQA by question kind: the shapes annotations' `query` (its first key)
+    let anns = super::bench::read_json(&e.data.join("vqa_test_annotations.json"))?;
+    let kind_of: BTreeMap<u64, String> = anns["annotations"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|a| {
+                    let kind = a["query"]
+                        .as_object()
+                        .and_then(|o| o.keys().next().cloned())
+                        .unwrap_or_else(|| "other".into());
+                    Some((a["question_id"].as_u64()?, kind))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut by_kind: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut examples = Vec::new();
+    for (it, a) in items.iter().zip(&submitted) {
+        if let Truth::Vqa {
+            question_id,
+            answers: gts,
+            ..
+        } = &it.truth
+        {
+            by_kind
+                .entry(
+                    kind_of
+                        .get(question_id)
+                        .cloned()
+                        .unwrap_or_else(|| "other".into()),
+                )
+                .or_default()
+                .push(vqa_accuracy(a, gts));
+            if examples.len() < 8 {
+                examples.push((
+                    it.question.clone(),
+                    gts.first().cloned().unwrap_or_default(),
+                    a.clone(),
+                ));
+            }
         }
+    }
+    let first_caption = items
+        .iter()
+        .zip(&answers)
+        .find_map(|(it, a)| match &it.truth {
+            Truth::Caption { refs, .. } => Some((refs, a)),
+            _ => None,
+        });
+    if let Some((refs, a)) = first_caption {
+        examples.push((
+            "(caption)".into(),
+            refs.first().cloned().unwrap_or_default(),
+            a.clone(),
+        ));
     }
     let mean = |v: &[f64]| 100.0 * v.iter().sum::<f64>() / v.len().max(1) as f64;
-    // POPE
-    let mut pope = BTreeMap::new();
-    for split in ["random", "popular", "adversarial"] {
-        let f = e.data.join(format!("pope_test_{split}.jsonl"));
-        let rows: Vec<serde_json::Value> = read_jsonl(&f)?
-            .into_iter()
-            .filter(|r| r["image"].as_str().is_some_and(keep_small))
-            .collect();
-        let qs: Vec<Question> = rows
-            .iter()
-            .map(|r| {
-                Ok(Question {
-                    image: img(str_field(r, "image", &f)?),
-                    text: format!("{}{suffix}", str_field(r, "text", &f)?),
-                })
-            })
-            .collect::<Result<_>>()?;
-        let qs = shifted(&qs);
-        let answers = answer_memo(ask, &qs, cache, &mut memo, &format!("pope {split}"))?;
-        let labels: Vec<&str> = rows
-            .iter()
-            .map(|r| r["label"].as_str().unwrap_or("no"))
-            .collect();
-        let preds: Vec<bool> = answers.iter().map(|a| pope_parse(a)).collect();
-        pope.insert(split.to_string(), pope_metrics(&labels, &preds));
-    }
-    // MME-style
-    let f = e.data.join("mme_test.jsonl");
-    let rows: Vec<serde_json::Value> = read_jsonl(&f)?
-        .into_iter()
-        .filter(|r| r["image"].as_str().is_some_and(keep_small))
-        .collect();
-    let qs: Vec<Question> = rows
-        .iter()
-        .map(|r| {
-            Ok(Question {
-                image: img(str_field(r, "image", &f)?),
-                text: str_field(r, "text", &f)?.to_string(),
-            })
-        })
-        .collect::<Result<_>>()?;
-    let qs = shifted(&qs);
-    let answers = answer_memo(ask, &qs, cache, &mut memo, "mme")?;
-    let mut per_cat: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    for (r, a) in rows.iter().zip(&answers) {
-        per_cat
-            .entry(str_field(r, "category", &f)?.to_string())
-            .or_default()
-            .push((str_field(r, "answer", &f)?.to_string(), a.clone()));
-    }
-    let mme: BTreeMap<String, MmeScore> = per_cat
-        .iter()
-        .map(|(k, v)| {
-            let items: Vec<(&str, &str)> =
-                v.iter().map(|(g, p)| (g.as_str(), p.as_str())).collect();
-            (k.clone(), mme_subtask(&items))
-        })
-        .collect();
-    let mme_total = mme_totals(&mme, false).values().sum();
-    // captions
-    let (mut cider, mut bleu4) = (None, None);
-    if let Some(cap) = caption.filter(|_| e.captions) {
-        let f = e.data.join("captions_test.json");
-        let c = read_json(&f)?;
-        let images = c["images"]
-            .as_array()
-            .with_context(|| format!("{}: missing `images`", f.display()))?;
-        let mut refs: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-        for a in c["annotations"]
-            .as_array()
-            .with_context(|| format!("{}: missing `annotations`", f.display()))?
-        {
-            refs.entry(a["image_id"].as_u64().unwrap_or(0))
-                .or_default()
-                .push(ptb_tokenize(str_field(a, "caption", &f)?));
-        }
-        let kept: Vec<&serde_json::Value> = images
-            .iter()
-            .filter(|i| i["file_name"].as_str().is_some_and(keep_small))
-            .collect();
-        let qs: Vec<Question> = kept
-            .iter()
-            .map(|i| {
-                Ok(Question {
-                    image: img(str_field(i, "file_name", &f)?),
-                    text: e.caption_prompt.clone(),
-                })
-            })
-            .collect::<Result<_>>()?;
-        let caps = cap.answer(&qs, cache, &|i| i, "captions")?;
-        let r: Vec<Vec<String>> = kept
-            .iter()
-            .map(|i| {
-                refs.get(&i["id"].as_u64().unwrap_or(0))
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .collect();
-        let h: Vec<String> = caps.iter().map(|c| ptb_tokenize(c)).collect();
-        cider = Some(cider_d(&r, &h).0);
-        bleu4 = Some(bleu(&r, &h).0[3]);
-        if let (Some(i), Some(c)) = (kept.first(), caps.first()) {
-            examples.push((
-                "(caption)".into(),
-                refs.get(&i["id"].as_u64().unwrap_or(0))
-                    .and_then(|v| v.first().cloned())
-                    .unwrap_or_default(),
-                c.clone(),
-            ));
-        }
-    }
     Ok(ShapesScores {
-        vqa: mean(&all),
-        vqa_by_type: by_type.iter().map(|(k, v)| (k.clone(), mean(v))).collect(),
-        pope,
-        mme,
-        mme_total,
-        cider,
-        bleu4,
+        vqa: scores.vqav2.as_ref().map(|v| v.overall).unwrap_or(0.0),
+        vqa_by_type: by_kind.iter().map(|(k, v)| (k.clone(), mean(v))).collect(),
+        pope: scores.pope.clone(),
+        mme_total: scores
+            .mme
+            .as_ref()
+            .map(|m| m.perception + m.cognition)
+            .unwrap_or(0.0),
+        mme: scores.mme.map(|m| m.subtasks).unwrap_or_default(),
+        cider: scores.captions.as_ref().map(|c| c.cider),
+        bleu4: scores.captions.as_ref().map(|c| c.bleu[3]),
         examples,
     })
 }
