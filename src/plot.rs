@@ -150,19 +150,41 @@ fn text_width(s: &str, scale: usize) -> usize {
     s.chars().count() * 4 * scale
 }
 
-fn fmt_tick(v: f64) -> String {
+/// A tick label with as many decimals as the spacing between ticks needs; scientific
+/// notation for axes whose values are all far below 1 (gradient variances, say).
+fn fmt_tick(v: f64, step: f64) -> String {
     let a = v.abs();
-    if a >= 1e6 {
-        format!("{:.1}M", v / 1e6)
-    } else if a >= 1e3 {
-        format!("{:.1}K", v / 1e3)
-    } else if a >= 10.0 || v == 0.0 {
-        format!("{v:.0}")
-    } else if a >= 1.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.3}")
+    let step = step.abs().max(f64::MIN_POSITIVE);
+    if v == 0.0 || a < step * 1e-6 {
+        return "0".into();
     }
+    if a >= 1e6 {
+        return format!("{:.1}M", v / 1e6);
+    }
+    if a >= 1e3 {
+        let d = (-(step / 1e3).log10().floor()).clamp(0.0, 2.0) as usize;
+        return format!("{:.*}K", d, v / 1e3);
+    }
+    if a.max(step) < 1e-2 {
+        return format!("{v:.1e}");
+    }
+    // one decimal more than the tick spacing's leading digit
+    let d = (1.0 - step.log10().floor()).clamp(0.0, 4.0) as usize;
+    format!("{v:.d$}")
+}
+
+/// Each point's y replaced by the mean of the last `window` points' y (fewer at the start).
+pub fn trailing_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let w = window.max(1);
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, _))| {
+            let from = (i + 1).saturating_sub(w);
+            let ys = &points[from..=i];
+            (x, ys.iter().map(|p| p.1).sum::<f64>() / ys.len() as f64)
+        })
+        .collect()
 }
 
 impl Chart {
@@ -203,7 +225,7 @@ impl Chart {
             let fy = y0 + (y1 - y0) * i as f64 / 5.0;
             let py = sy(fy);
             cv.line((LEFT as f64, py), ((W - RIGHT) as f64, py), grey, 1);
-            let lbl = fmt_tick(fy);
+            let lbl = fmt_tick(fy, (y1 - y0) / 5.0);
             cv.text(
                 LEFT - 8 - text_width(&lbl, 2),
                 py as usize - 5,
@@ -215,7 +237,12 @@ impl Chart {
             let vx = if self.log_x { 10f64.powf(fx) } else { fx };
             let px = LEFT as f64 + (fx - x0) / (x1 - x0) * pw;
             cv.line((px, TOP as f64), (px, (H - BOTTOM) as f64), grey, 1);
-            let lbl = fmt_tick(vx);
+            let step_x = if self.log_x {
+                vx * (1.0 - 10f64.powf(-(x1 - x0) / 5.0))
+            } else {
+                (x1 - x0) / 5.0
+            };
+            let lbl = fmt_tick(vx, step_x);
             cv.text(
                 (px as usize).saturating_sub(text_width(&lbl, 2) / 2),
                 H - BOTTOM + 8,
@@ -379,8 +406,20 @@ impl Heatmap {
                 cv.set((bx + dx) as i64, (TOP + y) as i64, c);
             }
         }
-        cv.text(bx + 28, TOP, &fmt_tick(self.hi), 2, black);
-        cv.text(bx + 28, TOP + side - 10, &fmt_tick(self.lo), 2, black);
+        cv.text(
+            bx + 28,
+            TOP,
+            &fmt_tick(self.hi, self.hi - self.lo),
+            2,
+            black,
+        );
+        cv.text(
+            bx + 28,
+            TOP + side - 10,
+            &fmt_tick(self.lo, self.hi - self.lo),
+            2,
+            black,
+        );
         write_png(&cv, path)
     }
 }
@@ -403,6 +442,32 @@ fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_labels_resolve_their_spacing() {
+        // gradient variances: all ticks distinct and non-zero, in scientific notation
+        let ticks: Vec<String> = (0..=5)
+            .map(|i| fmt_tick(2e-6 + 2e-6 * i as f64, 2e-6))
+            .collect();
+        assert_eq!(ticks[0], "2.0e-6");
+        assert!(ticks.windows(2).all(|w| w[0] != w[1]), "{ticks:?}");
+        // a score axis spanning a few points keeps one or two decimals
+        assert_eq!(fmt_tick(39.75, 0.94), "39.75");
+        assert_eq!(fmt_tick(2.3, 1.15), "2.3");
+        assert_eq!(fmt_tick(17.0, 16.0), "17");
+        assert_eq!(fmt_tick(1500.0, 400.0), "1.5K");
+        assert_eq!(fmt_tick(0.0, 1e-6), "0");
+    }
+
+    #[test]
+    fn trailing_mean_averages_the_last_points() {
+        let p = [(1.0, 4.0), (2.0, 2.0), (3.0, 6.0), (4.0, 0.0)];
+        assert_eq!(
+            trailing_mean(&p, 2),
+            vec![(1.0, 4.0), (2.0, 3.0), (3.0, 4.0), (4.0, 3.0)]
+        );
+        assert_eq!(trailing_mean(&p, 1), p.to_vec());
+    }
 
     #[test]
     fn writes_a_decodable_png() {

@@ -224,6 +224,12 @@ fn compare_report_is_complete_finite_and_resumable() {
         assert_eq!(a["scores"], b["scores"], "{}", a["name"]);
         assert_eq!(a["loss_curve"], b["loss_curve"], "{}", a["name"]);
     }
+    // the wall time counts both invocations
+    assert_eq!(r["invocations"], 1);
+    assert_eq!(r2["invocations"], 2);
+    let w1 = r["wall_s"].as_f64().unwrap();
+    let w2 = r2["wall_s"].as_f64().unwrap();
+    assert!(w1 > 0.0 && w2 > w1, "{w1} {w2}");
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //!
 //! Layout of `--out`: `data/` (the train/validation split of a sweep), `runs/<table>/<arm>/`
 //! (train outputs + `eval/`), `analysis/` (similarity, gradient variance), `report.md`,
-//! `report.json`, `loss_curves.png`, `score_vs_trainable.png`, `score_vs_memory.png`,
+//! `report.json`, `wall_time.json` (each invocation's wall time), `loss_curves.png`,
+//! `score_vs_trainable.png`, `score_vs_memory.png`,
 //! `ablation_connector.png`, `ablation_data_type.png`.
 
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use crate::data::llava::{DataSource, load_mixture};
 use crate::data::template::TemplateName;
 use crate::eval::bench::{Scores, write_atomically};
 use crate::methods::Method;
-use crate::plot::{Chart, Series};
+use crate::plot::{Chart, Series, trailing_mean};
 use crate::train::run::{RunSummary, progress_bar};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,8 +156,12 @@ pub struct ArmResult {
 pub struct CompareReport {
     pub command: String,
     pub machine: String,
-    /// wall time of the invocation that finished the comparison
+    /// wall time summed over the invocations that made the comparison (an interrupted one
+    /// counted up to its last finished child process)
     pub wall_s: f64,
+    /// how many invocations (1 unless the comparison was resumed)
+    #[serde(default)]
+    pub invocations: usize,
     /// sum of every arm's training wall time (all invocations)
     pub train_wall_s: f64,
     pub methods: Vec<ArmResult>,
@@ -239,9 +244,51 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores{mem}")
 }
 
+/// Wall time of every invocation of a comparison, kept in `--out/wall_time.json` and
+/// rewritten after every child process, so that the report of a resumed comparison counts
+/// the invocations before it (an interrupted one up to its last finished child).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WallLedger {
+    invocations: Vec<f64>,
+}
+
+struct LedgerFile {
+    path: PathBuf,
+    ledger: std::cell::RefCell<WallLedger>,
+    start: Instant,
+}
+
+impl LedgerFile {
+    /// Reads the ledger (a missing or unreadable one starts empty) and opens a new entry.
+    fn open(out: &Path) -> Self {
+        let path = out.join("wall_time.json");
+        let mut ledger: WallLedger = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        ledger.invocations.push(0.0);
+        LedgerFile {
+            path,
+            ledger: std::cell::RefCell::new(ledger),
+            start: Instant::now(),
+        }
+    }
+
+    /// Records this invocation's time so far; returns (total over invocations, count).
+    fn tick(&self) -> Result<(f64, usize)> {
+        let mut l = self.ledger.borrow_mut();
+        if let Some(last) = l.invocations.last_mut() {
+            *last = self.start.elapsed().as_secs_f64();
+        }
+        write_atomically(&self.path, serde_json::to_string_pretty(&*l)?.as_bytes())?;
+        Ok((l.invocations.iter().sum(), l.invocations.len()))
+    }
+}
+
 struct Runner<'a> {
     args: &'a CompareArgs,
     exe: PathBuf,
+    ledger: &'a LedgerFile,
 }
 
 impl Runner<'_> {
@@ -271,6 +318,7 @@ impl Runner<'_> {
             .args(args)
             .output()
             .with_context(|| format!("cannot start {}", self.exe.display()))?;
+        self.ledger.tick()?;
         let mut text = String::from_utf8_lossy(&out.stdout).to_string();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         std::fs::write(log, &text).with_context(|| format!("{}: cannot write", log.display()))?;
@@ -544,16 +592,26 @@ fn efficiency_table(rows: &[ArmResult]) -> String {
     s
 }
 
+/// Loss per step is noisy (batches differ in length and kind), so each arm is drawn as a
+/// trailing mean over `LOSS_WINDOW` steps; the raw values are in each arm's metrics.jsonl.
+const LOSS_WINDOW: usize = 8;
+
 fn loss_chart(title: &str, rows: &[ArmResult]) -> Chart {
     Chart {
-        title: title.into(),
+        title: format!("{title} (mean of {LOSS_WINDOW} steps)"),
         x_label: "step".into(),
         y_label: "loss".into(),
         series: rows
             .iter()
             .map(|r| Series {
                 label: r.name.clone(),
-                points: r.loss_curve.iter().map(|&(s, l)| (s as f64, l)).collect(),
+                points: trailing_mean(
+                    &r.loss_curve
+                        .iter()
+                        .map(|&(s, l)| (s as f64, l))
+                        .collect::<Vec<_>>(),
+                    LOSS_WINDOW,
+                ),
                 scatter: false,
             })
             .collect(),
@@ -562,7 +620,6 @@ fn loss_chart(title: &str, rows: &[ArmResult]) -> Chart {
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
-    let t0 = Instant::now();
     let a = &args;
     if a.batch == 0 || a.grad_accum == 0 {
         bail!("--batch and --grad-accum must be positive");
@@ -733,9 +790,13 @@ pub fn run(args: CompareArgs) -> Result<()> {
         });
     }
 
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create", a.out.display()))?;
+    let ledger = LedgerFile::open(&a.out);
     let runner = Runner {
         args: a,
         exe: std::env::current_exe().context("cannot find the lntune executable")?,
+        ledger: &ledger,
     };
     let n_stages: usize = sweep_arms.iter().map(|v| v.len() + 1).sum::<usize>()
         + 2 * ablation_arms.len()
@@ -887,10 +948,12 @@ pub fn run(args: CompareArgs) -> Result<()> {
     }
     bar.finish_and_clear();
 
+    let (wall_s, invocations) = ledger.tick()?;
     let report = CompareReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: machine(),
-        wall_s: t0.elapsed().as_secs_f64(),
+        wall_s,
+        invocations,
         train_wall_s: methods_rows
             .iter()
             .chain(&sweep_rows)
@@ -913,7 +976,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
 /// Writes report.md, report.json and the plots.
 pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
     let mut md = String::from("# lntune compare\n\n");
-    md.push_str(&format!("Command: `{}`\n\nMachine: {}. Wall time of the finishing invocation {:.0} s; training time of all arms {:.0} s.\n\n", r.command, r.machine, r.wall_s, r.train_wall_s));
+    md.push_str(&format!("Command: `{}`\n\nMachine: {}. Wall time {:.0} s over {} invocation(s) (`wall_time.json`); training time of all arms {:.0} s.\n\n", r.command, r.machine, r.wall_s, r.invocations, r.train_wall_s));
     md.push_str("## Quality (the shape of the paper's Table 1)\n\n");
     md.push_str(&methods_table(&r.methods, false));
     md.push_str("\n## Cost (the shape of the paper's Table 2)\n\n");

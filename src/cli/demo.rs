@@ -317,48 +317,57 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let r1 = train_run(&c1, &out.join("stage1"), None, progress, &mut cache)?;
     secs.insert("stage 1".to_string(), t.elapsed().as_secs_f64());
 
-    let eval =
-        |m: &Mllm, cache: &mut FeatureCache, wrong: bool, captions: bool| -> Result<ShapesScores> {
-            let tools = m.text.as_ref().context("no tokenizer")?;
-            let eos = tools.eos_id.into_iter().collect::<Vec<_>>();
-            let chat = Template::new(TemplateName::Chatml, Some(tools))?;
-            let plain = Template::new(TemplateName::Plain, Some(tools))?;
-            let mut g = GenConfig::greedy(6);
-            g.eos_ids = eos.clone();
-            g.stop_strings = chat.stop_strings();
-            let ask = Asker {
-                model: m,
-                template: &chat,
-                preprocess: &pre,
-                generation: g,
-                batch: EVAL_BATCH,
-                progress,
-            };
-            let mut gc = GenConfig::greedy(48);
-            gc.eos_ids = eos;
-            gc.stop_strings = plain.stop_strings();
-            let cap = Asker {
-                model: m,
-                template: &plain,
-                preprocess: &pre,
-                generation: gc,
-                batch: EVAL_BATCH,
-                progress,
-            };
-            let e = ShapesEval {
-                data: &data,
-                limit: None,
-                limit_small: Some(eval_small),
-                captions,
-                wrong_image: wrong,
-                caption_prompt: String::new(),
-            };
-            eval_shapes(&e, &ask, Some(&cap), cache)
+    let eval = |m: &Mllm,
+                cache: &mut FeatureCache,
+                captions: bool,
+                predictions: &Path|
+     -> Result<ShapesScores> {
+        let tools = m.text.as_ref().context("no tokenizer")?;
+        let eos = tools.eos_id.into_iter().collect::<Vec<_>>();
+        let chat = Template::new(TemplateName::Chatml, Some(tools))?;
+        let plain = Template::new(TemplateName::Plain, Some(tools))?;
+        let mut g = GenConfig::greedy(6);
+        g.eos_ids = eos.clone();
+        g.stop_strings = chat.stop_strings();
+        let ask = Asker {
+            model: m,
+            template: &chat,
+            preprocess: &pre,
+            generation: g,
+            batch: EVAL_BATCH,
+            progress,
         };
+        let mut gc = GenConfig::greedy(48);
+        gc.eos_ids = eos;
+        gc.stop_strings = plain.stop_strings();
+        let cap = Asker {
+            model: m,
+            template: &plain,
+            preprocess: &pre,
+            generation: gc,
+            batch: EVAL_BATCH,
+            progress,
+        };
+        let e = ShapesEval {
+            data: &data,
+            limit: None,
+            limit_small: Some(eval_small),
+            captions,
+            wrong_image: false,
+            caption_prompt: String::new(),
+            predictions: Some(predictions),
+        };
+        eval_shapes(&e, &ask, Some(&cap), cache)
+    };
 
     let t = Instant::now();
     let m1 = model_with_adapter(&model_dir, &r1.adapter_dir)?;
-    let after1 = eval(&m1, &mut cache, false, true)?;
+    let after1 = eval(
+        &m1,
+        &mut cache,
+        true,
+        &out.join("stage1/eval_predictions.jsonl"),
+    )?;
     drop(m1);
     secs.insert("eval after stage 1".to_string(), t.elapsed().as_secs_f64());
 
@@ -406,8 +415,27 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let t = Instant::now();
     let m2 = model_with_adapter(&model_dir, &r2.adapter_dir)?;
-    let after2 = eval_chat_captions(&m2, &mut cache, &data, &pre, progress, false, eval_small)?;
-    let control = eval_chat_captions(&m2, &mut cache, &data, &pre, progress, true, eval_small)?;
+    let after2 = eval_chat_captions(
+        &m2,
+        &mut cache,
+        (&data, &out.join("stage2/eval_predictions.jsonl")),
+        &pre,
+        progress,
+        false,
+        eval_small,
+    )?;
+    let control = eval_chat_captions(
+        &m2,
+        &mut cache,
+        (
+            &data,
+            &out.join("stage2/eval_predictions_wrong_image.jsonl"),
+        ),
+        &pre,
+        progress,
+        true,
+        eval_small,
+    )?;
     secs.insert("eval after stage 2".to_string(), t.elapsed().as_secs_f64());
     secs.insert("total".to_string(), t_all.elapsed().as_secs_f64());
 
@@ -482,7 +510,7 @@ fn split_rounds(src: &Path, dst: &Path, per_piece: usize) -> Result<usize> {
 fn eval_chat_captions(
     m: &Mllm,
     cache: &mut FeatureCache,
-    data: &Path,
+    (data, predictions): (&Path, &Path),
     pre: &Preprocess,
     progress: bool,
     wrong: bool,
@@ -520,6 +548,7 @@ fn eval_chat_captions(
         captions: !wrong,
         wrong_image: wrong,
         caption_prompt: "Describe the image briefly.".into(),
+        predictions: Some(predictions),
     };
     eval_shapes(&e, &ask, Some(&cap), cache)
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bench::{
     Item, Truth, load_captions, load_mme_jsonl, load_pope, load_vqav2, score, submission_answer,
+    write_atomically,
 };
 use super::generate::{GenConfig, Prompt, generate};
 use super::metrics::{MmeScore, PopeMetrics, vqa_accuracy};
@@ -177,6 +178,9 @@ pub struct ShapesEval<'a> {
     pub wrong_image: bool,
     /// the user text that asks for a caption (empty for the `plain` template)
     pub caption_prompt: String,
+    /// where to write every question and answer as JSONL (id, image, question, reference,
+    /// answer), so that a score can be traced to the answers behind it
+    pub predictions: Option<&'a Path>,
 }
 
 /// Evaluates a model on the shapes test sets, read and scored like `lntune eval --bench
@@ -285,16 +289,40 @@ pub fn eval_shapes(
         .map(|(it, a)| submission_answer(it, a))
         .collect();
     let scores = score(&items, &submitted);
-    // VQA by question kind: the shapes annotations' `query` (its first key)
+    if let Some(path) = e.predictions {
+        let mut lines = String::new();
+        for (it, a) in items.iter().zip(&answers) {
+            let reference = match &it.truth {
+                Truth::Vqa { answers, .. } => answers.first().cloned().unwrap_or_default(),
+                Truth::Pope { label, .. } => label.clone(),
+                Truth::Mme { answer, .. } => answer.clone(),
+                Truth::Caption { refs, .. } => refs.first().cloned().unwrap_or_default(),
+            };
+            let line = serde_json::json!({
+                "id": it.id,
+                "image": it.image.file_name().map(|n| n.to_string_lossy().to_string()),
+                "question": it.question,
+                "reference": reference,
+                "answer": a,
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+        write_atomically(path, lines.as_bytes())?;
+    }
+    // VQA by question kind: the shapes annotations' `query` (its first key, or itself)
     let anns = super::bench::read_json(&e.data.join("vqa_test_annotations.json"))?;
     let kind_of: BTreeMap<u64, String> = anns["annotations"]
         .as_array()
         .map(|v| {
             v.iter()
                 .filter_map(|a| {
-                    let kind = a["query"]
+                    // `{"ColorOf": {...}}` or a bare `"Count"`
+                    let query = &a["query"];
+                    let kind = query
                         .as_object()
                         .and_then(|o| o.keys().next().cloned())
+                        .or_else(|| query.as_str().map(str::to_string))
                         .unwrap_or_else(|| "other".into());
                     Some((a["question_id"].as_u64()?, kind))
                 })
