@@ -317,56 +317,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let r1 = train_run(&c1, &out.join("stage1"), None, progress, &mut cache)?;
     secs.insert("stage 1".to_string(), t.elapsed().as_secs_f64());
 
-    let eval = |m: &Mllm,
-                cache: &mut FeatureCache,
-                captions: bool,
-                predictions: &Path|
-     -> Result<ShapesScores> {
-        let tools = m.text.as_ref().context("no tokenizer")?;
-        let eos = tools.eos_id.into_iter().collect::<Vec<_>>();
-        let chat = Template::new(TemplateName::Chatml, Some(tools))?;
-        let plain = Template::new(TemplateName::Plain, Some(tools))?;
-        let mut g = GenConfig::greedy(6);
-        g.eos_ids = eos.clone();
-        g.stop_strings = chat.stop_strings();
-        let ask = Asker {
-            model: m,
-            template: &chat,
-            preprocess: &pre,
-            generation: g,
-            batch: EVAL_BATCH,
-            progress,
-        };
-        let mut gc = GenConfig::greedy(48);
-        gc.eos_ids = eos;
-        gc.stop_strings = plain.stop_strings();
-        let cap = Asker {
-            model: m,
-            template: &plain,
-            preprocess: &pre,
-            generation: gc,
-            batch: EVAL_BATCH,
-            progress,
-        };
-        let e = ShapesEval {
-            data: &data,
-            limit: None,
-            limit_small: Some(eval_small),
-            captions,
-            wrong_image: false,
-            caption_prompt: String::new(),
-            predictions: Some(predictions),
-        };
-        eval_shapes(&e, &ask, Some(&cap), cache)
-    };
-
     let t = Instant::now();
     let m1 = model_with_adapter(&model_dir, &r1.adapter_dir)?;
-    let after1 = eval(
+    let after1 = demo_eval(
         &m1,
         &mut cache,
-        true,
-        &out.join("stage1/eval_predictions.jsonl"),
+        &DemoEval {
+            data: &data,
+            preprocess: &pre,
+            progress,
+            eval_small,
+            // stage 1 learned captions in the `plain` template: image, then the caption
+            caption_template: TemplateName::Plain,
+            caption_prompt: "",
+            wrong_image: false,
+            predictions: &out.join("stage1/eval_predictions.jsonl"),
+        },
     )?;
     drop(m1);
     secs.insert("eval after stage 1".to_string(), t.elapsed().as_secs_f64());
@@ -415,26 +381,30 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let t = Instant::now();
     let m2 = model_with_adapter(&model_dir, &r2.adapter_dir)?;
-    let after2 = eval_chat_captions(
+    let (answers2, answers2_wrong) = (
+        out.join("stage2/eval_predictions.jsonl"),
+        out.join("stage2/eval_predictions_wrong_image.jsonl"),
+    );
+    let stage2 = DemoEval {
+        data: &data,
+        preprocess: &pre,
+        progress,
+        eval_small,
+        // after stage 2 captions are asked as an instruction, as stage 2 trained them
+        caption_template: TemplateName::Chatml,
+        caption_prompt: "Describe the image briefly.",
+        wrong_image: false,
+        predictions: &answers2,
+    };
+    let after2 = demo_eval(&m2, &mut cache, &stage2)?;
+    let control = demo_eval(
         &m2,
         &mut cache,
-        (&data, &out.join("stage2/eval_predictions.jsonl")),
-        &pre,
-        progress,
-        false,
-        eval_small,
-    )?;
-    let control = eval_chat_captions(
-        &m2,
-        &mut cache,
-        (
-            &data,
-            &out.join("stage2/eval_predictions_wrong_image.jsonl"),
-        ),
-        &pre,
-        progress,
-        true,
-        eval_small,
+        &DemoEval {
+            wrong_image: true,
+            predictions: &answers2_wrong,
+            ..stage2
+        },
     )?;
     secs.insert("eval after stage 2".to_string(), t.elapsed().as_secs_f64());
     secs.insert("total".to_string(), t_all.elapsed().as_secs_f64());
@@ -507,48 +477,56 @@ fn split_rounds(src: &Path, dst: &Path, per_piece: usize) -> Result<usize> {
     Ok(out.len())
 }
 
-fn eval_chat_captions(
-    m: &Mllm,
-    cache: &mut FeatureCache,
-    (data, predictions): (&Path, &Path),
-    pre: &Preprocess,
+/// One of the demo's evaluations on the shapes test sets.
+struct DemoEval<'a> {
+    data: &'a Path,
+    preprocess: &'a Preprocess,
     progress: bool,
-    wrong: bool,
+    /// POPE, MME and captions on this many test images (VQA on all)
     eval_small: usize,
-) -> Result<ShapesScores> {
-    let tools = m.text.as_ref().context("no tokenizer")?;
-    let chat = Template::new(TemplateName::Chatml, Some(tools))?;
-    let eos: Vec<u32> = tools.eos_id.into_iter().collect();
-    let mut g = GenConfig::greedy(6);
-    g.eos_ids = eos.clone();
-    g.stop_strings = chat.stop_strings();
-    let ask = Asker {
+    caption_template: TemplateName,
+    caption_prompt: &'a str,
+    /// every question shown another test image; captions are skipped
+    wrong_image: bool,
+    predictions: &'a Path,
+}
+
+fn greedy_asker<'a>(
+    m: &'a Mllm,
+    template: &'a Template,
+    d: &DemoEval<'a>,
+    eos: &[u32],
+    max_new: usize,
+) -> Asker<'a> {
+    let mut g = GenConfig::greedy(max_new);
+    g.eos_ids = eos.to_vec();
+    g.stop_strings = template.stop_strings();
+    Asker {
         model: m,
-        template: &chat,
-        preprocess: pre,
+        template,
+        preprocess: d.preprocess,
         generation: g,
         batch: EVAL_BATCH,
-        progress,
-    };
-    let mut gc = GenConfig::greedy(48);
-    gc.eos_ids = eos;
-    gc.stop_strings = chat.stop_strings();
-    let cap = Asker {
-        model: m,
-        template: &chat,
-        preprocess: pre,
-        generation: gc,
-        batch: EVAL_BATCH,
-        progress,
-    };
+        progress: d.progress,
+    }
+}
+
+/// Short answers in ChatML (6 new tokens at most), captions in `caption_template` (48).
+fn demo_eval(m: &Mllm, cache: &mut FeatureCache, d: &DemoEval) -> Result<ShapesScores> {
+    let tools = m.text.as_ref().context("no tokenizer")?;
+    let eos: Vec<u32> = tools.eos_id.into_iter().collect();
+    let chat = Template::new(TemplateName::Chatml, Some(tools))?;
+    let caption_template = Template::new(d.caption_template, Some(tools))?;
+    let ask = greedy_asker(m, &chat, d, &eos, 6);
+    let cap = greedy_asker(m, &caption_template, d, &eos, 48);
     let e = ShapesEval {
-        data,
+        data: d.data,
         limit: None,
-        limit_small: Some(eval_small),
-        captions: !wrong,
-        wrong_image: wrong,
-        caption_prompt: "Describe the image briefly.".into(),
-        predictions: Some(predictions),
+        limit_small: Some(d.eval_small),
+        captions: !d.wrong_image,
+        wrong_image: d.wrong_image,
+        caption_prompt: d.caption_prompt.to_string(),
+        predictions: Some(d.predictions),
     };
     eval_shapes(&e, &ask, Some(&cap), cache)
 }
