@@ -124,6 +124,11 @@ impl Canvas {
     }
 
     /// Text at (x, y) top-left, `scale` pixels per font dot.
+    /// The chart's title, large and centered at the top.
+    fn title(&mut self, s: &str) {
+        self.text(W.saturating_sub(text_width(s, 3)) / 2, 8, s, 3, [0, 0, 0]);
+    }
+
     fn text(&mut self, x: usize, y: usize, s: &str, scale: usize, c: [u8; 3]) {
         for (i, ch) in s.chars().enumerate() {
             let g = glyph(ch);
@@ -263,13 +268,7 @@ impl Chart {
             black,
             2,
         );
-        cv.text(
-            (W - text_width(&self.title, 3)) / 2,
-            8,
-            &self.title,
-            3,
-            black,
-        );
+        cv.title(&self.title);
         cv.text(
             (W - text_width(&self.x_label, 2)) / 2,
             H - 22,
@@ -384,13 +383,7 @@ impl Heatmap {
                 black,
             );
         }
-        cv.text(
-            (W - text_width(&self.title, 3)) / 2,
-            8,
-            &self.title,
-            3,
-            black,
-        );
+        cv.title(&self.title);
         cv.text(
             LEFT + side / 2 - text_width(&self.axis_label, 2) / 2,
             TOP + side + 24,

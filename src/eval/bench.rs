@@ -151,6 +151,44 @@ fn existing(path: PathBuf, file: &Path, at: &str) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------
 // VQAv2
 
+/// The official annotations file's entries by question id.
+fn vqa_annotations<'a>(a: &'a Value, annotations: &Path) -> Result<HashMap<u64, &'a Value>> {
+    let mut anns = HashMap::new();
+    for (i, ann) in array_of(a, "annotations", annotations)?.iter().enumerate() {
+        let at = format!("annotations[{i}]");
+        anns.insert(u64_of(ann, "question_id", annotations, &at)?, ann);
+    }
+    Ok(anns)
+}
+
+/// The ground truth of question `qid`: its answers (never none) and answer type.
+fn vqa_truth(anns: &HashMap<u64, &Value>, qid: u64, annotations: &Path) -> Result<Truth> {
+    let ann = anns.get(&qid).with_context(|| {
+        format!(
+            "{}: no annotation for question_id {qid}",
+            annotations.display()
+        )
+    })?;
+    let at = format!("annotation of question {qid}");
+    let answers = array_of(ann, "answers", annotations)?
+        .iter()
+        .map(|x| str_of(x, "answer", annotations, &at).map(String::from))
+        .collect::<Result<Vec<_>>>()?;
+    if answers.is_empty() {
+        bail!("{}: {at}: `answers` is empty", annotations.display());
+    }
+    let answer_type = ann
+        .get("answer_type")
+        .and_then(|x| x.as_str())
+        .unwrap_or("other")
+        .to_string();
+    Ok(Truth::Vqa {
+        question_id: qid,
+        answers,
+        answer_type,
+    })
+}
+
 /// VQAv2 items from the official questions and annotations files. Images are looked up in
 /// `images` as the question's `image` field if it has one, else as
 /// `COCO_<data_subtype>_<12-digit image id>.jpg`, `<12-digit id>.jpg` or `<id>.jpg`.
@@ -162,18 +200,7 @@ pub fn load_vqav2(questions: &Path, annotations: &Path, images: &Path) -> Result
         .and_then(|s| s.as_str())
         .unwrap_or("val2014")
         .to_string();
-    let mut anns: HashMap<u64, &Value> = HashMap::new();
-    for (i, ann) in array_of(&a, "annotations", annotations)?.iter().enumerate() {
-        anns.insert(
-            u64_of(
-                ann,
-                "question_id",
-                annotations,
-                &format!("annotations[{i}]"),
-            )?,
-            ann,
-        );
-    }
+    let anns = vqa_annotations(&a, annotations)?;
     let mut items = Vec::new();
     for (i, row) in array_of(&q, "questions", questions)?.iter().enumerate() {
         let at = format!("questions[{i}]");
@@ -202,34 +229,11 @@ pub fn load_vqav2(questions: &Path, annotations: &Path, images: &Path) -> Result
                     })?
             }
         };
-        let ann = anns.get(&qid).with_context(|| {
-            format!(
-                "{}: no annotation for question_id {qid}",
-                annotations.display()
-            )
-        })?;
-        let at = format!("annotation of question {qid}");
-        let answers = array_of(ann, "answers", annotations)?
-            .iter()
-            .map(|x| str_of(x, "answer", annotations, &at).map(String::from))
-            .collect::<Result<Vec<_>>>()?;
-        if answers.is_empty() {
-            bail!("{}: {at}: `answers` is empty", annotations.display());
-        }
-        let answer_type = ann
-            .get("answer_type")
-            .and_then(|x| x.as_str())
-            .unwrap_or("other")
-            .to_string();
         items.push(Item {
             id: format!("vqav2/{qid}"),
             image,
             question,
-            truth: Truth::Vqa {
-                question_id: qid,
-                answers,
-                answer_type,
-            },
+            truth: vqa_truth(&anns, qid, annotations)?,
         });
     }
     Ok(items)
@@ -914,18 +918,7 @@ pub fn read_vqav2_results(
         .map(|(i, r)| u64_of(r, "question_id", questions, &format!("questions[{i}]")))
         .collect::<Result<_>>()?;
     let a = read_json(annotations)?;
-    let mut anns: HashMap<u64, &Value> = HashMap::new();
-    for (i, ann) in array_of(&a, "annotations", annotations)?.iter().enumerate() {
-        anns.insert(
-            u64_of(
-                ann,
-                "question_id",
-                annotations,
-                &format!("annotations[{i}]"),
-            )?,
-            ann,
-        );
-    }
+    let anns = vqa_annotations(&a, annotations)?;
     let res = read_json(pred)?;
     let rows = res
         .as_array()
@@ -942,30 +935,11 @@ pub fn read_vqav2_results(
                 questions.display()
             );
         }
-        let ann = anns.get(&qid).with_context(|| {
-            format!(
-                "{}: no annotation for question_id {qid}",
-                annotations.display()
-            )
-        })?;
-        let at2 = format!("annotation of question {qid}");
-        let answers = array_of(ann, "answers", annotations)?
-            .iter()
-            .map(|x| str_of(x, "answer", annotations, &at2).map(String::from))
-            .collect::<Result<Vec<_>>>()?;
         items.push(Item {
             id: format!("vqav2/{qid}"),
             image: PathBuf::new(),
             question: String::new(),
-            truth: Truth::Vqa {
-                question_id: qid,
-                answers,
-                answer_type: ann
-                    .get("answer_type")
-                    .and_then(|x| x.as_str())
-                    .unwrap_or("other")
-                    .to_string(),
-            },
+            truth: vqa_truth(&anns, qid, annotations)?,
         });
         preds.push(str_of(r, "answer", pred, &at)?.to_string());
     }
