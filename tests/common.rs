@@ -322,6 +322,7 @@ impl TinyRun {
                 train: 24,
                 test: 8,
                 size: 56,
+                level: Default::default(),
             },
             &dir.path().join("data"),
         )

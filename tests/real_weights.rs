@@ -233,6 +233,7 @@ fn demo_feature_layers_carry_color() {
                 train: 120,
                 test: 0,
                 size,
+                level: Default::default(),
             },
             tmp.path(),
         )

@@ -7,12 +7,17 @@ use std::path::Path;
 use lntune::data::shapes::*;
 
 fn make(dir: &Path, seed: u64) {
+    make_level(dir, seed, Level::Full, 10);
+}
+
+fn make_level(dir: &Path, seed: u64, level: Level, test: usize) {
     generate(
         &ShapesConfig {
             seed,
             train: 24,
-            test: 10,
+            test,
             size: 112,
+            level,
         },
         dir,
     )
@@ -42,13 +47,15 @@ fn same_seed_same_bytes() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    make(a.path(), 5);
-    make(b.path(), 5);
-    make(c.path(), 6);
-    let (fa, fb, fc) = (files(a.path()), files(b.path()), files(c.path()));
-    assert!(fa.len() > 40);
-    assert_eq!(fa, fb);
-    assert_ne!(fa["scenes_train.json"], fc["scenes_train.json"]);
+    for level in [Level::Full, Level::Basic] {
+        make_level(a.path(), 5, level, 10);
+        make_level(b.path(), 5, level, 10);
+        make_level(c.path(), 6, level, 10);
+        let (fa, fb, fc) = (files(a.path()), files(b.path()), files(c.path()));
+        assert!(fa.len() > 40);
+        assert_eq!(fa, fb, "{level:?}");
+        assert_ne!(fa["scenes_train.json"], fc["scenes_train.json"]);
+    }
 }
 
 fn scenes(dir: &Path, split: &str) -> BTreeMap<String, Scene> {
@@ -81,9 +88,14 @@ fn query_of(s: &Scene, text: &str) -> Query {
 
 #[test]
 fn every_answer_follows_from_the_scene_graph() {
-    let d = tempfile::tempdir().unwrap();
-    make(d.path(), 11);
-    let dir = d.path();
+    for level in [Level::Full, Level::Basic] {
+        let d = tempfile::tempdir().unwrap();
+        make_level(d.path(), 11, level, 10);
+        check_answers(d.path(), level);
+    }
+}
+
+fn check_answers(dir: &Path, level: Level) {
     let train = scenes(dir, "train");
     let test = scenes(dir, "test");
     let read = |f: &str| -> serde_json::Value {
@@ -99,7 +111,10 @@ fn every_answer_follows_from_the_scene_graph() {
                 let q = pair[0]["value"].as_str().unwrap();
                 let a = pair[1]["value"].as_str().unwrap();
                 let query = query_of(scene, q);
-                let want = if q.ends_with(SHORT) {
+                // basic conversations are all one-word answers, without the instruction
+                let short =
+                    q.ends_with(SHORT) || (level == Level::Basic && f == "conversation_train.json");
+                let want = if short {
                     short_answer(scene, &query)
                 } else {
                     sentence_answer(scene, &query)
@@ -114,7 +129,7 @@ fn every_answer_follows_from_the_scene_graph() {
         let scene = &train[s["image"].as_str().unwrap()];
         assert_eq!(
             s["conversations"][1]["value"].as_str().unwrap(),
-            captions(scene)[0]
+            captions(scene, level)[0]
         );
         checked += 1;
     }
@@ -122,7 +137,7 @@ fn every_answer_follows_from_the_scene_graph() {
         let scene = &train[s["image"].as_str().unwrap()];
         assert_eq!(
             s["conversations"][1]["value"].as_str().unwrap(),
-            detailed_description(scene)
+            detailed_description(scene, level)
         );
         checked += 1;
     }
@@ -213,5 +228,87 @@ fn rendered_objects_show_their_colors() {
                 .0;
             assert_eq!(nearest, o.color, "{name}: {:?} at {:?}", o.shape, o.center);
         }
+    }
+}
+
+/// `Level::Basic` is the task of a few distinct shapes: 1-3 objects, no shape twice, all
+/// large; test questions in turn color / count / existence, existence half yes, and the
+/// conversation data asks only those three kinds.
+#[test]
+fn basic_level_scenes_and_questions() {
+    let d = tempfile::tempdir().unwrap();
+    make_level(d.path(), 4, Level::Basic, 60);
+    let dir = d.path();
+    let train = scenes(dir, "train");
+    let test = scenes(dir, "test");
+    for s in train.values().chain(test.values()) {
+        let n = s.objects.len();
+        assert!((1..=3).contains(&n), "{}: {n} objects", s.image);
+        let mut shapes: Vec<&str> = s.objects.iter().map(|o| o.shape.as_str()).collect();
+        shapes.sort();
+        shapes.dedup();
+        assert_eq!(shapes.len(), n, "{}: a shape twice", s.image);
+        assert!(
+            shapes
+                .iter()
+                .all(|x| ["circle", "square", "triangle"].contains(x))
+        );
+        assert!(s.objects.iter().all(|o| o.size == "large"));
+    }
+    assert!(
+        (1..=3).all(|n| test.values().any(|s| s.objects.len() == n)),
+        "every object count occurs"
+    );
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+    };
+    let anns = read("vqa_test_annotations.json");
+    let anns = anns["annotations"].as_array().unwrap();
+    assert_eq!(anns.len(), 60, "one question per test image");
+    let mut kinds = BTreeMap::new();
+    let mut exist_yes = 0;
+    for a in anns {
+        let q: Query = serde_json::from_value(a["query"].clone()).unwrap();
+        let kind = match q {
+            Query::ColorOf(Ref::Shape(_)) => "color",
+            Query::Count => "count",
+            Query::Exists(..) => {
+                exist_yes += (a["multiple_choice_answer"] == "yes") as usize;
+                "existence"
+            }
+            other => panic!("unexpected basic question {other:?}"),
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    assert_eq!(
+        kinds,
+        BTreeMap::from([("color", 20), ("count", 20), ("existence", 20)])
+    );
+    assert_eq!(exist_yes, 10);
+    for s in read("conversation_train.json").as_array().unwrap() {
+        let scene = &train[s["image"].as_str().unwrap()];
+        let turns = s["conversations"].as_array().unwrap();
+        // a color question per object, the count, one yes and one no existence question
+        assert_eq!(turns.len(), 2 * (scene.objects.len() + 3));
+        for pair in turns.chunks(2) {
+            let q = pair[0]["value"].as_str().unwrap();
+            assert!(
+                !q.contains(SHORT),
+                "one-word answers need no instruction: {q}"
+            );
+            let t = q.trim_start_matches("<image>\n");
+            assert!(
+                t.starts_with("What color is the ")
+                    || t.starts_with("How many shapes")
+                    || t.starts_with("Is there a "),
+                "{t}"
+            );
+        }
+    }
+    // captions of basic scenes do not name sizes
+    let caps = read("captions_train.json");
+    for c in caps.as_array().unwrap() {
+        let text = c["conversations"][1]["value"].as_str().unwrap();
+        assert!(!text.contains("large") && !text.contains("small"), "{text}");
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::data::shapes::{ShapesConfig, generate};
+use crate::data::shapes::{Level, ShapesConfig, generate};
 
 #[derive(Args, Debug)]
 pub struct DataArgs {
@@ -24,6 +24,11 @@ pub struct DataArgs {
     /// Image side in pixels
     #[arg(long, default_value_t = 224)]
     pub size: usize,
+    /// Scenes and questions: `full` (1-5 objects of 4 shapes in 2 sizes, 7 short-answer kinds,
+    /// yes/no and reasoning questions) or `basic` (1-3 objects of distinct shapes; the color
+    /// of a named shape, the number of shapes, existence of a colored shape)
+    #[arg(long, value_enum, default_value = "full")]
+    pub level: Level,
 }
 
 pub fn run(args: DataArgs) -> Result<()> {
@@ -38,6 +43,7 @@ pub fn run(args: DataArgs) -> Result<()> {
         train: args.train,
         test: args.test,
         size: args.size,
+        level: args.level,
     };
     let s = generate(&cfg, &args.out)?;
     for (f, n) in &s.files {

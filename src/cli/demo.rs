@@ -1,8 +1,9 @@
 //! `lntune demo`: the main job. Builds a small real multimodal model from pretrained parts
 //! (DINOv2 ViT-S/14, frozen + a 2-layer GELU projector + SmolLM2-135M-Instruct), trains it in
-//! LLaVA's two stages on the generated `shapes` data (stage 1: projector on captions; stage 2:
-//! `--method`, LayerNorm tuning by default, on instruction data), and measures held-out
-//! scores after each stage with the official metrics, plus a wrong-image control.
+//! LLaVA's two stages on the generated `shapes` data (`--level basic` by default: the task of
+//! the PyTorch reference run; stage 1: projector on captions; stage 2: `--method`, LayerNorm
+//! tuning by default, on instruction data), and measures held-out scores after each stage
+//! with the official metrics, plus a wrong-image control.
 //!
 //! Everything lands in `--out`: data/, model/ (compose.json + projector), stage1/ and
 //! stage2/ (adapters, metrics, loss curves), report.md, report.json.
@@ -19,7 +20,7 @@ use serde::Serialize;
 use super::train::default_lr;
 use crate::data::image::Preprocess;
 use crate::data::llava::DataSource;
-use crate::data::shapes::{ShapesConfig, generate as generate_shapes};
+use crate::data::shapes::{Level, ShapesConfig, generate as generate_shapes};
 use crate::data::template::{Template, TemplateName};
 use crate::eval::generate::GenConfig;
 use crate::eval::harness::{Asker, ShapesEval, ShapesScores, eval_shapes};
@@ -52,16 +53,21 @@ pub struct DemoArgs {
     pub quick: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Training images (default 800; 48 with --quick)
+    /// Shapes scenes and questions: `basic` (1-3 distinct shapes; color of a named shape,
+    /// count, existence) or `full` (1-5 objects, 7 position-bound question kinds, yes/no and
+    /// reasoning questions)
+    #[arg(long, value_enum, default_value = "basic")]
+    pub level: Level,
+    /// Training images (default 1200 basic, 800 full; 48 with --quick)
     #[arg(long)]
     pub train_images: Option<usize>,
-    /// Held-out test images (default 100; 16 with --quick)
+    /// Held-out test images (default 240 basic, 100 full; 16 with --quick)
     #[arg(long)]
     pub test_images: Option<usize>,
     /// Stage-1 steps (default 100; 15 with --quick)
     #[arg(long)]
     pub stage1_steps: Option<usize>,
-    /// Stage-2 steps (default 180; 20 with --quick)
+    /// Stage-2 steps (default 300 basic, 180 full; 20 with --quick)
     #[arg(long)]
     pub stage2_steps: Option<usize>,
     /// Stage-2 learning rate (default: the method's)
@@ -70,9 +76,14 @@ pub struct DemoArgs {
     /// Test images for POPE, MME and captions (default 24; 8 with --quick; VQA uses all)
     #[arg(long)]
     pub eval_images: Option<usize>,
-    /// Image side in pixels: the DINOv2 grid is side/14, pooled to 4x4 = 16 tokens
-    #[arg(long, default_value_t = 112)]
+    /// Image side in pixels (a multiple of 14): DINOv2's patch grid is side/14 on a side
+    #[arg(long, default_value_t = 126)]
     pub image_size: usize,
+    /// Image tokens per side: the patch grid is average-pooled to pool x pool tokens (the
+    /// grid side must be a multiple). The default 3 at 126 px gives 9 tokens, one per cell of
+    /// the scenes' 3x3 layout (3x3 patches each)
+    #[arg(long, default_value_t = 3)]
+    pub pool: usize,
     /// No progress bars
     #[arg(long)]
     pub quiet: bool,
@@ -185,18 +196,25 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let t_all = Instant::now();
     let mut secs = BTreeMap::new();
     let q = args.quick;
-    let n_train = args.train_images.unwrap_or(if q { 48 } else { 800 });
-    let n_test = args.test_images.unwrap_or(if q { 16 } else { 100 });
-    let s1 = args.stage1_steps.unwrap_or(if q { 15 } else { 100 });
-    let s2 = args.stage2_steps.unwrap_or(if q { 20 } else { 180 });
+    let basic = args.level == Level::Basic;
+    let pick = |quick: usize, basic_v: usize, full_v: usize| match (q, basic) {
+        (true, _) => quick,
+        (false, true) => basic_v,
+        (false, false) => full_v,
+    };
+    let n_train = args.train_images.unwrap_or(pick(48, 1200, 800));
+    let n_test = args.test_images.unwrap_or(pick(16, 240, 100));
+    let s1 = args.stage1_steps.unwrap_or(pick(15, 100, 100));
+    let s2 = args.stage2_steps.unwrap_or(pick(20, 300, 180));
     let eval_small = args
         .eval_images
         .unwrap_or(if q { 8 } else { 24 })
         .min(n_test);
     let size = args.image_size;
+    let pool = args.pool;
     anyhow::ensure!(
-        size.is_multiple_of(56),
-        "--image-size must be a multiple of 56 (a 14-px patch grid that pools to 4x4)"
+        pool > 0 && size.is_multiple_of(14) && (size / 14).is_multiple_of(pool),
+        "--image-size {size} with --pool {pool}: the side must be a multiple of 14 px whose patch grid (side/14) is a multiple of --pool"
     );
     let grid = size / 14;
     let out = &args.out;
@@ -216,11 +234,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         train: n_train,
         test: n_test,
         size,
+        level: args.level,
     };
     generate_shapes(&shapes, &data)?;
     secs.insert("data".to_string(), t.elapsed().as_secs_f64());
     eprintln!(
-        "shapes data: {n_train} train / {n_test} test images at {size} px in {}",
+        "shapes data ({:?} level): {n_train} train / {n_test} test images at {size} px in {}",
+        args.level,
         data.display()
     );
 
@@ -233,7 +253,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &assets.dinov2_dir,
         &assets.smollm2_gguf,
         size,
-        4,
+        pool,
     )?;
     write_projector(
         &model_dir,
@@ -251,7 +271,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let mut paths: Vec<PathBuf> = (0..n_train).map(|i| img("train", i)).collect();
         paths.extend((0..n_test).map(|i| img("test", i)));
         let feats = cache.for_paths(&base, &paths, &pre, &Device::Cpu, progress)?;
-        let train = Tensor::cat(&feats[..n_train], 0)?; // (n·16, VISION_DIM)
+        let train = Tensor::cat(&feats[..n_train], 0)?; // (n·pool², VISION_DIM)
         let mean = train.mean(0)?;
         let std = (train.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
         write_projector(
@@ -263,7 +283,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     secs.insert("image features".to_string(), t.elapsed().as_secs_f64());
     eprintln!(
-        "model: DINOv2 ViT-S/14 (blocks 4 and 8, {grid}x{grid} patches pooled to 4x4) -> projector -> SmolLM2-135M-Instruct; features in {:.0}s",
+        "model: DINOv2 ViT-S/14 (blocks 4 and 8, {grid}x{grid} patches pooled to {pool}x{pool}) -> projector -> SmolLM2-135M-Instruct; features in {:.0}s",
         t.elapsed().as_secs_f64()
     );
 
@@ -355,23 +375,25 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // optimizer steps, which is what LayerNorm tuning of a 135M model needs in minutes
     let rounds = out.join("stage2_rounds.json");
     split_rounds(&data.join("conversation_train.json"), &rounds, 1)?;
+    let mut stage2_data = vec![DataSource {
+        path: rounds,
+        budget: None,
+    }];
+    if !basic {
+        // basic scenes have no reasoning questions worth asking
+        stage2_data.push(DataSource {
+            path: data.join("reasoning_train.json"),
+            budget: Some(n_train / 8),
+        });
+    }
+    stage2_data.push(DataSource {
+        path: data.join("captions_train.json"),
+        budget: Some(n_train / 4),
+    });
     let c2 = run_cfg(
         method,
         TemplateName::Chatml,
-        vec![
-            DataSource {
-                path: rounds,
-                budget: None,
-            },
-            DataSource {
-                path: data.join("reasoning_train.json"),
-                budget: Some(n_train / 8),
-            },
-            DataSource {
-                path: data.join("captions_train.json"),
-                budget: Some(n_train / 4),
-            },
-        ],
+        stage2_data,
         lr2,
         s2,
         Some(r1.adapter_dir.clone()),
@@ -414,7 +436,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ("train_images", serde_json::json!(n_train)),
         ("test_images", serde_json::json!(n_test)),
         ("image_size", serde_json::json!(size)),
-        ("vision_tokens_per_image", serde_json::json!(16)),
+        ("level", serde_json::json!(args.level)),
+        ("vision_tokens_per_image", serde_json::json!(pool * pool)),
         ("stage1_steps", serde_json::json!(s1)),
         ("stage2_steps", serde_json::json!(s2)),
         ("batch", serde_json::json!(8)),
@@ -544,7 +567,10 @@ fn report_markdown(r: &DemoReport, out: &Path) -> String {
     let mut s = String::new();
     s += "# lntune demo: DINOv2-S (frozen) + projector + SmolLM2-135M-Instruct on `shapes`\n\n";
     s += &format!(
-        "Held-out test images: {}. Stage 1: projector on captions, {} steps. Stage 2: `{}`, {} steps. Scores with the official metric code (VQAv2 accuracy, POPE, MME, CIDEr-D).\n\n",
+        "Shapes level `{}`, {} px images, {} image tokens. Held-out test images: {}. Stage 1: projector on captions, {} steps. Stage 2: `{}`, {} steps. Scores with the official metric code (VQAv2 accuracy, POPE, MME, CIDEr-D).\n\n",
+        r.config["level"].as_str().unwrap_or(""),
+        r.config["image_size"],
+        r.config["vision_tokens_per_image"],
         r.config["test_images"],
         r.config["stage1_steps"],
         r.config["stage2_method"].as_str().unwrap_or(""),
@@ -556,6 +582,12 @@ fn report_markdown(r: &DemoReport, out: &Path) -> String {
         pct(r.after_stage1.vqa),
         pct(r.after_stage2.vqa),
         pct(r.after_stage2_wrong_image.vqa)
+    );
+    s += &format!(
+        "| VQA exact match | {} | {} | {} |\n",
+        pct(r.after_stage1.vqa_exact),
+        pct(r.after_stage2.vqa_exact),
+        pct(r.after_stage2_wrong_image.vqa_exact)
     );
     let kinds: Vec<&String> = r.after_stage2.vqa_by_type.keys().collect();
     for k in kinds {
@@ -571,7 +603,15 @@ fn report_markdown(r: &DemoReport, out: &Path) -> String {
         let g = |x: &ShapesScores| {
             x.pope
                 .get(split)
-                .map(|p| format!("{:.1} / {:.1}", 100.0 * p.accuracy, 100.0 * p.f1))
+                .map(|p| {
+                    // F1 has no value when the model never answers yes (no precision)
+                    let f1 = if p.f1.is_finite() {
+                        format!("{:.1}", 100.0 * p.f1)
+                    } else {
+                        "n/a".to_string()
+                    };
+                    format!("{:.1} / {f1}", 100.0 * p.accuracy)
+                })
                 .unwrap_or("-".into())
         };
         s += &format!(

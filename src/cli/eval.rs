@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
 use super::{DTypeArg, ImageProcessorArgs, load_model};
+use crate::data::shapes::read_level;
 use crate::data::template::{Template, TemplateName};
 use crate::eval::bench::{
     Item, Scores, load_captions, load_mme_folder, load_mme_jsonl, load_pope, load_vqav2,
@@ -240,9 +241,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         caption: asker(args.caption_tokens),
         caption_prompt,
         // MME's and POPE's questions are yes/no questions already; LLaVA-1.5 appends its
-        // short-answer instruction to all of them
+        // short-answer instruction to all of them (shapes: what its data was written with)
         short_suffix: if plain {
             String::new()
+        } else if args.bench == BenchName::Shapes {
+            read_level(&args.data)?.question_suffix()
         } else {
             format!("\n{SHORT_ANSWER}")
         },

@@ -1,7 +1,8 @@
 //! `shapes`: a generated multimodal benchmark with known answers.
 //!
 //! Each scene holds 1–5 objects (shape, color, size, a cell of a 3×3 grid) on a noisy light
-//! background. From the scene graph come: captions (stage 1) with several references per
+//! background (`Level::Full`), or 1–3 objects of distinct shapes asked about their color,
+//! their number and the existence of a colored shape (`Level::Basic`). From the scene graph come: captions (stage 1) with several references per
 //! test image, instruction data of three kinds (conversation, detailed description,
 //! reasoning) in separate LLaVA JSON files, and test sets: short-answer VQA with 10 answers
 //! per question (VQAv2 format), POPE-style existence questions with random / popular /
@@ -32,6 +33,46 @@ pub const SIZES: [&str; 2] = ["small", "large"];
 const ROWS: [&str; 3] = ["top", "middle", "bottom"];
 const COLS: [&str; 3] = ["left", "center", "right"];
 const NUMBERS: [&str; 6] = ["zero", "one", "two", "three", "four", "five"];
+/// How rich the scenes and questions are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// 1–3 objects of distinct shapes (circle, square, triangle), all large; questions: the
+    /// color of a named shape, the number of shapes, whether a colored shape is there
+    Basic,
+    /// 1–5 objects of 4 shapes (repeats allowed) in 2 sizes; 7 short-answer question kinds,
+    /// yes/no questions about count, color and position, reasoning about pairs
+    #[default]
+    Full,
+}
+
+impl Level {
+    /// The shapes scenes of this level draw from.
+    pub fn shapes(self) -> &'static [&'static str] {
+        match self {
+            Level::Basic => &SHAPES[..3],
+            Level::Full => &SHAPES,
+        }
+    }
+
+    /// What follows a short-answer question: LLaVA-1.5's instruction at `Level::Full`, where
+    /// sentence answers are asked too; nothing at `Level::Basic`, where every answer is one
+    /// word (11 tokens fewer per question).
+    pub fn question_suffix(self) -> String {
+        match self {
+            Level::Basic => String::new(),
+            Level::Full => format!("\n{SHORT}"),
+        }
+    }
+
+    fn max_objects(self) -> usize {
+        match self {
+            Level::Basic => 3,
+            Level::Full => 5,
+        }
+    }
+}
+
 /// LLaVA-1.5's short-answer instruction.
 pub const SHORT: &str = "Answer the question using a single word or phrase.";
 /// MME's yes/no instruction.
@@ -271,21 +312,31 @@ pub fn question_text(q: &Query) -> String {
     }
 }
 
-/// A scene with `n` objects in distinct cells.
-pub fn random_scene(rng: &mut Rng, image: String, size: usize) -> Scene {
-    let n = 1 + rng.below(5);
+/// A scene of 1 to the level's maximum of objects, in distinct cells; at `Level::Basic` of
+/// distinct shapes and all large.
+pub fn random_scene(rng: &mut Rng, image: String, size: usize, level: Level) -> Scene {
+    let n = 1 + rng.below(level.max_objects());
     let mut cells: Vec<(usize, usize)> = (0..9).map(|i| (i / 3, i % 3)).collect();
     rng.shuffle(&mut cells);
+    let mut distinct: Vec<&str> = level.shapes().to_vec();
+    if level == Level::Basic {
+        rng.shuffle(&mut distinct);
+    }
     let cell_px = size as f64 / 3.0;
     let mut objects: Vec<Object> = cells[..n]
         .iter()
-        .map(|&cell| {
-            let large = rng.below(2) == 1;
+        .enumerate()
+        .map(|(k, &cell)| {
+            let large = level == Level::Basic || rng.below(2) == 1;
             let half =
                 if large { cell_px * 0.34 } else { cell_px * 0.2 } + rng.uniform() * cell_px * 0.04;
             let jitter = cell_px * 0.08;
+            let shape = match level {
+                Level::Basic => distinct[k],
+                Level::Full => SHAPES[rng.below(SHAPES.len())],
+            };
             Object {
-                shape: SHAPES[rng.below(SHAPES.len())].into(),
+                shape: shape.into(),
                 color: COLORS[rng.below(COLORS.len())].into(),
                 size: if large { "large" } else { "small" }.into(),
                 cell,
@@ -368,9 +419,11 @@ fn join_and(parts: &[String]) -> String {
     }
 }
 
-/// Reference captions: the canonical one first.
-pub fn captions(s: &Scene) -> Vec<String> {
-    let with: Vec<String> = s.objects.iter().map(|o| object_phrase(o, true)).collect();
+/// Reference captions: the canonical one first. Sizes are named only at `Level::Full`
+/// (at `Level::Basic` every object is large).
+pub fn captions(s: &Scene, level: Level) -> Vec<String> {
+    let sized = level == Level::Full;
+    let with: Vec<String> = s.objects.iter().map(|o| object_phrase(o, sized)).collect();
     let without: Vec<String> = s.objects.iter().map(|o| object_phrase(o, false)).collect();
     let n = s.objects.len();
     let count = if n == 1 {
@@ -378,17 +431,21 @@ pub fn captions(s: &Scene) -> Vec<String> {
     } else {
         format!("{} shapes", NUMBERS[n])
     };
-    vec![
+    let mut out = vec![
         join_and(&with),
         join_and(&without),
         format!("{count}: {}", join_and(&without)),
         format!("there is {}", join_and(&with)),
         format!("an image with {}", join_and(&without)),
-    ]
+    ];
+    if !sized {
+        out.remove(1);
+    }
+    out
 }
 
-/// A detailed description (the `detail` instruction kind).
-pub fn detailed_description(s: &Scene) -> String {
+/// A detailed description (the `detail` instruction kind); sizes only at `Level::Full`.
+pub fn detailed_description(s: &Scene, level: Level) -> String {
     let n = s.objects.len();
     let mut out = if n == 1 {
         "The image shows a single shape on a light grey background.".to_string()
@@ -399,13 +456,7 @@ pub fn detailed_description(s: &Scene) -> String {
         )
     };
     for o in &s.objects {
-        out += &format!(
-            " There is a {} {} {} {}.",
-            o.size,
-            o.color,
-            o.shape,
-            at_cell(o.cell)
-        );
+        out += &format!(" There is {}.", object_phrase(o, level == Level::Full));
     }
     let mut colors: BTreeMap<&str, usize> = BTreeMap::new();
     for o in &s.objects {
@@ -442,14 +493,88 @@ fn qa(s: &Scene, query: Query) -> Option<Qa> {
     })
 }
 
-/// A (color, shape) pair not in the scene, uniformly.
-fn absent_pair(s: &Scene, rng: &mut Rng) -> (String, String) {
+/// A (color, shape) pair not in the scene, uniformly over the level's shapes.
+fn absent_pair(s: &Scene, level: Level, rng: &mut Rng) -> (String, String) {
+    let shapes = level.shapes();
     loop {
-        let (c, sh) = (COLORS[rng.below(5)], SHAPES[rng.below(4)]);
+        let (c, sh) = (COLORS[rng.below(5)], shapes[rng.below(shapes.len())]);
         if !s.objects.iter().any(|o| o.color == c && o.shape == sh) {
             return (c.into(), sh.into());
         }
     }
+}
+
+/// An absent (color, shape) pair that shares its shape or its color with a present object
+/// ("hard": only the binding of color to shape tells it apart), when there is one.
+fn hard_absent_pair(s: &Scene, level: Level, rng: &mut Rng) -> Option<(String, String)> {
+    let mut hard: Vec<(String, String)> = COLORS
+        .iter()
+        .flat_map(|c| {
+            level
+                .shapes()
+                .iter()
+                .map(move |sh| (c.to_string(), sh.to_string()))
+        })
+        .filter(|(c, sh)| {
+            let present = s.objects.iter().any(|o| &o.color == c && &o.shape == sh);
+            let shares = s.objects.iter().any(|o| &o.color == c || &o.shape == sh);
+            !present && shares
+        })
+        .collect();
+    rng.shuffle(&mut hard);
+    hard.into_iter().next()
+}
+
+/// An existence question: a present pair when `present`, else an absent pair, hard (see
+/// `hard_absent_pair`) when `hard`.
+fn existence(s: &Scene, level: Level, present: bool, hard: bool, rng: &mut Rng) -> Query {
+    let (c, sh) = if present {
+        let o = &s.objects[rng.below(s.objects.len())];
+        (o.color.clone(), o.shape.clone())
+    } else if hard {
+        hard_absent_pair(s, level, rng).unwrap_or_else(|| absent_pair(s, level, rng))
+    } else {
+        absent_pair(s, level, rng)
+    };
+    Query::Exists(c, sh)
+}
+
+/// `Level::Basic` questions about one scene, in random order: the color of every object by
+/// its shape, the number of shapes, and two existence questions (one yes; one no, hard or
+/// random with equal chance).
+pub fn basic_questions(s: &Scene, rng: &mut Rng) -> Vec<Qa> {
+    let mut q: Vec<Query> = s
+        .objects
+        .iter()
+        .map(|o| Query::ColorOf(Ref::Shape(o.shape.clone())))
+        .collect();
+    q.push(Query::Count);
+    q.push(existence(s, Level::Basic, true, false, rng));
+    let hard = rng.below(2) == 0;
+    q.push(existence(s, Level::Basic, false, hard, rng));
+    let mut out: Vec<Qa> = q.into_iter().filter_map(|x| qa(s, x)).collect();
+    rng.shuffle(&mut out);
+    out
+}
+
+/// The `Level::Basic` test question of test image `i`: kinds in turn color, count,
+/// existence; existence yes and no alternate, and the no's alternate hard and random.
+fn basic_test_question(s: &Scene, i: usize, rng: &mut Rng) -> Option<Qa> {
+    let q = match i % 3 {
+        0 => {
+            let o = &s.objects[rng.below(s.objects.len())];
+            Query::ColorOf(Ref::Shape(o.shape.clone()))
+        }
+        1 => Query::Count,
+        _ => existence(
+            s,
+            Level::Basic,
+            (i / 3).is_multiple_of(2),
+            (i / 6).is_multiple_of(2),
+            rng,
+        ),
+    };
+    qa(s, q)
 }
 
 /// Short-answer questions about one scene, in random order (conversation data, VQA).
@@ -467,7 +592,7 @@ pub fn short_questions(s: &Scene, rng: &mut Rng) -> Vec<Qa> {
     let (c, sh) = if rng.below(2) == 0 {
         (o.color.clone(), o.shape.clone())
     } else {
-        absent_pair(s, rng)
+        absent_pair(s, Level::Full, rng)
     };
     out.extend(qa(s, Query::Exists(c, sh)));
     rng.shuffle(&mut out);
@@ -601,6 +726,8 @@ pub struct ShapesConfig {
     pub train: usize,
     pub test: usize,
     pub size: usize,
+    #[serde(default)]
+    pub level: Level,
 }
 
 /// Counts of what was written, for the README and the caller.
@@ -648,6 +775,20 @@ pub struct MmeItem {
     pub answer: String,
 }
 
+/// The level of the shapes data in `dir`, from its `shapes.json` (`full` when the file or
+/// its `level` field is absent: data written before levels existed).
+pub fn read_level(dir: &Path) -> Result<Level> {
+    let path = dir.join("shapes.json");
+    if !path.exists() {
+        return Ok(Level::Full);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let cfg: ShapesConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a shapes config", path.display()))?;
+    Ok(cfg.level)
+}
+
 /// Writes the whole benchmark under `out`. Same config, same bytes.
 pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
     let img_dir = out.join("images");
@@ -660,7 +801,7 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
         let mut v = Vec::with_capacity(n);
         for i in 0..n {
             let name = format!("{split}_{i:05}.png");
-            let s = random_scene(&mut rng, name.clone(), cfg.size);
+            let s = random_scene(&mut rng, name.clone(), cfg.size, cfg.level);
             let px = render(&s, cfg.size, &mut rng);
             let path = img_dir.join(&name);
             image::save_buffer_with_format(
@@ -702,7 +843,7 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
                 &s.image,
                 vec![
                     turn("human", format!("<image>\n{p}")),
-                    turn("gpt", captions(s)[0].clone()),
+                    turn("gpt", captions(s, cfg.level)[0].clone()),
                 ],
             )
         })
@@ -719,7 +860,7 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
         .collect();
     let mut anns = Vec::new();
     for (i, s) in test.iter().enumerate() {
-        for c in captions(s) {
+        for c in captions(s, cfg.level) {
             anns.push(serde_json::json!({"id": anns.len(), "image_id": i, "caption": c}));
         }
     }
@@ -736,14 +877,26 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
     let mut detail = Vec::new();
     let mut reason = Vec::new();
     for (i, s) in train.iter().enumerate() {
-        let mut qs = short_questions(s, &mut rng);
-        qs.extend(yes_no_questions(s, &mut rng));
-        rng.shuffle(&mut qs);
+        let qs = match cfg.level {
+            // every basic question, all in the short-answer format
+            Level::Basic => basic_questions(s, &mut rng),
+            Level::Full => {
+                let mut qs = short_questions(s, &mut rng);
+                qs.extend(yes_no_questions(s, &mut rng));
+                rng.shuffle(&mut qs);
+                qs.truncate(5 + rng.below(3));
+                qs
+            }
+        };
         let mut turns = Vec::new();
-        for (k, q) in qs.iter().take(5 + rng.below(3)).enumerate() {
-            // three turns in four in LLaVA-1.5's short-answer format, the rest as sentences
-            let (text, ans) = if rng.below(4) != 0 {
-                (format!("{}\n{SHORT}", q.question), short_form(&q.answer))
+        for (k, q) in qs.iter().enumerate() {
+            // at `Level::Full` three turns in four in LLaVA-1.5's short-answer format, the
+            // rest as sentences
+            let (text, ans) = if cfg.level == Level::Basic || rng.below(4) != 0 {
+                (
+                    format!("{}{}", q.question, cfg.level.question_suffix()),
+                    short_form(&q.answer),
+                )
             } else {
                 (q.question.clone(), sentence(q))
             };
@@ -761,7 +914,7 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
             &s.image,
             vec![
                 turn("human", "<image>\nDescribe the image in detail.".into()),
-                turn("gpt", detailed_description(s)),
+                turn("gpt", detailed_description(s, cfg.level)),
             ],
         ));
         let rq = reasoning_questions(s, &mut rng);
@@ -792,7 +945,11 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
     let mut vqa_q = Vec::new();
     let mut vqa_a = Vec::new();
     for (i, s) in test.iter().enumerate() {
-        for (k, q) in short_questions(s, &mut rng).into_iter().take(2).enumerate() {
+        let qs = match cfg.level {
+            Level::Basic => basic_test_question(s, i, &mut rng).into_iter().collect(),
+            Level::Full => short_questions(s, &mut rng),
+        };
+        for (k, q) in qs.into_iter().take(2).enumerate() {
             let qid = i * 10 + k;
             vqa_q.push(serde_json::json!({"question_id": qid, "image_id": i, "image": s.image, "question": q.question}));
             let answers: Vec<serde_json::Value> = (0..10)
@@ -842,7 +999,7 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
                 items.push((s.image.clone(), c.clone(), sh.clone(), "yes"));
             }
             let n_neg = pos.len().min(2);
-            for (c, sh) in negatives(s, kind, n_neg, &freq, &mut krng) {
+            for (c, sh) in negatives(s, cfg.level, kind, n_neg, &freq, &mut krng) {
                 items.push((s.image.clone(), c, sh, "no"));
             }
         }
@@ -867,7 +1024,7 @@ pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
         let mut mrng = Rng::new(cfg.seed ^ 0x3e3e ^ s.image.len() as u64 ^ mme.len() as u64);
         let i = mrng.below(s.objects.len());
         let o = &s.objects[i];
-        let (ac, ash) = absent_pair(s, &mut mrng);
+        let (ac, ash) = absent_pair(s, cfg.level, &mut mrng);
         let n = s.objects.len();
         let wrong_n = if n == 5 { 4 } else { n + 1 };
         let other_color = COLORS
@@ -955,6 +1112,7 @@ fn pair_frequencies(scenes: &[Scene]) -> BTreeMap<(String, String), usize> {
 /// present object (the closest co-occurring confusions).
 fn negatives(
     s: &Scene,
+    level: Level,
     kind: &str,
     n: usize,
     freq: &BTreeMap<(String, String), usize>,
@@ -963,7 +1121,12 @@ fn negatives(
     let present = |c: &str, sh: &str| s.objects.iter().any(|o| o.color == c && o.shape == sh);
     let mut all: Vec<(String, String)> = COLORS
         .iter()
-        .flat_map(|c| SHAPES.iter().map(move |sh| (c.to_string(), sh.to_string())))
+        .flat_map(|c| {
+            level
+                .shapes()
+                .iter()
+                .map(move |sh| (c.to_string(), sh.to_string()))
+        })
         .filter(|(c, sh)| !present(c, sh))
         .collect();
     match kind {
@@ -987,6 +1150,31 @@ fn negatives(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn level_is_read_from_the_data() {
+        let d = tempfile::tempdir().unwrap();
+        // data written before levels existed, or without a config: full
+        assert_eq!(read_level(d.path()).unwrap(), Level::Full);
+        let cfg = ShapesConfig {
+            seed: 0,
+            train: 1,
+            test: 1,
+            size: 56,
+            level: Level::Basic,
+        };
+        write_json(&d.path().join("shapes.json"), &cfg).unwrap();
+        assert_eq!(read_level(d.path()).unwrap(), Level::Basic);
+        assert_eq!(Level::Basic.question_suffix(), "");
+        assert_eq!(Level::Full.question_suffix(), format!("\n{SHORT}"));
+        std::fs::write(
+            d.path().join("shapes.json"),
+            r#"{"seed": 0, "level": "hard"}"#,
+        )
+        .unwrap();
+        let e = format!("{:#}", read_level(d.path()).unwrap_err());
+        assert!(e.contains("shapes.json"), "{e}");
+    }
 
     #[test]
     fn answers_by_hand() {
@@ -1029,7 +1217,7 @@ mod tests {
         );
         assert_eq!(answer(&s, &Query::Larger(c, sq)).unwrap(), "the red circle");
         assert_eq!(
-            captions(&s)[0],
+            captions(&s, Level::Full)[0],
             "a large red circle at the top left and a small blue square at the bottom right"
         );
     }

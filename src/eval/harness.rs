@@ -157,6 +157,11 @@ pub struct ShapesScores {
     /// VQAv2 accuracy × 100, overall and per question kind
     pub vqa: f64,
     pub vqa_by_type: BTreeMap<String, f64>,
+    /// VQA exact match × 100: the raw answer, lowercased, without punctuation and
+    /// whitespace, equals the answer (the first of the 10, unchanged by synonyms): the
+    /// stricter score of one-word answers
+    #[serde(default)]
+    pub vqa_exact: f64,
     pub pope: BTreeMap<String, PopeMetrics>,
     pub mme: BTreeMap<String, MmeScore>,
     pub mme_total: f64,
@@ -250,18 +255,20 @@ pub fn eval_shapes(
             })
             .collect()
     };
+    let suffix = crate::data::shapes::read_level(e.data)?.question_suffix();
     let mut memo = std::collections::HashMap::new();
     let (mut items, mut answers) = (Vec::new(), Vec::new());
     for (what, group) in groups {
-        // LLaVA-1.5's instruction after VQA and POPE questions; MME's own "Please answer yes
-        // or no." stays alone, as the model was trained
+        // the data's short-answer suffix (LLaVA-1.5's instruction at the full level) after
+        // VQA and POPE questions; MME's own "Please answer yes or no." stays alone, as the
+        // model was trained
         let qs: Vec<Question> = group
             .iter()
             .map(|it| Question {
                 image: it.image.clone(),
                 text: match it.truth {
                     Truth::Mme { .. } => it.question.clone(),
-                    _ => format!("{}\n{SHORT_ANSWER}", it.question),
+                    _ => format!("{}{suffix}", it.question),
                 },
             })
             .collect();
@@ -330,8 +337,9 @@ pub fn eval_shapes(
         })
         .unwrap_or_default();
     let mut by_kind: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut exact = Vec::new();
     let mut examples = Vec::new();
-    for (it, a) in items.iter().zip(&submitted) {
+    for ((it, a), raw) in items.iter().zip(&submitted).zip(&answers) {
         if let Truth::Vqa {
             question_id,
             answers: gts,
@@ -347,6 +355,14 @@ pub fn eval_shapes(
                 )
                 .or_default()
                 .push(vqa_accuracy(a, gts));
+            let bare = |x: &str| -> String {
+                x.chars()
+                    .filter(|c| c.is_alphanumeric())
+                    .flat_map(char::to_lowercase)
+                    .collect()
+            };
+            let majority = gts.first().map(|g| bare(g)).unwrap_or_default();
+            exact.push(f64::from(u8::from(bare(raw) == majority)));
             if examples.len() < 8 {
                 examples.push((
                     it.question.clone(),
@@ -374,6 +390,7 @@ pub fn eval_shapes(
     Ok(ShapesScores {
         vqa: scores.vqav2.as_ref().map(|v| v.overall).unwrap_or(0.0),
         vqa_by_type: by_kind.iter().map(|(k, v)| (k.clone(), mean(v))).collect(),
+        vqa_exact: mean(&exact),
         pope: scores.pope.clone(),
         mme_total: scores
             .mme
