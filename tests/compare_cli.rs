@@ -98,6 +98,9 @@ fn compare_report_is_complete_finite_and_resumable() {
     let t = TinyRun::new();
     let mut args = compare_args(&t, "cmp");
     args.extend(s(&[
+        // embeddings and head frozen: the `ln` method arm is the connector ablation's
+        // "ln + connector" arm, trained once
+        "--freeze-embed-head",
         "--ablation",
         "connector",
         "--ablation",
@@ -155,6 +158,16 @@ fn compare_report_is_complete_finite_and_resumable() {
         );
     }
     assert_eq!(r["connector"].as_array().unwrap().len(), 3);
+    assert!(
+        !dir.join("runs/connector/ln___connector").exists()
+            && dir.join("runs/connector/ln_only").is_dir(),
+        "ln + connector reuses the ln method arm"
+    );
+    assert_eq!(r["connector"][0]["name"], "ln + connector");
+    assert_eq!(
+        r["connector"][0]["loss_curve"],
+        r["methods"][0]["loss_curve"]
+    );
     let dt: Vec<&str> = r["data_type"]
         .as_array()
         .unwrap()
@@ -307,6 +320,29 @@ fn train_logs_gradient_statistics_and_analyze_reads_them() {
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(windows, [3, 6]);
+    // the statistics only observe: the same run without them has the same loss curve (so
+    // `compare` may reuse a method arm trained with them)
+    let (ok, err) = t.train(
+        "g-plain",
+        &[
+            "--data",
+            &data,
+            "--method",
+            "ln",
+            "--steps",
+            "6",
+            "--grad-accum",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let losses = |run: &str| -> Vec<f64> {
+        metrics(&t.path(&format!("{run}/metrics.jsonl")))
+            .iter()
+            .map(|m| m["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses("g"), losses("g-plain"));
     let (ok, out, err) = lntune(
         &[
             s(&["analyze", "gradvar", "--run"]),

@@ -657,3 +657,50 @@ fn generate_and_chat_stream_answers() {
     ]);
     assert!(!ok && err.contains("nonexistent.png"), "{err}");
 }
+
+/// The shapes evaluation's predictions name the image each answer was given: the question's
+/// own, or another test image under the wrong-image control.
+#[test]
+fn wrong_image_predictions_name_the_image_shown() {
+    use candle_core::{DType, Device};
+    use lntune::data::template::{Template, TemplateName};
+    use lntune::eval::generate::GenConfig;
+    use lntune::eval::harness::{Asker, ShapesEval, eval_shapes};
+    use lntune::train::run::FeatureCache;
+    let t = TinyRun::new();
+    let m = lntune::model::mllm::Mllm::load(&t.path("model"), DType::F32, &Device::Cpu).unwrap();
+    let chat = Template::new(TemplateName::Chatml, m.text.as_ref()).unwrap();
+    let pre = lntune::data::image::Preprocess::clip(56);
+    let ask = Asker {
+        model: &m,
+        template: &chat,
+        preprocess: &pre,
+        generation: GenConfig::greedy(2),
+        batch: 16,
+        progress: false,
+    };
+    for wrong_image in [false, true] {
+        let out = t.path(&format!("pred-{wrong_image}.jsonl"));
+        let e = ShapesEval {
+            data: &t.path("data"),
+            limit: Some(4),
+            limit_small: Some(2),
+            captions: false,
+            wrong_image,
+            caption_prompt: String::new(),
+            predictions: Some(&out),
+        };
+        eval_shapes(&e, &ask, None, &mut FeatureCache::new(false)).unwrap();
+        let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(rows.len() > 8, "{} predictions", rows.len());
+        for r in &rows {
+            let same = r["image"] == r["shown_image"];
+            assert!(r["shown_image"].is_string(), "{r}");
+            assert_eq!(same, !wrong_image, "{r}");
+        }
+    }
+}

@@ -716,9 +716,15 @@ pub fn run(args: CompareArgs) -> Result<()> {
         );
     }
     let mut ablation_arms: Vec<Arm> = Vec::new();
+    // the connector ablation's "ln + connector" arm is the `ln` method arm when that one
+    // trains the same tensors at the same rate on the same data: its result is reused
+    let no_embed = vec!["--freeze-embed".to_string(), "--freeze-head".to_string()];
+    let reuse_ln = a.ablation.contains(&Ablation::Connector)
+        && !a.lr_sweep
+        && methods.contains(&Method::Ln)
+        && freeze(Method::Ln) == no_embed;
     if a.ablation.contains(&Ablation::Connector) {
         let ln_lr = lr_of(Method::Ln);
-        let no_embed = vec!["--freeze-embed".to_string(), "--freeze-head".to_string()];
         for (name, method, mut flags, lr) in [
             ("ln + connector", Method::Ln, no_embed.clone(), ln_lr),
             ("ln only", Method::Ln, no_embed.clone(), ln_lr),
@@ -729,6 +735,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
                 lr_of(Method::Projector).min(ln_lr * 4.0),
             ),
         ] {
+            if name == "ln + connector" && reuse_ln {
+                continue;
+            }
             if name == "ln only" {
                 flags.push("--freeze-projector".into());
             }
@@ -846,6 +855,15 @@ pub fn run(args: CompareArgs) -> Result<()> {
     }
     let mut connector = Vec::new();
     let mut data_type = Vec::new();
+    if reuse_ln {
+        let mut r = methods_rows
+            .iter()
+            .find(|r| r.method == Method::Ln.name())
+            .cloned()
+            .context("the ln method arm has no result")?;
+        r.name = "ln + connector".into();
+        connector.push(r);
+    }
     for arm in &ablation_arms {
         let ran = runner.train(arm, false)?;
         step(format!("train {}/{}", arm.table, arm.name), ran);

@@ -258,6 +258,8 @@ pub fn eval_shapes(
     let suffix = crate::data::shapes::read_level(e.data)?.question_suffix();
     let mut memo = std::collections::HashMap::new();
     let (mut items, mut answers) = (Vec::new(), Vec::new());
+    // the image each answer was given (another one under the wrong-image control)
+    let mut shown: Vec<PathBuf> = Vec::new();
     for (what, group) in groups {
         // the data's short-answer suffix (LLaVA-1.5's instruction at the full level) after
         // VQA and POPE questions; MME's own "Please answer yes or no." stays alone, as the
@@ -272,7 +274,9 @@ pub fn eval_shapes(
                 },
             })
             .collect();
-        answers.extend(answer_memo(ask, &shifted(&qs), cache, &mut memo, &what)?);
+        let asked = shifted(&qs);
+        answers.extend(answer_memo(ask, &asked, cache, &mut memo, &what)?);
+        shown.extend(asked.into_iter().map(|q| q.image));
         items.extend(group);
     }
     if let Some(cap) = caption.filter(|_| e.captions) {
@@ -288,6 +292,7 @@ pub fn eval_shapes(
             })
             .collect();
         answers.extend(cap.answer(&qs, cache, &|i| i, "captions")?);
+        shown.extend(qs.into_iter().map(|q| q.image));
         items.extend(caps);
     }
     let submitted: Vec<String> = items
@@ -298,16 +303,19 @@ pub fn eval_shapes(
     let scores = score(&items, &submitted);
     if let Some(path) = e.predictions {
         let mut lines = String::new();
-        for (it, a) in items.iter().zip(&answers) {
+        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string());
+        for ((it, a), shown) in items.iter().zip(&answers).zip(&shown) {
             let reference = match &it.truth {
                 Truth::Vqa { answers, .. } => answers.first().cloned().unwrap_or_default(),
                 Truth::Pope { label, .. } => label.clone(),
                 Truth::Mme { answer, .. } => answer.clone(),
                 Truth::Caption { refs, .. } => refs.first().cloned().unwrap_or_default(),
             };
+            // `image`: the question's own image; `shown_image`: the one the model was given
             let line = serde_json::json!({
                 "id": it.id,
-                "image": it.image.file_name().map(|n| n.to_string_lossy().to_string()),
+                "image": name(&it.image),
+                "shown_image": name(shown),
                 "question": it.question,
                 "reference": reference,
                 "answer": a,
