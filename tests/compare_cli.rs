@@ -284,17 +284,14 @@ fn compare_lr_sweep_keeps_the_lowest_validation_loss() {
 fn train_logs_gradient_statistics_and_analyze_reads_them() {
     let t = TinyRun::new();
     let data = p(&t.path("data/conversation_train.json"));
-    let (ok, err) = t.train(
+    let train_ln = |out: &str, extra: &[&str]| {
+        let base = ["--data", &data, "--method", "ln", "--steps", "6"];
+        let (ok, err) = t.train(out, &[&base[..], &["--grad-accum", "3"], extra].concat());
+        assert!(ok, "{err}");
+    };
+    train_ln(
         "g",
         &[
-            "--data",
-            &data,
-            "--method",
-            "ln",
-            "--steps",
-            "6",
-            "--grad-accum",
-            "3",
             "--log-grad-stats",
             "--grad-stats-window",
             "3",
@@ -302,7 +299,6 @@ fn train_logs_gradient_statistics_and_analyze_reads_them() {
             "projector",
         ],
     );
-    assert!(ok, "{err}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(t.path("g/grad_stats.jsonl"))
         .unwrap()
         .lines()
@@ -322,20 +318,7 @@ fn train_logs_gradient_statistics_and_analyze_reads_them() {
     assert_eq!(windows, [3, 6]);
     // the statistics only observe: the same run without them has the same loss curve (so
     // `compare` may reuse a method arm trained with them)
-    let (ok, err) = t.train(
-        "g-plain",
-        &[
-            "--data",
-            &data,
-            "--method",
-            "ln",
-            "--steps",
-            "6",
-            "--grad-accum",
-            "3",
-        ],
-    );
-    assert!(ok, "{err}");
+    train_ln("g-plain", &[]);
     let losses = |run: &str| -> Vec<f64> {
         metrics(&t.path(&format!("{run}/metrics.jsonl")))
             .iter()

@@ -504,10 +504,9 @@ fn absent_pair(s: &Scene, level: Level, rng: &mut Rng) -> (String, String) {
     }
 }
 
-/// An absent (color, shape) pair that shares its shape or its color with a present object
-/// ("hard": only the binding of color to shape tells it apart), when there is one.
-fn hard_absent_pair(s: &Scene, level: Level, rng: &mut Rng) -> Option<(String, String)> {
-    let mut hard: Vec<(String, String)> = COLORS
+/// Every (color, shape) pair of the level that is not in the scene, colors first.
+fn absent_pairs(s: &Scene, level: Level) -> Vec<(String, String)> {
+    COLORS
         .iter()
         .flat_map(|c| {
             level
@@ -515,11 +514,16 @@ fn hard_absent_pair(s: &Scene, level: Level, rng: &mut Rng) -> Option<(String, S
                 .iter()
                 .map(move |sh| (c.to_string(), sh.to_string()))
         })
-        .filter(|(c, sh)| {
-            let present = s.objects.iter().any(|o| &o.color == c && &o.shape == sh);
-            let shares = s.objects.iter().any(|o| &o.color == c || &o.shape == sh);
-            !present && shares
-        })
+        .filter(|(c, sh)| !s.objects.iter().any(|o| &o.color == c && &o.shape == sh))
+        .collect()
+}
+
+/// An absent (color, shape) pair that shares its shape or its color with a present object
+/// ("hard": only the binding of color to shape tells it apart), when there is one.
+fn hard_absent_pair(s: &Scene, level: Level, rng: &mut Rng) -> Option<(String, String)> {
+    let mut hard: Vec<(String, String)> = absent_pairs(s, level)
+        .into_iter()
+        .filter(|(c, sh)| s.objects.iter().any(|o| &o.color == c || &o.shape == sh))
         .collect();
     rng.shuffle(&mut hard);
     hard.into_iter().next()
@@ -1118,17 +1122,7 @@ fn negatives(
     freq: &BTreeMap<(String, String), usize>,
     rng: &mut Rng,
 ) -> Vec<(String, String)> {
-    let present = |c: &str, sh: &str| s.objects.iter().any(|o| o.color == c && o.shape == sh);
-    let mut all: Vec<(String, String)> = COLORS
-        .iter()
-        .flat_map(|c| {
-            level
-                .shapes()
-                .iter()
-                .map(move |sh| (c.to_string(), sh.to_string()))
-        })
-        .filter(|(c, sh)| !present(c, sh))
-        .collect();
+    let mut all = absent_pairs(s, level);
     match kind {
         "random" => rng.shuffle(&mut all),
         "popular" => {
