@@ -577,74 +577,47 @@ fn report_markdown(r: &DemoReport, out: &Path) -> String {
         r.config["stage2_steps"]
     );
     s += "| metric | after stage 1 | after stage 2 | stage 2, wrong image |\n|---|---|---|---|\n";
-    s += &format!(
-        "| VQA accuracy | {} | {} | {} |\n",
-        pct(r.after_stage1.vqa),
-        pct(r.after_stage2.vqa),
-        pct(r.after_stage2_wrong_image.vqa)
-    );
-    s += &format!(
-        "| VQA exact match | {} | {} | {} |\n",
-        pct(r.after_stage1.vqa_exact),
-        pct(r.after_stage2.vqa_exact),
-        pct(r.after_stage2_wrong_image.vqa_exact)
-    );
-    let kinds: Vec<&String> = r.after_stage2.vqa_by_type.keys().collect();
-    for k in kinds {
-        let g = |x: &ShapesScores| x.vqa_by_type.get(k).map(|v| pct(*v)).unwrap_or("-".into());
-        s += &format!(
-            "| VQA: {k} | {} | {} | {} |\n",
-            g(&r.after_stage1),
-            g(&r.after_stage2),
-            g(&r.after_stage2_wrong_image)
-        );
+    // one table row: the label, then the score after stage 1, after stage 2, and with a
+    // wrong image ("-" where a score was not computed)
+    let row = |label: &str, score: &dyn Fn(&ShapesScores) -> Option<String>| {
+        let cell = |x: &ShapesScores| score(x).unwrap_or_else(|| "-".into());
+        format!(
+            "| {label} | {} | {} | {} |\n",
+            cell(&r.after_stage1),
+            cell(&r.after_stage2),
+            cell(&r.after_stage2_wrong_image)
+        )
+    };
+    s += &row("VQA accuracy", &|x| Some(pct(x.vqa)));
+    s += &row("VQA exact match", &|x| Some(pct(x.vqa_exact)));
+    for k in r.after_stage2.vqa_by_type.keys() {
+        s += &row(&format!("VQA: {k}"), &|x| {
+            x.vqa_by_type.get(k).map(|v| pct(*v))
+        });
     }
     for split in ["random", "popular", "adversarial"] {
-        let g = |x: &ShapesScores| {
-            x.pope
-                .get(split)
-                .map(|p| {
-                    // F1 has no value when the model never answers yes (no precision)
-                    let f1 = if p.f1.is_finite() {
-                        format!("{:.1}", 100.0 * p.f1)
-                    } else {
-                        "n/a".to_string()
-                    };
-                    format!("{:.1} / {f1}", 100.0 * p.accuracy)
-                })
-                .unwrap_or("-".into())
-        };
-        s += &format!(
-            "| POPE {split}: acc / F1 | {} | {} | {} |\n",
-            g(&r.after_stage1),
-            g(&r.after_stage2),
-            g(&r.after_stage2_wrong_image)
-        );
+        s += &row(&format!("POPE {split}: acc / F1"), &|x| {
+            x.pope.get(split).map(|p| {
+                // F1 has no value when the model never answers yes (no precision)
+                let f1 = if p.f1.is_finite() {
+                    pct(100.0 * p.f1)
+                } else {
+                    "n/a".to_string()
+                };
+                format!("{} / {f1}", pct(100.0 * p.accuracy))
+            })
+        });
     }
-    s += &format!(
-        "| MME-style total (4 subtasks, max 800) | {:.1} | {:.1} | {:.1} |\n",
-        r.after_stage1.mme_total, r.after_stage2.mme_total, r.after_stage2_wrong_image.mme_total
-    );
+    s += &row("MME-style total (4 subtasks, max 800)", &|x| {
+        Some(pct(x.mme_total))
+    });
     for cat in r.after_stage2.mme.keys() {
-        let g = |x: &ShapesScores| {
-            x.mme
-                .get(cat)
-                .map(|m| format!("{:.1}", m.score))
-                .unwrap_or("-".into())
-        };
-        s += &format!(
-            "| MME {cat} (max 200) | {} | {} | {} |\n",
-            g(&r.after_stage1),
-            g(&r.after_stage2),
-            g(&r.after_stage2_wrong_image)
-        );
+        s += &row(&format!("MME {cat} (max 200)"), &|x| {
+            x.mme.get(cat).map(|m| pct(m.score))
+        });
     }
-    let c = |x: &ShapesScores| x.cider.map(|v| format!("{v:.3}")).unwrap_or("-".into());
-    s += &format!(
-        "| caption CIDEr-D | {} | {} | - |\n",
-        c(&r.after_stage1),
-        c(&r.after_stage2)
-    );
+    // the wrong-image control asks no captions
+    s += &row("caption CIDEr-D", &|x| x.cider.map(|v| format!("{v:.3}")));
     s += &format!(
         "\nFinal training loss (mean of the last 10 steps): stage 1 {:.3}, stage 2 {:.3}.\n",
         r.stage1_final_loss, r.stage2_final_loss

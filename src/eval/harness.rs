@@ -188,6 +188,14 @@ pub struct ShapesEval<'a> {
     pub predictions: Option<&'a Path>,
 }
 
+/// Lowercase letters and digits only: how exact match compares answers.
+fn bare(text: &str) -> String {
+    text.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
 /// Evaluates a model on the shapes test sets, read and scored like `lntune eval --bench
 /// shapes` (`bench.rs`). `ask` answers short questions; `caption` generates captions.
 pub fn eval_shapes(
@@ -363,14 +371,8 @@ pub fn eval_shapes(
                 )
                 .or_default()
                 .push(vqa_accuracy(a, gts));
-            let bare = |x: &str| -> String {
-                x.chars()
-                    .filter(|c| c.is_alphanumeric())
-                    .flat_map(char::to_lowercase)
-                    .collect()
-            };
-            let majority = gts.first().map(|g| bare(g)).unwrap_or_default();
-            exact.push(f64::from(u8::from(bare(raw) == majority)));
+            let answer = gts.first().map(|g| bare(g)).unwrap_or_default();
+            exact.push(f64::from(u8::from(bare(raw) == answer)));
             if examples.len() < 8 {
                 examples.push((
                     it.question.clone(),
