@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use lntune::cli::check::diff;
+use lntune::jobs::check::diff;
 
 /// `tests/fixtures/<rel>`
 pub fn fixture(rel: &str) -> PathBuf {
@@ -218,7 +218,7 @@ pub fn permute_qk_rows(w: &[f32], n_head: usize, n_in: usize) -> Vec<f32> {
 /// A byte-level BPE tokenizer over a 512-id vocabulary (the tiny fixtures' size): ids 0-4
 /// special (<pad>, <s>, </s>, <|im_start|>, <|im_end|>), 5-260 the 256 byte symbols, then a
 /// few merges; id 511 is `<image>`.
-pub fn tiny_tokenizer() -> lntune::io::tokenizer::TextTools {
+pub fn tiny_tokenizer() -> lntune::io::tokenizer::ChatTokenizer {
     use tokenizers::models::bpe::BPE;
     let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
     bs.extend(0xA1..=0xAC);
@@ -284,7 +284,7 @@ pub fn tiny_tokenizer() -> lntune::io::tokenizer::TextTools {
         .map(|t| tokenizers::AddedToken::from(t, true)),
     )
     .unwrap();
-    lntune::io::tokenizer::TextTools {
+    lntune::io::tokenizer::ChatTokenizer {
         tokenizer: tok,
         chat_template: None,
         bos_token: Some("<s>".into()),

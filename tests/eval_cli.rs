@@ -545,7 +545,7 @@ fn predictions_file_with_a_bad_middle_line_is_refused() {
         "garbage\n{\"id\": \"x\", \"image\": \"\", \"question\": \"\", \"answer\": \"a\"}\n",
     )
     .unwrap();
-    let err = lntune::eval::run::Predictions::open(&f)
+    let err = lntune::eval::predictions::Predictions::open(&f)
         .err()
         .unwrap()
         .to_string();
@@ -555,9 +555,9 @@ fn predictions_file_with_a_bad_middle_line_is_refused() {
     );
     // a cut last line is dropped and the file truncated to the whole lines
     std::fs::write(&f, "{\"id\": \"x\", \"image\": \"\", \"question\": \"\", \"answer\": \"a\"}\n{\"id\": \"y\", \"ima").unwrap();
-    let mut pr = lntune::eval::run::Predictions::open(&f).unwrap();
+    let mut pr = lntune::eval::predictions::Predictions::open(&f).unwrap();
     assert_eq!(pr.answers.len(), 1);
-    pr.append(&lntune::eval::run::PredictionLine {
+    pr.append(&lntune::eval::predictions::PredictionLine {
         id: "z".into(),
         image: String::new(),
         question: String::new(),
@@ -663,15 +663,16 @@ fn generate_and_chat_stream_answers() {
 #[test]
 fn wrong_image_predictions_name_the_image_shown() {
     use candle_core::{DType, Device};
+    use lntune::data::features::FeatureCache;
     use lntune::data::template::{Template, TemplateName};
+    use lntune::eval::answer::Answerer;
+    use lntune::eval::benchmarks::shapes::{ShapesEval, eval_shapes};
     use lntune::eval::generate::GenConfig;
-    use lntune::eval::harness::{Asker, ShapesEval, eval_shapes};
-    use lntune::train::run::FeatureCache;
     let t = TinyRun::new();
     let m = lntune::model::mllm::Mllm::load(&t.path("model"), DType::F32, &Device::Cpu).unwrap();
-    let chat = Template::new(TemplateName::Chatml, m.text.as_ref()).unwrap();
+    let chat = Template::new(TemplateName::Chatml, m.tokenizer.as_ref()).unwrap();
     let pre = lntune::data::image::Preprocess::clip(56);
-    let ask = Asker {
+    let ask = Answerer {
         model: &m,
         template: &chat,
         preprocess: &pre,

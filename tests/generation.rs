@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use lntune::eval::generate::{GenConfig, Prompt, generate};
-use lntune::model::mllm::{Batch, Mllm};
+use lntune::model::batch::Batch;
+use lntune::model::mllm::Mllm;
 
 use crate::common::*;
 
@@ -92,9 +93,9 @@ fn base_plus_lora_adapter_generates_like_the_merged_model() {
     method.lora.r = 4;
     let lora_model = || {
         let mut m = Mllm::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        let setup = lntune::train::setup(&mut m, &method, 3).unwrap();
+        let setup = lntune::methods::setup::setup(&mut m, &method, 3).unwrap();
         // B is zero after setup; give every B values so that the adapter changes outputs
-        let mut rng = lntune::rng::Rng::new(9);
+        let mut rng = lntune::util::rng::Rng::new(9);
         let mut n = 0;
         for s in setup
             .specs

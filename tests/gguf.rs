@@ -9,8 +9,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use lntune::io::gguf::{GgufModel, dequantize, unpermute_qk_rows};
-use lntune::io::tokenizer::ChatMessage;
-use lntune::model::mllm::{Batch, Mllm};
+use lntune::io::tokenizer::{ChatMessage, ChatTokenizer};
+use lntune::model::batch::Batch;
+use lntune::model::mllm::Mllm;
 
 use crate::common::*;
 
@@ -280,7 +281,7 @@ fn tiny_llama_f32_gguf_equals_hf_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let (gguf, _) = write_tiny_llama_gguf(tmp.path(), false);
     let from_gguf = Mllm::load(&gguf, DType::F32, &Device::Cpu).unwrap();
-    assert!(from_gguf.text.is_none());
+    assert!(from_gguf.tokenizer.is_none());
     let from_hf = Mllm::load(&fixture("tiny-dinov2-llama/llm"), DType::F32, &Device::Cpu).unwrap();
     let b = text_batch();
     let d = max_abs(
@@ -390,7 +391,7 @@ fn tokenizer_and_chat_template_from_gguf_metadata() {
     let path = tmp.path().join("tok.gguf");
     write_gguf(&path, &meta, &[]);
     let g = GgufModel::open(&path).unwrap();
-    let tools = g.text_tools().unwrap().unwrap();
+    let tools = ChatTokenizer::from_gguf(&g).unwrap().unwrap();
     let id = |s: &str| tokens.iter().position(|t| t == s).unwrap() as u32;
     // "the the": first word without a space prefix, second with (byte-level Ġ)
     assert_eq!(
@@ -423,7 +424,7 @@ fn unsupported_gguf_tokenizer_is_a_clear_error() {
     ];
     write_gguf(&path, &meta, &[]);
     let g = GgufModel::open(&path).unwrap();
-    let err = format!("{:#}", g.text_tools().err().unwrap());
+    let err = format!("{:#}", ChatTokenizer::from_gguf(&g).err().unwrap());
     assert!(
         err.contains("spm.gguf") && err.contains("tokenizer.ggml.model"),
         "{err}"

@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lntune::model::mllm::{Batch, Mllm};
+use lntune::model::batch::Batch;
+use lntune::model::mllm::Mllm;
 
 use crate::common::*;
 

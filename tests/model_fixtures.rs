@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lntune::model::mllm::{Batch, Mllm};
+use lntune::model::batch::Batch;
+use lntune::model::mllm::Mllm;
 
 use crate::common::*;
 

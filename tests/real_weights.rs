@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use lntune::io::tokenizer::ChatMessage;
-use lntune::model::mllm::{Batch, Mllm};
+use lntune::model::batch::Batch;
+use lntune::model::mllm::Mllm;
 
 use crate::common::*;
 
@@ -35,7 +36,7 @@ fn smollm2_gguf_tokens_logits_and_greedy_ids() {
     .unwrap();
     let want = load_all(&refs);
     let model = Mllm::load(&gguf, DType::F32, &Device::Cpu).unwrap();
-    let text = model.text.as_ref().expect("GGUF carries a tokenizer");
+    let text = model.tokenizer.as_ref().expect("GGUF carries a tokenizer");
     for key in ["prompt0", "prompt1"] {
         let p = &prompts[key];
         let ids: Vec<u32> = p["input_ids"]
@@ -170,7 +171,7 @@ fn smollm2_kv_cache_generation_matches_the_reference_in_one_left_padded_batch() 
     use lntune::eval::generate::{GenConfig, Prompt, generate};
     let want = load_all(&refs);
     let model = Mllm::load(&gguf, DType::F32, &Device::Cpu).unwrap();
-    let tools = model.text.as_ref().unwrap();
+    let tools = model.tokenizer.as_ref().unwrap();
     let ids = |k: &str| -> Vec<u32> {
         want[&format!("{k}.input_ids")]
             .to_vec1::<i64>()

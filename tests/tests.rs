@@ -5,6 +5,7 @@ mod compare_cli;
 mod eval_cli;
 mod generation;
 mod gguf;
+mod layering;
 mod loading_errors;
 mod metrics;
 mod model_fixtures;

@@ -234,3 +234,114 @@ fn bad_data_is_reported() {
         "{err}"
     );
 }
+
+/// A run's own config.json reproduces it: the same losses and the same adapter bytes, and
+/// flags given with `--config` override its fields.
+#[test]
+fn a_runs_config_json_reproduces_it_and_flags_override() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train(
+        "a",
+        &[
+            "--data", &data, "--method", "lora", "--lora-r", "4", "--steps", "3", "--lr", "3e-3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("a/config.json")).unwrap()).unwrap();
+    // the defaults that depend on the model and the method are written resolved
+    assert_eq!(written["template"], "chatml");
+    assert_eq!(written["lr"], 3e-3);
+    assert_eq!(written["method"]["lora"]["r"], 4);
+    let lntune = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let config = t.path("a/config.json").display().to_string();
+    let b = t.path("b").display().to_string();
+    let (ok, err) = lntune(&["train", "--config", &config, "--out", &b, "--quiet"]);
+    assert!(ok, "{err}");
+    let loss = |run: &str| -> Vec<f64> {
+        metrics(&t.path(&format!("{run}/metrics.jsonl")))
+            .iter()
+            .map(|l| l["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(loss("a"), loss("b"));
+    assert_eq!(
+        std::fs::read(t.path("a/adapter/adapter.safetensors")).unwrap(),
+        std::fs::read(t.path("b/adapter/adapter.safetensors")).unwrap()
+    );
+    // a flag overrides the file's field; the rest stays
+    let c = t.path("c").display().to_string();
+    let (ok, err) = lntune(&[
+        "train", "--config", &config, "--out", &c, "--quiet", "--steps", "2",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(loss("c"), loss("a")[..2].to_vec());
+    let written_c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("c/config.json")).unwrap()).unwrap();
+    assert_eq!(written_c["steps"], 2);
+    assert_eq!(written_c["method"]["lora"]["r"], 4);
+}
+
+/// A hand-written run config: fields left out keep their defaults (the method's too), a
+/// data source may be written `FILE[:N]`, and a misspelled field is an error naming it.
+#[test]
+fn run_config_files_keep_defaults_and_name_unknown_fields() {
+    let t = TinyRun::new();
+    let cfg = serde_json::json!({
+        "model": t.path("model"),
+        "data": [format!("{}:10", t.path("data/conversation_train.json").display())],
+        "images": t.path("data/images"),
+        "method": {"method": "ln-simple"},
+        "template": "chatml",
+        "steps": 2,
+        "batch": 2,
+        "max_length": 256,
+    });
+    let file = t.path("run.json");
+    std::fs::write(&file, cfg.to_string()).unwrap();
+    let run = |file: &std::path::Path, out: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(["train", "--quiet", "--config"])
+            .arg(file)
+            .arg("--out")
+            .arg(t.path(out))
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(&file, "r");
+    assert!(ok, "{err}");
+    assert!(err.contains("data: 10 samples"), "{err}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("r/config.json")).unwrap()).unwrap();
+    // ln-simple's own defaults: no projector; its learning rate; the recipe's warmup
+    assert_eq!(written["method"]["train_projector"], false);
+    assert_eq!(written["lr"], 5e-4);
+    assert_eq!(written["warmup_ratio"], 0.03);
+    let mut typo = cfg.clone();
+    typo["stpes"] = serde_json::json!(3);
+    std::fs::write(&file, typo.to_string()).unwrap();
+    let (ok, err) = run(&file, "r2");
+    assert!(
+        !ok && err.contains("run.json") && err.contains("`stpes`"),
+        "{err}"
+    );
+    let mut no_model = cfg.clone();
+    no_model.as_object_mut().unwrap().remove("model");
+    std::fs::write(&file, no_model.to_string()).unwrap();
+    let (ok, err) = run(&file, "r3");
+    assert!(!ok && err.contains("no model"), "{err}");
+}

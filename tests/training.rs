@@ -5,13 +5,15 @@
 use std::collections::BTreeSet;
 
 use candle_core::{DType, Device, Tensor};
+use lntune::methods::setup::setup;
 use lntune::methods::{Method, MethodConfig};
-use lntune::model::mllm::{Batch, Mllm};
+use lntune::model::batch::Batch;
+use lntune::model::mllm::Mllm;
 use lntune::train::optim::AdamWConfig;
 use lntune::train::schedule::Schedule;
 use lntune::train::step::{count_scored, forward_backward};
 use lntune::train::trainer::{Trainer, TrainerConfig};
-use lntune::train::{DEFAULT_ACTIVATION_BUDGET, Recompute, setup};
+use lntune::train::{DEFAULT_ACTIVATION_BUDGET, Recompute};
 
 use crate::common::*;
 

@@ -1,5 +1,5 @@
 //! The paper's analyses: how similar the decoder layers' hidden states are (its argument
-//! about expressive power), and how noisy the gradients are during training.
+//! about expressive power), and how noisy the gradients were during training.
 
 pub mod gradvar;
 pub mod similarity;

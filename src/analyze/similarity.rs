@@ -1,12 +1,25 @@
 //! Layer similarity: for each sample, every decoder layer's output is mean-pooled over the
 //! sample's real tokens; the cosine similarity of each pair of layers is averaged over
-//! samples. The paper reads a lower similarity as more expressive power.
+//! samples. The paper reads a lower similarity as more expressive power. `similarity`
+//! compares a base model and adapters on the same samples.
 
-use anyhow::{Result, bail};
-use candle_core::{DType, Tensor};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::mllm::{Batch, Mllm};
+use crate::data::dataset::{Example, ExampleSpec, HostBatch, load_examples, pad_id};
+use crate::data::features::FeatureCache;
+use crate::data::image::ImageProcessing;
+use crate::data::llava::DataSource;
+use crate::data::template::TemplateName;
+use crate::methods::adapter::load_model;
+use crate::model::batch::Batch;
+use crate::model::mllm::Mllm;
+use crate::util::file_safe;
+use crate::util::files::{write_atomically, write_json};
+use crate::util::plot::Heatmap;
 
 /// Similarities between the layers of one model on one set of samples.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,6 +126,118 @@ pub fn pooled_layer_outputs(model: &Mllm, batch: &Batch) -> Result<Vec<Vec<Vec<f
     Ok((0..b)
         .map(|s| per_layer.iter().map(|l| l[s].clone()).collect())
         .collect())
+}
+
+/// What `lntune analyze similarity` compares, and on which samples.
+pub struct SimilarityConfig {
+    pub model: PathBuf,
+    /// (name, adapter), None for the base model alone
+    pub models: Vec<(String, Option<PathBuf>)>,
+    /// LLaVA JSON samples; the first `samples` are used
+    pub data: Vec<DataSource>,
+    pub images: Option<PathBuf>,
+    pub samples: usize,
+    /// the model's own template when None
+    pub template: Option<TemplateName>,
+    pub max_length: usize,
+    pub batch: usize,
+    pub dtype: DType,
+    pub image: ImageProcessing,
+    /// similarity.json, similarity.md and one heatmap PNG per model
+    pub out: PathBuf,
+}
+
+/// The similarities of several models on the same samples.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SimilarityReport {
+    pub models: Vec<(String, LayerSimilarity)>,
+}
+
+impl SimilarityReport {
+    pub fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| model | mean cosine, all layer pairs | mean cosine, adjacent layers | samples |\n|---|---|---|---|\n",
+        );
+        for (n, r) in &self.models {
+            s.push_str(&format!(
+                "| {n} | {:.4} | {:.4} | {} |\n",
+                r.all_pairs, r.adjacent, r.samples
+            ));
+        }
+        s
+    }
+}
+
+/// Layer similarity of each model of `cfg` on the same samples; writes the report and one
+/// heatmap per model under `cfg.out`.
+pub fn similarity(cfg: &SimilarityConfig, device: &Device) -> Result<SimilarityReport> {
+    if cfg.models.is_empty() {
+        bail!("nothing to analyse: give --adapter or keep --base true");
+    }
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("{}: cannot create", cfg.out.display()))?;
+    let mut report = SimilarityReport { models: vec![] };
+    let mut cache = FeatureCache::new(true);
+    for (name, adapter) in &cfg.models {
+        let model = load_model(&cfg.model, adapter.as_deref(), cfg.dtype, device)?;
+        let r = model_similarity(cfg, &model, &mut cache, device)?;
+        Heatmap {
+            title: format!("layer similarity: {name}"),
+            axis_label: "decoder layer".into(),
+            values: r.matrix.clone(),
+            lo: r
+                .matrix
+                .iter()
+                .flatten()
+                .copied()
+                .fold(f64::MAX, f64::min)
+                .min(0.0),
+            hi: 1.0,
+        }
+        .save_png(&cfg.out.join(format!("similarity_{}.png", file_safe(name))))?;
+        eprintln!(
+            "{name}: all pairs {:.4}, adjacent {:.4}",
+            r.all_pairs, r.adjacent
+        );
+        report.models.push((name.clone(), r));
+    }
+    write_json(&cfg.out.join("similarity.json"), &report)?;
+    write_atomically(&cfg.out.join("similarity.md"), report.markdown().as_bytes())?;
+    Ok(report)
+}
+
+/// One model's similarity on the first `cfg.samples` examples of the data.
+fn model_similarity(
+    cfg: &SimilarityConfig,
+    model: &Mllm,
+    cache: &mut FeatureCache,
+    device: &Device,
+) -> Result<LayerSimilarity> {
+    let pre = cfg.image.preprocess(model);
+    let template = cfg
+        .template
+        .unwrap_or_else(|| TemplateName::default_for(model.tokenizer.as_ref()));
+    let spec = ExampleSpec {
+        data: &cfg.data,
+        images: cfg.images.as_deref(),
+        template,
+        preprocess: &pre,
+        max_length: cfg.max_length,
+        seed: 0,
+    };
+    let (mut examples, _) = load_examples(model, &spec)?;
+    // a fixed set: the first samples in the order of seed 0, the same for every model
+    examples.truncate(cfg.samples.max(1));
+    let mut pooled = Vec::new();
+    for chunk in examples.chunks(cfg.batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let hb = HostBatch::collate(&refs, pad_id(model), &pre)?;
+        let mut b = hb.to_batch(device)?;
+        b.vision_features = cache.features(model, &hb, device)?;
+        b.pixel_values = None;
+        pooled.extend(pooled_layer_outputs(model, &b)?);
+    }
+    layer_similarity(&pooled)
 }
 
 #[cfg(test)]

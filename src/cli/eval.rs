@@ -1,63 +1,38 @@
-//! `lntune eval`: answer a benchmark with a model (plus adapter) and score it; `lntune
-//! score`: score a predictions file in a benchmark's official format, without a model.
+//! `lntune eval` (flags, or an evaluation config file that flags override, to an
+//! `EvalConfig`) and `lntune score` (a predictions file in a benchmark's official format).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-use super::{DTypeArg, ImageProcessorArgs, load_model};
-use crate::data::shapes::read_level;
-use crate::data::template::{Template, TemplateName};
-use crate::eval::bench::{
-    Item, Scores, load_captions, load_mme_folder, load_mme_jsonl, load_pope, load_vqav2,
-    pope_files, read_caption_results, read_mme_results, read_pope_answers, read_vqav2_results,
-    score, subset, write_atomically,
-};
-use crate::eval::harness::{Asker, SHORT_ANSWER};
-use crate::eval::run::{
-    Askers, CAPTION_PROMPT, EvalSetup, Protocol, demonstrations, protocol_generation, run_eval,
-};
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum BenchName {
-    Mme,
-    Pope,
-    Vqav2,
-    Coco,
-    Flickr,
-    /// the demo's generated test sets (VQA, POPE, MME-style, captions) in one folder
-    Shapes,
-}
-
-impl BenchName {
-    fn name(self) -> &'static str {
-        match self {
-            BenchName::Mme => "mme",
-            BenchName::Pope => "pope",
-            BenchName::Vqav2 => "vqav2",
-            BenchName::Coco => "coco",
-            BenchName::Flickr => "flickr",
-            BenchName::Shapes => "shapes",
-        }
-    }
-}
+use super::args::{DeviceArgs, ImageArgs};
+use crate::data::template::TemplateName;
+use crate::eval::benchmarks::scores::{Scores, score};
+use crate::eval::benchmarks::{BenchFiles, BenchName, read_results};
+use crate::eval::protocol::Protocol;
+use crate::eval::run::{EvalConfig, evaluate};
+use crate::util::device::WeightDtype;
+use crate::util::files::write_json;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// Evaluation config (JSON); the flags given override its fields
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Model: llava-hf directory, directory with compose.json, or .gguf file
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Adapter directory from `lntune train` (applied without merging)
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     #[arg(long, value_enum)]
-    pub bench: BenchName,
+    pub bench: Option<BenchName>,
     /// The benchmark's files: vqav2 → questions JSON; pope → a coco_pope_*.json file or
     /// their folder; mme → the release folder or a llava_mme.jsonl-style file; coco/flickr →
     /// Karpathy-split or COCO-style caption JSON; shapes → the data folder
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
     /// Image folder [default: next to --data; <data>/images for shapes]
     #[arg(long)]
     pub images: Option<PathBuf>,
@@ -65,31 +40,32 @@ pub struct EvalArgs {
     /// the ground truth
     #[arg(long)]
     pub annotations: Option<PathBuf>,
-    /// Karpathy split for coco/flickr
-    #[arg(long, default_value = "test")]
-    pub split: String,
-    #[arg(long, value_enum, default_value = "llava")]
-    pub protocol: Protocol,
+    /// Karpathy split for coco/flickr [default: test]
+    #[arg(long)]
+    pub split: Option<String>,
+    /// [default: llava]
+    #[arg(long, value_enum)]
+    pub protocol: Option<Protocol>,
     /// At most N questions (images for captions), a random subset chosen with --seed (per
     /// part for shapes; MME keeps both questions of an image)
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Seed of the subset and of sampling
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the subset and of sampling [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Output folder: predictions.jsonl (resumable), scores.json, results/ in the official
     /// formats, eval.json
     #[arg(long)]
     pub out: PathBuf,
-    /// Questions per generation batch
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// New tokens at most for short answers
-    #[arg(long, default_value_t = 16)]
-    pub max_new_tokens: usize,
-    /// New tokens at most for captions
-    #[arg(long, default_value_t = 64)]
-    pub caption_tokens: usize,
+    /// Questions per generation batch [default: 8]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// New tokens at most for short answers [default: 16]
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// New tokens at most for captions [default: 64]
+    #[arg(long)]
+    pub caption_tokens: Option<usize>,
     /// Conversation template [default: the model's chat template if it has one, else vicuna_v1]
     #[arg(long, value_enum)]
     pub template: Option<TemplateName>,
@@ -97,190 +73,113 @@ pub struct EvalArgs {
     /// caption for the provided image."; shapes: "Give a short caption for the image."]
     #[arg(long)]
     pub caption_prompt: Option<String>,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    /// Storage dtype of the frozen weights [default: f32]
+    #[arg(long, value_enum)]
+    pub dtype: Option<WeightDtype>,
     #[command(flatten)]
-    pub image: ImageProcessorArgs,
+    pub image: ImageArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// No progress bar
     #[arg(long)]
     pub quiet: bool,
 }
 
-fn parent_of(p: &Path) -> PathBuf {
-    if p.is_dir() {
-        p.to_path_buf()
-    } else {
-        p.parent().map(Path::to_path_buf).unwrap_or_default()
+impl EvalArgs {
+    /// The evaluation: the config file, then every flag given; without a file, --model,
+    /// --bench and --data are required.
+    pub fn eval_config(&self) -> Result<EvalConfig> {
+        let mut c = match &self.config {
+            Some(p) => EvalConfig::read(p)?,
+            None => EvalConfig {
+                model: self.model.clone().context("--model is required")?,
+                adapter: None,
+                bench: BenchFiles {
+                    bench: self.bench.context("--bench is required")?,
+                    data: self.data.clone().context("--data is required")?,
+                    images: None,
+                    annotations: None,
+                    split: "test".into(),
+                },
+                protocol: Protocol::Llava,
+                limit: None,
+                seed: 0,
+                batch: 8,
+                max_new_tokens: 16,
+                caption_tokens: 64,
+                template: None,
+                caption_prompt: None,
+                dtype: WeightDtype::F32,
+                image: Default::default(),
+            },
+        };
+        if let Some(m) = &self.model {
+            c.model = m.clone();
+        }
+        if self.adapter.is_some() {
+            c.adapter = self.adapter.clone();
+        }
+        if let Some(b) = self.bench {
+            c.bench.bench = b;
+        }
+        if let Some(d) = &self.data {
+            c.bench.data = d.clone();
+        }
+        if self.images.is_some() {
+            c.bench.images = self.images.clone();
+        }
+        if self.annotations.is_some() {
+            c.bench.annotations = self.annotations.clone();
+        }
+        if let Some(s) = &self.split {
+            c.bench.split = s.clone();
+        }
+        if let Some(p) = self.protocol {
+            c.protocol = p;
+        }
+        if self.limit.is_some() {
+            c.limit = self.limit;
+        }
+        if let Some(s) = self.seed {
+            c.seed = s;
+        }
+        if let Some(b) = self.batch {
+            c.batch = b;
+        }
+        if let Some(n) = self.max_new_tokens {
+            c.max_new_tokens = n;
+        }
+        if let Some(n) = self.caption_tokens {
+            c.caption_tokens = n;
+        }
+        if self.template.is_some() {
+            c.template = self.template;
+        }
+        if self.caption_prompt.is_some() {
+            c.caption_prompt = self.caption_prompt.clone();
+        }
+        if let Some(d) = self.dtype {
+            c.dtype = d;
+        }
+        self.image.override_in(&mut c.image);
+        Ok(c)
     }
-}
-
-/// The items of a benchmark's files.
-pub fn load_items(
-    bench: BenchName,
-    data: &Path,
-    images: Option<&Path>,
-    annotations: Option<&Path>,
-    split: &str,
-    limit: Option<usize>,
-    seed: u64,
-) -> Result<Vec<Item>> {
-    if !data.exists() {
-        bail!("--data {}: not found", data.display());
-    }
-    let images = images
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| match bench {
-            BenchName::Shapes => data.join("images"),
-            _ => parent_of(data),
-        });
-    let items = match bench {
-        BenchName::Vqav2 => {
-            let ann = annotations
-                .context("--bench vqav2 needs --annotations (the official annotations JSON)")?;
-            subset(load_vqav2(data, ann, &images)?, limit, seed)
-        }
-        BenchName::Pope => {
-            let mut v = Vec::new();
-            for f in pope_files(data)? {
-                v.extend(subset(load_pope(&f, &images)?, limit, seed));
-            }
-            v
-        }
-        BenchName::Mme => {
-            let v = if data.is_dir() {
-                load_mme_folder(data)?
-            } else {
-                load_mme_jsonl(data, &images, annotations)?
-            };
-            subset(v, limit, seed)
-        }
-        BenchName::Coco | BenchName::Flickr => {
-            subset(load_captions(data, &images, split)?, limit, seed)
-        }
-        BenchName::Shapes => {
-            let mut v = subset(
-                load_vqav2(
-                    &data.join("vqa_test_questions.json"),
-                    &data.join("vqa_test_annotations.json"),
-                    &images,
-                )?,
-                limit,
-                seed,
-            );
-            for s in ["random", "popular", "adversarial"] {
-                v.extend(subset(
-                    load_pope(&data.join(format!("pope_test_{s}.jsonl")), &images)?,
-                    limit,
-                    seed,
-                ));
-            }
-            v.extend(subset(
-                load_mme_jsonl(&data.join("mme_test.jsonl"), &images, None)?,
-                limit,
-                seed,
-            ));
-            v.extend(subset(
-                load_captions(&data.join("captions_test.json"), &images, split)?,
-                limit,
-                seed,
-            ));
-            v
-        }
-    };
-    if items.is_empty() {
-        bail!("--data {}: no questions", data.display());
-    }
-    Ok(items)
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if args.batch == 0 {
-        bail!("--batch must be positive");
-    }
-    let items = load_items(
-        args.bench,
-        &args.data,
-        args.images.as_deref(),
-        args.annotations.as_deref(),
-        &args.split,
-        args.limit,
-        args.seed,
-    )?;
-    let model = load_model(&args.model, args.adapter.as_deref(), args.dtype.dtype())?;
-    let tools = model.text.as_ref().context("the model has no tokenizer")?;
-    let template_name = args
-        .template
-        .unwrap_or_else(|| super::default_template(&model));
-    let template = Template::new(template_name, Some(tools))?;
-    let preprocess = args.image.preprocess(&model)?;
-    let eos: Vec<u32> = tools.eos_id.into_iter().collect();
-    let gen_cfg = |n: usize| {
-        let mut g = protocol_generation(args.protocol, n, args.seed);
-        g.eos_ids = eos.clone();
-        g.stop_strings = template.stop_strings();
-        g
-    };
-    let asker = |n: usize| Asker {
-        model: &model,
-        template: &template,
-        preprocess: &preprocess,
-        generation: gen_cfg(n),
-        batch: args.batch,
-        progress: false,
-    };
-    let caption_prompt = args
-        .caption_prompt
-        .clone()
-        .unwrap_or_else(|| match args.bench {
-            BenchName::Shapes => "Give a short caption for the image.".into(),
-            _ => CAPTION_PROMPT.into(),
-        });
-    let plain = template_name == TemplateName::Plain;
-    let askers = Askers {
-        short: asker(args.max_new_tokens),
-        caption: asker(args.caption_tokens),
-        caption_prompt,
-        // MME's and POPE's questions are yes/no questions already; LLaVA-1.5 appends its
-        // short-answer instruction to all of them (shapes: what its data was written with)
-        short_suffix: if plain {
-            String::new()
-        } else if args.bench == BenchName::Shapes {
-            read_level(&args.data)?.question_suffix()
-        } else {
-            format!("\n{SHORT_ANSWER}")
-        },
-        vqa_demos: if plain {
-            vec![]
-        } else {
-            demonstrations(args.protocol, false)
-        },
-        caption_demos: if plain {
-            vec![]
-        } else {
-            demonstrations(args.protocol, true)
-        },
-        seed: args.seed,
-    };
-    let setup = EvalSetup {
-        bench: args.bench.name().into(),
-        model: args.model.display().to_string(),
-        adapter: args.adapter.as_ref().map(|a| a.display().to_string()),
-        protocol: args.protocol,
-        template: format!("{template_name:?}"),
-        seed: args.seed,
-        limit: args.limit,
-        max_new_tokens: args.max_new_tokens,
-    };
+    let cfg = args.eval_config()?;
+    let device = args.device.device.device()?;
     let t = std::time::Instant::now();
-    let r = run_eval(&items, &askers, &setup, &args.out, !args.quiet)?;
-    print!("{}", r.scores.table());
+    let r = evaluate(&cfg, &args.out, &device, !args.quiet)?;
+    let o = &r.outcome;
+    print!("{}", o.scores.table());
     println!(
         "{} questions ({} answered now, {} from an earlier run) in {:.1}s; predictions: {}; scores: {}",
-        items.len(),
-        r.answered_now,
-        items.len() - r.answered_now,
+        r.items,
+        o.answered_now,
+        r.items - o.answered_now,
         t.elapsed().as_secs_f64(),
-        r.predictions.display(),
+        o.predictions.display(),
         args.out.join("scores.json").display()
     );
     Ok(())
@@ -308,33 +207,19 @@ pub struct ScoreArgs {
 }
 
 pub fn score_run(args: ScoreArgs) -> Result<()> {
-    let gt = || {
-        args.gt
-            .as_deref()
-            .with_context(|| format!("--bench {} needs --gt", args.bench.name()))
-    };
-    let (items, preds) = match args.bench {
-        BenchName::Vqav2 => {
-            let q = args
-                .questions
-                .as_deref()
-                .context("--bench vqav2 needs --questions (the official questions JSON)")?;
-            read_vqav2_results(&args.pred, q, gt()?)?
-        }
-        BenchName::Pope => read_pope_answers(&args.pred, gt()?)?,
-        BenchName::Mme => read_mme_results(&args.pred)?,
-        BenchName::Coco | BenchName::Flickr => read_caption_results(&args.pred, gt()?)?,
-        BenchName::Shapes => {
-            bail!("--bench shapes: score each part with its own format (vqav2, pope, mme, coco)")
-        }
-    };
+    let (items, preds) = read_results(
+        args.bench,
+        &args.pred,
+        args.gt.as_deref(),
+        args.questions.as_deref(),
+    )?;
     if items.is_empty() {
         bail!("{}: no predictions", args.pred.display());
     }
     let scores: Scores = score(&items, &preds);
     print!("{}", scores.table());
     if let Some(out) = &args.out {
-        write_atomically(out, serde_json::to_string_pretty(&scores)?.as_bytes())?;
+        write_json(out, &scores)?;
         println!("scores: {}", out.display());
     }
     Ok(())

@@ -1,18 +1,17 @@
-//! `lntune generate` (one answer, streamed) and `lntune chat` (image + multi-turn text).
+//! `lntune generate` (one answer, streamed) and `lntune chat` (image + multi-turn text, a
+//! line at a time from stdin).
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
+use anyhow::Result;
 use clap::Args;
 
-use super::{DTypeArg, ImageProcessorArgs, load_model};
-use crate::data::image::Preprocess;
-use crate::data::llava::{IMAGE_PLACEHOLDER, Turn};
-use crate::data::template::{Rendered, Template, TemplateName, tokenize};
-use crate::eval::generate::{GenConfig, Prompt, generate};
-use crate::model::mllm::Mllm;
+use super::args::{DeviceArgs, ImageArgs};
+use crate::data::llava::Turn;
+use crate::data::template::TemplateName;
+use crate::eval::chat::{ChatConfig, ChatSession, user_turn};
+use crate::util::device::WeightDtype;
 
 /// Model and decoding flags shared by `generate` and `chat`.
 #[derive(Args, Debug)]
@@ -44,9 +43,30 @@ pub struct DecodeArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    pub dtype: WeightDtype,
     #[command(flatten)]
-    pub image: ImageProcessorArgs,
+    pub image: ImageArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl DecodeArgs {
+    fn session(&self) -> Result<ChatSession> {
+        let cfg = ChatConfig {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            template: self.template,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            dtype: self.dtype,
+            image: self.image.processing(),
+        };
+        ChatSession::load(&cfg, &self.device.device.device()?)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -69,123 +89,8 @@ pub struct ChatArgs {
     pub image: Option<PathBuf>,
 }
 
-/// A loaded model with its template, preprocessing and generation settings.
-pub struct Session {
-    pub model: Mllm,
-    pub template: Template,
-    pub preprocess: Option<Preprocess>,
-    pub generation: GenConfig,
-}
-
-impl Session {
-    pub fn load(a: &DecodeArgs) -> Result<Self> {
-        if a.temperature < 0.0 || !(0.0..=1.0).contains(&a.top_p) || a.top_p == 0.0 {
-            bail!("--temperature must be >= 0 and --top-p in (0, 1]");
-        }
-        let model = load_model(&a.model, a.adapter.as_deref(), a.dtype.dtype())?;
-        let tools = model.text.as_ref().context("the model has no tokenizer")?;
-        let template = Template::new(
-            a.template
-                .unwrap_or_else(|| super::default_template(&model)),
-            Some(tools),
-        )?;
-        let preprocess = match model.vision {
-            Some(_) => Some(a.image.preprocess(&model)?),
-            None => None,
-        };
-        let mut generation = GenConfig::greedy(a.max_new_tokens);
-        generation.temperature = a.temperature;
-        generation.top_k = a.top_k;
-        generation.top_p = a.top_p;
-        generation.seed = a.seed;
-        generation.eos_ids = tools.eos_id.into_iter().collect();
-        generation.stop_strings = template.stop_strings();
-        generation.stop_strings.extend(a.stop.iter().cloned());
-        Ok(Self {
-            model,
-            template,
-            preprocess,
-            generation,
-        })
-    }
-
-    /// Tower features (P, Dv) of an image file.
-    pub fn image_features(&self, path: &Path) -> Result<Tensor> {
-        let pre = self
-            .preprocess
-            .as_ref()
-            .context("this model has no vision tower; it cannot take --image")?;
-        let v = self.model.vision.as_ref().context("no vision tower")?;
-        let (px, h, w) = pre.load(path)?;
-        let t = Tensor::from_vec(px, (1, 3, h, w), &Device::Cpu)?;
-        Ok(v.tower.features(&t, &v.select)?.get(0)?)
-    }
-
-    /// Answers the conversation's last human turn, streaming the text to `sink`.
-    pub fn reply(
-        &self,
-        turns: &[Turn],
-        image: Option<&Tensor>,
-        sink: &mut dyn Write,
-    ) -> Result<String> {
-        let tools = self
-            .model
-            .text
-            .as_ref()
-            .context("the model has no tokenizer")?;
-        let prompt = self.template.render_prompt(turns)?;
-        let r = Rendered {
-            text: prompt,
-            targets: vec![],
-        };
-        let (image_token, per_image) = match (&self.model.vision, &self.preprocess) {
-            (Some(v), Some(p)) => {
-                let (h, w) = p.crop.unwrap_or((224, 224));
-                (v.image_token_id, v.tokens_per_image(h, w))
-            }
-            _ => (u32::MAX, 0),
-        };
-        let ids = tokenize(&r, tools, image_token, per_image, true)?.input_ids;
-        let prompt = Prompt {
-            ids,
-            images: image.into_iter().cloned().collect(),
-            seed: None,
-        };
-        let mut err = None;
-        let out = generate(
-            &self.model,
-            tools,
-            &[prompt],
-            &self.generation,
-            |_, piece| {
-                if err.is_none() {
-                    err = sink
-                        .write_all(piece.as_bytes())
-                        .and_then(|_| sink.flush())
-                        .err();
-                }
-            },
-        )?;
-        if let Some(e) = err {
-            return Err(e.into());
-        }
-        Ok(out.into_iter().next().map(|g| g.text).unwrap_or_default())
-    }
-}
-
-fn user_turn(text: &str, with_image: bool) -> Turn {
-    Turn {
-        from: "human".into(),
-        value: if with_image {
-            format!("{IMAGE_PLACEHOLDER}\n{text}")
-        } else {
-            text.to_string()
-        },
-    }
-}
-
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
-    let s = Session::load(&args.decode)?;
+    let s = args.decode.session()?;
     let image = args
         .image
         .as_deref()
@@ -199,7 +104,7 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
 }
 
 pub fn run_chat(args: ChatArgs) -> Result<()> {
-    let s = Session::load(&args.decode)?;
+    let s = args.decode.session()?;
     let mut image = args
         .image
         .as_deref()

@@ -1,7 +1,9 @@
-//! Command-line interface: one file per subcommand, each with `pub fn run(args) -> Result<()>`.
-//! `main` only parses and maps the result to an exit code.
+//! Command-line interface: clap arguments mapped to the typed configs of the layers below,
+//! and nothing else. One file per subcommand (or pair of related ones), each with
+//! `pub fn run(args) -> Result<()>`; `main` only parses and maps the result to an exit code.
 
 pub mod analyze;
+pub mod args;
 pub mod bench;
 pub mod check;
 pub mod compare;
@@ -10,13 +12,11 @@ pub mod demo;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
-pub mod method_args;
 pub mod plan;
 pub mod train;
 
-use anyhow::{Result, bail};
-use candle_core::{DType, Device};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,43 +67,6 @@ pub enum Command {
     Analyze(analyze::AnalyzeArgs),
 }
 
-/// Numeric precision of the frozen weights' matmuls.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum DTypeArg {
-    F32,
-    Bf16,
-}
-
-impl DTypeArg {
-    pub fn dtype(self) -> DType {
-        match self {
-            DTypeArg::F32 => DType::F32,
-            DTypeArg::Bf16 => DType::BF16,
-        }
-    }
-}
-
-/// Which device to run on.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
-impl DeviceArg {
-    pub fn device(self) -> Result<Device> {
-        match self {
-            DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => {
-                if !candle_core::utils::cuda_is_available() {
-                    bail!("--device cuda: this binary was built without the `cuda` feature");
-                }
-                Ok(Device::new_cuda(0)?)
-            }
-        }
-    }
-}
-
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check(args) => check::run(args),
@@ -119,84 +82,5 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => generate::run_chat(args),
         Command::Compare(args) => compare::run(args),
         Command::Analyze(args) => analyze::run(args),
-    }
-}
-
-/// Loads a model and, if given, an adapter onto it (checked against the base's fingerprint;
-/// LoRA stays unmerged).
-pub fn load_model(
-    model: &std::path::Path,
-    adapter: Option<&std::path::Path>,
-    dtype: DType,
-) -> Result<crate::model::mllm::Mllm> {
-    let mut m = crate::model::mllm::Mllm::load(model, dtype, &Device::Cpu)?;
-    if let Some(a) = adapter {
-        crate::io::adapter::apply_adapter(a, &mut m)?;
-    }
-    Ok(m)
-}
-
-/// The template a model is talked to with by default: its own chat template if it has one,
-/// else vicuna_v1 (LLaVA-1.5).
-pub fn default_template(model: &crate::model::mllm::Mllm) -> crate::data::template::TemplateName {
-    use crate::data::template::TemplateName;
-    if model
-        .text
-        .as_ref()
-        .is_some_and(|t| t.chat_template.is_some())
-    {
-        TemplateName::Model
-    } else {
-        TemplateName::VicunaV1
-    }
-}
-
-/// Image preprocessing flags shared by `train`, `eval` and `generate`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ImageProcessorArgs {
-    /// Image processor [default: clip for CLIP towers, dinov2 for DINOv2 towers]
-    #[arg(long, value_enum)]
-    pub image_processor: Option<ImageProcessor>,
-    /// Resize the shortest side to N and center-crop N×N (default: the processor's own)
-    #[arg(long)]
-    pub image_size: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ImageProcessor {
-    /// CLIPImageProcessor: shortest side, bicubic, center crop, CLIP mean/std
-    Clip,
-    /// LLaVA-1.5 `pad`: pad to a square of the mean color, then CLIP
-    ClipPad,
-    /// DINOv2: shortest side 256, crop 224, ImageNet mean/std
-    Dinov2,
-}
-
-impl ImageProcessorArgs {
-    pub fn preprocess(
-        &self,
-        model: &crate::model::mllm::Mllm,
-    ) -> Result<crate::data::image::Preprocess> {
-        use crate::data::image::Preprocess;
-        use crate::model::vision::VisionTower;
-        let tower_size = model.vision.as_ref().map(|v| v.tower.config().image_size());
-        let kind = match (
-            self.image_processor,
-            model.vision.as_ref().map(|v| &v.tower),
-        ) {
-            (Some(k), _) => k,
-            (None, Some(VisionTower::Dinov2(_))) => ImageProcessor::Dinov2,
-            _ => ImageProcessor::Clip,
-        };
-        let mut p = match kind {
-            ImageProcessor::Clip => Preprocess::clip(tower_size.unwrap_or(224)),
-            ImageProcessor::ClipPad => Preprocess::clip_pad(tower_size.unwrap_or(224)),
-            ImageProcessor::Dinov2 => Preprocess::dinov2(),
-        };
-        if let Some(s) = self.image_size {
-            p.shortest_edge = Some(s);
-            p.crop = Some((s, s));
-        }
-        Ok(p)
     }
 }

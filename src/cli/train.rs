@@ -1,27 +1,30 @@
-//! `lntune train`: finetune a model on LLaVA-format data with one of the methods.
+//! `lntune train`: flags (or a run config file, which flags override) to a `RunConfig`.
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
 
-use super::method_args::MethodArgs;
-use super::{DTypeArg, ImageProcessorArgs};
+use super::args::{DeviceArgs, ImageArgs, MethodArgs};
+use crate::data::features::FeatureCache;
 use crate::data::llava::DataSource;
 use crate::data::template::TemplateName;
 use crate::methods::Method;
 use crate::train::Recompute;
-use crate::train::optim::AdamWConfig;
-use crate::train::run::{RunConfig, train_run};
+use crate::train::run::{GradStatsConfig, RunConfig, train_run};
+use crate::util::device::WeightDtype;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
+    /// Run config (JSON, e.g. a run's own config.json); the flags given override its fields
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Model: llava-hf directory, directory with compose.json, HF LLM directory or .gguf file
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// LLaVA JSON files, comma separated, each with an optional sample budget: a.json:20000,b.json
     #[arg(long)]
-    pub data: String,
+    pub data: Option<String>,
     /// Held-out LLaVA JSON data (same syntax as --data) whose loss is measured after
     /// training and written to summary.json
     #[arg(long)]
@@ -35,47 +38,49 @@ pub struct TrainArgs {
     /// it has one, else vicuna_v1]
     #[arg(long, value_enum)]
     pub template: Option<TemplateName>,
-    /// 1: feature alignment (projector, plain template); 2: instruction tuning
-    #[arg(long, default_value_t = 2)]
-    pub stage: u8,
-    /// Output directory (adapter, checkpoints, metrics.jsonl, loss.png)
+    /// 1: feature alignment (projector, plain template by default); 2: instruction tuning
+    #[arg(long)]
+    pub stage: Option<u8>,
+    /// Output directory (config.json, adapter, checkpoints, metrics.jsonl, loss.png)
     #[arg(long)]
     pub out: PathBuf,
     /// Peak learning rate [default: 2e-3 for projector, 2e-5 for full, 2e-4 for lora, 5e-4 otherwise]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Linear warmup as a fraction of the steps (LLaVA: 0.03)
-    #[arg(long, default_value_t = 0.03)]
-    pub warmup_ratio: f64,
+    /// Linear warmup as a fraction of the steps [default: 0.03, LLaVA's]
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
     /// Linear warmup steps (overrides --warmup-ratio)
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    /// Cosine decay floor as a fraction of the peak learning rate
-    #[arg(long, default_value_t = 0.0)]
-    pub min_lr_ratio: f64,
-    /// Epochs over the data (ignored with --steps)
-    #[arg(long, default_value_t = 1.0)]
-    pub epochs: f64,
+    /// Cosine decay floor as a fraction of the peak learning rate [default: 0]
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    /// Epochs over the data (ignored with --steps) [default: 1]
+    #[arg(long)]
+    pub epochs: Option<f64>,
     /// Optimizer steps
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Examples per micro-batch
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Micro-batches per optimizer step
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Clip the global gradient norm (0 turns clipping off)
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
+    /// Examples per micro-batch [default: 8]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1]
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Clip the global gradient norm (0 turns clipping off) [default: 1]
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
     /// Tokens per example, image tokens included; longer examples are cut (and counted)
-    #[arg(long, default_value_t = 2048)]
-    pub max_length: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// AdamW weight decay (LLaVA: 0)
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
+    /// [default: 2048]
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// AdamW weight decay [default: 0, LLaVA's]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// Apply weight decay to norm scales and biases too
     #[arg(long)]
     pub decay_norms: bool,
@@ -88,13 +93,14 @@ pub struct TrainArgs {
     /// Continue a run from its newest checkpoint (a run directory or a checkpoint directory)
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Storage dtype of the frozen weights
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub recompute: Recompute,
+    /// Storage dtype of the frozen weights [default: f32]
+    #[arg(long, value_enum)]
+    pub dtype: Option<WeightDtype>,
+    /// What the forward keeps for the backward [default: auto]
+    #[arg(long, value_enum)]
+    pub recompute: Option<Recompute>,
     #[command(flatten)]
-    pub image: ImageProcessorArgs,
+    pub image: ImageArgs,
     /// Run the vision tower on every step instead of caching each image's features
     #[arg(long)]
     pub no_feature_cache: bool,
@@ -106,102 +112,114 @@ pub struct TrainArgs {
     /// gradvar` plots them
     #[arg(long)]
     pub log_grad_stats: bool,
-    /// Which gradient: `trainable`, `projector`, or a checkpoint-name prefix
-    #[arg(long, default_value = "trainable")]
-    pub grad_stats_subset: String,
-    /// Steps per window of the across-steps variance
-    #[arg(long, default_value_t = 10)]
-    pub grad_stats_window: usize,
+    /// Which gradient: `trainable`, `projector`, or a checkpoint-name prefix [default: trainable]
+    #[arg(long)]
+    pub grad_stats_subset: Option<String>,
+    /// Steps per window of the across-steps variance [default: 10]
+    #[arg(long)]
+    pub grad_stats_window: Option<usize>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// No progress bar
     #[arg(long)]
     pub quiet: bool,
 }
 
-/// The paper-recipe default learning rate of a method.
-pub fn default_lr(m: Method) -> f64 {
-    match m {
-        Method::Projector => 2e-3,
-        Method::Full => 2e-5,
-        Method::Lora => 2e-4,
-        _ => 5e-4,
+/// Sets `field` to the flag's value when the flag was given.
+fn set<T: Clone>(field: &mut T, flag: &Option<T>) {
+    if let Some(v) = flag {
+        *field = v.clone();
+    }
+}
+
+impl TrainArgs {
+    /// The run: the config file (or the defaults), then every flag given.
+    pub fn run_config(&self) -> Result<RunConfig> {
+        let mut c = match &self.config {
+            Some(p) => RunConfig::read(p)?,
+            None => RunConfig::default(),
+        };
+        match self.stage {
+            None | Some(2) => {}
+            // stage 1 pretrains the projector on captions, unless the flags say otherwise
+            Some(1) => {
+                c.method = crate::methods::MethodConfig::new(Method::Projector);
+                c.template = Some(self.template.unwrap_or(TemplateName::Plain));
+            }
+            Some(s) => bail!("--stage must be 1 or 2, got {s}"),
+        }
+        set(&mut c.model, &self.model);
+        if let Some(d) = &self.data {
+            c.data = DataSource::parse_list(d)?;
+        }
+        if let Some(v) = &self.val_data {
+            c.val_data = DataSource::parse_list(v)?;
+        }
+        if self.images.is_some() {
+            c.images = self.images.clone();
+        }
+        c.method = self.method.apply(c.method)?;
+        if self.template.is_some() {
+            c.template = self.template;
+        }
+        if self.lr.is_some() {
+            c.lr = self.lr;
+        }
+        set(&mut c.warmup_ratio, &self.warmup_ratio);
+        if self.warmup_steps.is_some() {
+            c.warmup_steps = self.warmup_steps;
+        }
+        set(&mut c.min_lr_ratio, &self.min_lr_ratio);
+        set(&mut c.epochs, &self.epochs);
+        if self.steps.is_some() {
+            c.steps = self.steps;
+        }
+        set(&mut c.batch, &self.batch);
+        set(&mut c.grad_accum, &self.grad_accum);
+        if let Some(n) = self.max_grad_norm {
+            c.max_grad_norm = (n > 0.0).then_some(n);
+        }
+        set(&mut c.max_length, &self.max_length);
+        set(&mut c.seed, &self.seed);
+        set(&mut c.optim.weight_decay, &self.weight_decay);
+        c.optim.decay_all |= self.decay_norms;
+        if self.init_adapter.is_some() {
+            c.init_adapter = self.init_adapter.clone();
+        }
+        if self.save_every.is_some() {
+            c.save_every = self.save_every;
+        }
+        set(&mut c.dtype, &self.dtype);
+        set(&mut c.recompute, &self.recompute);
+        self.image.override_in(&mut c.image);
+        c.cache_features &= !self.no_feature_cache;
+        c.group_by_length &= !self.no_group_by_length;
+        if self.log_grad_stats && c.grad_stats.is_none() {
+            c.grad_stats = Some(GradStatsConfig {
+                subset: "trainable".into(),
+                window: 10,
+            });
+        }
+        if let Some(gs) = &mut c.grad_stats {
+            set(&mut gs.subset, &self.grad_stats_subset);
+            set(&mut gs.window, &self.grad_stats_window);
+        }
+        c.validate()?;
+        Ok(c)
     }
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    if args.stage != 1 && args.stage != 2 {
-        bail!("--stage must be 1 or 2, got {}", args.stage);
-    }
-    if args.batch == 0 || args.grad_accum == 0 {
-        bail!("--batch and --grad-accum must be positive");
-    }
-    let method = args.method.config_or(if args.stage == 1 {
-        Method::Projector
-    } else {
-        Method::Ln
-    })?;
-    let model =
-        crate::model::mllm::Mllm::load(&args.model, args.dtype.dtype(), &candle_core::Device::Cpu)?;
-    let template = match args.template {
-        Some(t) => t,
-        None if args.stage == 1 => TemplateName::Plain,
-        None if model
-            .text
-            .as_ref()
-            .is_some_and(|t| t.chat_template.is_some()) =>
-        {
-            TemplateName::Model
-        }
-        None => TemplateName::VicunaV1,
-    };
-    let preprocess = args.image.preprocess(&model)?;
-    drop(model);
-    let cfg = RunConfig {
-        model: args.model.clone(),
-        data: DataSource::parse_list(&args.data)?,
-        images: args.images.clone(),
-        lr: args.lr.unwrap_or(default_lr(method.method)),
-        method,
-        template,
-        warmup_ratio: args.warmup_ratio,
-        warmup_steps: args.warmup_steps,
-        min_lr_ratio: args.min_lr_ratio,
-        epochs: args.epochs,
-        steps: args.steps,
-        batch: args.batch,
-        grad_accum: args.grad_accum,
-        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-        max_length: args.max_length,
-        seed: args.seed,
-        optim: AdamWConfig {
-            weight_decay: args.weight_decay,
-            decay_all: args.decay_norms,
-            ..Default::default()
-        },
-        init_adapter: args.init_adapter.clone(),
-        save_every: args.save_every,
-        bf16: args.dtype == DTypeArg::Bf16,
-        recompute: args.recompute,
-        preprocess,
-        cache_features: !args.no_feature_cache,
-        group_by_length: !args.no_group_by_length,
-        val_data: match &args.val_data {
-            Some(v) => DataSource::parse_list(v)?,
-            None => vec![],
-        },
-        grad_stats: args
-            .log_grad_stats
-            .then(|| crate::train::run::GradStatsConfig {
-                subset: args.grad_stats_subset.clone(),
-                window: args.grad_stats_window,
-            }),
-    };
-    let mut cache = crate::train::run::FeatureCache::new(!args.no_feature_cache);
+    let cfg = args.run_config()?;
+    let device = args.device.device.device()?;
+    let mut cache = FeatureCache::new(cfg.cache_features);
     let r = train_run(
         &cfg,
         &args.out,
         args.resume.as_deref(),
         !args.quiet,
         &mut cache,
+        &device,
     )?;
     let last = r.reports.last().map(|r| r.loss).unwrap_or(f64::NAN);
     println!(

@@ -7,18 +7,19 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::image::Preprocess;
-use super::llava::{IMAGE_PLACEHOLDER, Sample};
+use super::llava::{DataSource, IMAGE_PLACEHOLDER, Sample, load_mixture};
 use super::template::{
     Template, TemplateName, Tokenized, Truncation, move_image_first, tokenize, truncate,
 };
-use crate::io::tokenizer::TextTools;
-use crate::model::mllm::Batch;
-use crate::rng::Rng;
+use crate::io::tokenizer::ChatTokenizer;
+use crate::model::batch::Batch;
+use crate::model::mllm::Mllm;
+use crate::util::rng::Rng;
 
 /// One example ready for batching.
 #[derive(Debug, Clone)]
@@ -58,10 +59,11 @@ impl DataReport {
     }
 }
 
-/// What turns samples into examples.
-pub struct Prep<'a> {
+/// What turns samples into examples: the template, the tokenizer, the image token and how many
+/// positions each image takes, the length limit and where the images are.
+pub struct ExampleBuilder<'a> {
     pub template: &'a Template,
-    pub tools: &'a TextTools,
+    pub tokenizer: &'a ChatTokenizer,
     pub image_token_id: u32,
     pub tokens_per_image: usize,
     pub max_length: usize,
@@ -69,7 +71,7 @@ pub struct Prep<'a> {
     pub add_special: bool,
 }
 
-impl Prep<'_> {
+impl ExampleBuilder<'_> {
     /// Validates, templates and tokenizes every sample; bad samples are counted and skipped.
     pub fn examples(&self, samples: &[Sample]) -> (Vec<Example>, DataReport) {
         let mut report = DataReport {
@@ -137,7 +139,7 @@ impl Prep<'_> {
             .map_err(|e| ("malformed conversation", e.to_string()))?;
         let mut tokens = tokenize(
             &rendered,
-            self.tools,
+            self.tokenizer,
             self.image_token_id,
             self.tokens_per_image,
             self.add_special,
@@ -157,6 +159,55 @@ impl Prep<'_> {
             trunc,
         ))
     }
+}
+
+/// Where a run's examples come from and how they are cut.
+pub struct ExampleSpec<'a> {
+    pub data: &'a [DataSource],
+    /// the folder image paths in the data are relative to
+    pub images: Option<&'a Path>,
+    pub template: TemplateName,
+    pub preprocess: &'a Preprocess,
+    pub max_length: usize,
+    /// the seed of the mixture's subsets and order
+    pub seed: u64,
+}
+
+/// The examples of `spec` for `model` (its tokenizer, image token and image size in tokens)
+/// and what was skipped; no usable example at all is an error.
+pub fn load_examples(model: &Mllm, spec: &ExampleSpec) -> Result<(Vec<Example>, DataReport)> {
+    let tokenizer = model
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer (tokenizer.json or GGUF metadata)")?;
+    let template = Template::new(spec.template, Some(tokenizer))?;
+    let (image_token_id, tokens_per_image) = match &model.vision {
+        Some(v) => {
+            let (h, w) = spec.preprocess.crop.unwrap_or((224, 224));
+            (v.image_token_id, v.tokens_per_image(h, w))
+        }
+        None => (u32::MAX, 0),
+    };
+    let samples = load_mixture(spec.data, spec.seed)?;
+    let builder = ExampleBuilder {
+        template: &template,
+        tokenizer,
+        image_token_id,
+        tokens_per_image,
+        max_length: spec.max_length,
+        image_root: spec.images,
+        add_special: true,
+    };
+    let (ex, report) = builder.examples(&samples);
+    if ex.is_empty() {
+        bail!("no usable training example: {}", report.summary());
+    }
+    Ok((ex, report))
+}
+
+/// The id that pads token rows: the model's EOS (0 without a tokenizer).
+pub fn pad_id(model: &Mllm) -> u32 {
+    model.tokenizer.as_ref().and_then(|t| t.eos_id).unwrap_or(0)
 }
 
 /// A batch on the host: token rows padded to the longest, and the images' pixels.

@@ -14,6 +14,9 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::model::mllm::Mllm;
+use crate::model::vision::VisionTower;
+
 /// An 8-bit RGB image, HWC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
@@ -266,6 +269,51 @@ pub struct Preprocess {
     /// LLaVA-1.5 `image_aspect_ratio = "pad"`: square with the mean color first
     pub pad_to_square: bool,
     pub alpha: AlphaMode,
+}
+
+/// The image processors, as `--image-processor` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageProcessor {
+    /// CLIPImageProcessor: shortest side, bicubic, center crop, CLIP mean/std
+    Clip,
+    /// LLaVA-1.5 `pad`: pad to a square of the mean color, then CLIP
+    ClipPad,
+    /// DINOv2: shortest side 256, crop 224, ImageNet mean/std
+    Dinov2,
+}
+
+/// A command's image preprocessing choice: the processor (default: the one of the model's
+/// tower) and the side to resize and crop to (default: the processor's own).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageProcessing {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processor: Option<ImageProcessor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+}
+
+impl ImageProcessing {
+    /// The preprocessing for `model`: CLIP at the tower's size for CLIP towers, DINOv2's for
+    /// DINOv2 towers, unless a processor or size was chosen.
+    pub fn preprocess(&self, model: &Mllm) -> Preprocess {
+        let tower_size = model.vision.as_ref().map(|v| v.tower.config().image_size());
+        let kind = match (self.processor, model.vision.as_ref().map(|v| &v.tower)) {
+            (Some(k), _) => k,
+            (None, Some(VisionTower::Dinov2(_))) => ImageProcessor::Dinov2,
+            _ => ImageProcessor::Clip,
+        };
+        let mut p = match kind {
+            ImageProcessor::Clip => Preprocess::clip(tower_size.unwrap_or(224)),
+            ImageProcessor::ClipPad => Preprocess::clip_pad(tower_size.unwrap_or(224)),
+            ImageProcessor::Dinov2 => Preprocess::dinov2(),
+        };
+        if let Some(s) = self.size {
+            p.shortest_edge = Some(s);
+            p.crop = Some((s, s));
+        }
+        p
+    }
 }
 
 // the values of the HF processor configs, as written there (f32 rounds them)

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::rng::Rng;
+use crate::util::files::{parse_json, parse_jsonl, read_text};
+use crate::util::rng::Rng;
 
 /// The `<image>` placeholder of LLaVA's data.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -52,11 +53,39 @@ impl Sample {
     }
 }
 
-/// `FILE[:N]`: a data file and an optional sample budget.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `FILE[:N]`: a data file and an optional sample budget. In a run config either that
+/// string or `{"path": FILE, "budget": N}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DataSource {
     pub path: PathBuf,
     pub budget: Option<usize>,
+}
+
+impl<'de> Deserialize<'de> for DataSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Object {
+            path: PathBuf,
+            #[serde(default)]
+            budget: Option<usize>,
+        }
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => Self::parse(&s).map_err(D::Error::custom),
+            v => {
+                let o: Object = serde_json::from_value(v).map_err(|e| {
+                    D::Error::custom(format!(
+                        "a data source is \"FILE[:N]\" or {{\"path\", \"budget\"}}: {e}"
+                    ))
+                })?;
+                Ok(Self {
+                    path: o.path,
+                    budget: o.budget,
+                })
+            }
+        }
+    }
 }
 
 impl DataSource {
@@ -90,20 +119,11 @@ impl DataSource {
 
 /// Reads one LLaVA JSON file (a JSON array, or JSON lines).
 pub fn read_file(path: &Path) -> Result<Vec<Sample>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let trimmed = text.trim_start();
-    if trimmed.starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let text = read_text(path)?;
+    if text.trim_start().starts_with('[') {
+        parse_json(&text, path)
     } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| anyhow::anyhow!("{}: line {}: {e}", path.display(), i + 1))
-            })
-            .collect()
+        parse_jsonl(&text, path)
     }
 }
 
@@ -127,6 +147,32 @@ pub fn load_mixture(sources: &[DataSource], seed: u64) -> Result<Vec<Sample>> {
     }
     rng.shuffle(&mut all);
     Ok(all)
+}
+
+/// Samples cut into pieces of at most `per_piece` (question, answer) rounds, each piece
+/// with the image placeholder at the start of its first question and the id `<id>-<k>`.
+pub fn split_rounds(samples: &[Sample], per_piece: usize) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for s in samples {
+        for (k, turns) in s.conversations.chunks(2 * per_piece.max(1)).enumerate() {
+            let mut turns = turns.to_vec();
+            if let Some(first) = turns.first_mut() {
+                let text = first.value.replace(IMAGE_PLACEHOLDER, "");
+                first.value = format!("{IMAGE_PLACEHOLDER}\n{}", text.trim());
+            }
+            // the id as JSON text (`null` for none), then the piece
+            let id = match &s.id {
+                serde_json::Value::String(x) => x.clone(),
+                other => other.to_string(),
+            };
+            out.push(Sample {
+                id: serde_json::json!(format!("{id}-{k}")),
+                image: s.image.clone(),
+                conversations: turns,
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]

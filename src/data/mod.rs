@@ -3,6 +3,7 @@
 //! benchmark.
 
 pub mod dataset;
+pub mod features;
 pub mod image;
 pub mod llava;
 pub mod shapes;

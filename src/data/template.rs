@@ -25,8 +25,11 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use super::llava::{IMAGE_PLACEHOLDER, Turn};
-use crate::io::tokenizer::{ChatMessage, TextTools, render_chat_template};
+use crate::io::tokenizer::{ChatMessage, ChatTokenizer, render_chat_template};
 use crate::ops::loss::IGNORE_INDEX;
+
+/// LLaVA-1.5's short-answer instruction, after short questions.
+pub const SHORT_ANSWER: &str = "Answer the question using a single word or phrase.";
 
 pub const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
 pub const LLAMA2_SYSTEM: &str = "You are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.";
@@ -42,6 +45,18 @@ pub enum TemplateName {
     Chatml,
     /// the model's own chat template (tokenizer_config.json or GGUF metadata)
     Model,
+}
+
+impl TemplateName {
+    /// The template a model is talked to with by default: its own chat template if its
+    /// tokenizer has one, else vicuna_v1 (LLaVA-1.5's).
+    pub fn default_for(tokenizer: Option<&ChatTokenizer>) -> Self {
+        if tokenizer.is_some_and(|t| t.chat_template.is_some()) {
+            TemplateName::Model
+        } else {
+            TemplateName::VicunaV1
+        }
+    }
 }
 
 /// A conversation rendered for training: text with `<image>` markers and trained byte spans.
@@ -132,7 +147,7 @@ pub struct Template {
 }
 
 impl Template {
-    pub fn new(name: TemplateName, tools: Option<&TextTools>) -> Result<Self> {
+    pub fn new(name: TemplateName, tools: Option<&ChatTokenizer>) -> Result<Self> {
         let jinja = match name {
             TemplateName::Model => Some(
                 tools
@@ -347,7 +362,7 @@ pub struct Tokenized {
 /// piece with BOS and keeps it on the first only).
 pub fn tokenize(
     r: &Rendered,
-    tools: &TextTools,
+    tools: &ChatTokenizer,
     image_token_id: u32,
     tokens_per_image: usize,
     add_special: bool,

@@ -9,9 +9,9 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::io::tokenizer::TextTools;
+use crate::io::tokenizer::ChatTokenizer;
 use crate::model::mllm::Mllm;
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenConfig {
@@ -111,7 +111,7 @@ fn pick(logits: &[f32], cfg: &GenConfig, rng: &mut Rng) -> u32 {
 /// each new token as it is produced (for streaming).
 pub fn generate(
     model: &Mllm,
-    tools: &TextTools,
+    tools: &ChatTokenizer,
     prompts: &[Prompt],
     cfg: &GenConfig,
     mut on_token: impl FnMut(usize, &str),

@@ -1,160 +1,188 @@
 //! `lntune eval`'s loop: ask a model every benchmark item under a protocol, append each
-//! answer to a predictions file as it comes (a rerun skips answered items), then score.
+//! answer to a predictions file as it comes (a rerun skips answered items), then score and
+//! write the official result files.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use super::bench::{Item, Scores, score, submission_answer, write_atomically, write_official};
-use super::generate::{GenConfig, Prompt, generate};
-use super::harness::Asker;
-use crate::train::run::{FeatureCache, progress_bar};
+use super::answer::Answerer;
+use super::benchmarks::item::{Item, Truth};
+use super::benchmarks::scores::{Scores, score, submission_answer, write_official};
+use super::benchmarks::{BenchFiles, BenchName, load_items};
+use super::generate::{Prompt, generate};
+use super::predictions::{PredictionLine, Predictions};
+use super::protocol::{CAPTION_PROMPT, Protocol, demonstrations, protocol_generation};
+use crate::data::features::FeatureCache;
+use crate::data::image::ImageProcessing;
+use crate::data::shapes::read_level;
+use crate::data::template::{SHORT_ANSWER, Template, TemplateName};
+use crate::methods::adapter::load_model;
+use crate::util::device::WeightDtype;
+use crate::util::files::{read_json, write_json};
+use crate::util::progress::progress_bar;
 
-/// How questions are asked: the two harnesses the paper's numbers come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Protocol {
-    /// LLaVA-1.5's: greedy; short questions end with "Answer the question using a single
-    /// word or phrase."
-    Llava,
-    /// The paper authors': sampling (top-k 50, temperature 0.2), three text-only
-    /// demonstrations before VQAv2 questions and caption requests
-    Authors,
-}
-
-/// Text-only demonstrations of the authors' protocol: (user, assistant) turns before the
-/// question. They show the answer format, not the image.
-pub fn demonstrations(protocol: Protocol, caption: bool) -> Vec<(String, String)> {
-    if protocol != Protocol::Authors {
-        return vec![];
-    }
-    let pairs: [(&str, &str); 3] = if caption {
-        [
-            (
-                CAPTION_PROMPT,
-                "A man riding a bicycle down a busy city street.",
-            ),
-            (
-                CAPTION_PROMPT,
-                "A plate of rice and broccoli on a wooden table.",
-            ),
-            (
-                CAPTION_PROMPT,
-                "Two dogs playing with a red frisbee in a park.",
-            ),
-        ]
-    } else {
-        [
-            ("What color is a ripe banana?", "Yellow"),
-            ("How many legs does a spider have?", "8"),
-            ("Is the sky blue on a clear day?", "Yes"),
-        ]
-    };
-    pairs
-        .iter()
-        .map(|(q, a)| {
-            let q = if caption {
-                q.to_string()
-            } else {
-                format!("{q}\n{}", super::harness::SHORT_ANSWER)
-            };
-            (q, a.to_string())
-        })
-        .collect()
-}
-
-/// LLaVA-1.5's caption request.
-pub const CAPTION_PROMPT: &str = "Provide a one-sentence caption for the provided image.";
-
-/// Generation settings of a protocol.
-pub fn protocol_generation(protocol: Protocol, max_new_tokens: usize, seed: u64) -> GenConfig {
-    let mut g = GenConfig::greedy(max_new_tokens);
-    if protocol == Protocol::Authors {
-        g.temperature = 0.2;
-        g.top_k = 50;
-        g.seed = seed;
-    }
-    g
-}
-
-/// One line of a predictions file.
+/// Everything that defines an evaluation (`lntune eval --config FILE` reads one; flags
+/// override its fields).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PredictionLine {
-    pub id: String,
-    pub image: String,
-    pub question: String,
-    pub answer: String,
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// llava-hf directory, directory with compose.json, or .gguf file
+    pub model: PathBuf,
+    /// adapter directory (applied without merging)
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+    pub bench: BenchFiles,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// at most this many questions (images for captions), a random subset chosen with `seed`
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// seed of the subset and of sampling
+    #[serde(default)]
+    pub seed: u64,
+    /// questions per generation batch
+    #[serde(default = "default_eval_batch")]
+    pub batch: usize,
+    /// new tokens at most for short answers
+    #[serde(default = "default_short_tokens")]
+    pub max_new_tokens: usize,
+    /// new tokens at most for captions
+    #[serde(default = "default_caption_tokens")]
+    pub caption_tokens: usize,
+    /// the model's chat template if it has one, else vicuna_v1, when not given
+    #[serde(default)]
+    pub template: Option<TemplateName>,
+    /// the user text that asks for a caption (LLaVA's; shapes: "Give a short caption for
+    /// the image.")
+    #[serde(default)]
+    pub caption_prompt: Option<String>,
+    #[serde(default)]
+    pub dtype: WeightDtype,
+    #[serde(default)]
+    pub image: ImageProcessing,
 }
 
-/// An append-only predictions file (JSONL). Opening it reads the answers so far; a last line
-/// cut short by an interruption is dropped (the file is truncated to its last whole line).
-pub struct Predictions {
-    pub path: PathBuf,
-    pub answers: HashMap<String, String>,
-    file: std::fs::File,
+fn default_protocol() -> Protocol {
+    Protocol::Llava
 }
 
-impl Predictions {
-    pub fn open(path: &Path) -> Result<Self> {
-        let mut answers = HashMap::new();
-        let mut keep = 0u64;
-        if path.exists() {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            let mut offset = 0usize;
-            let lines: Vec<&str> = text.split_inclusive('\n').collect();
-            for (i, line) in lines.iter().enumerate() {
-                let whole = line.ends_with('\n');
-                match serde_json::from_str::<PredictionLine>(line.trim_end()) {
-                    Ok(p) if whole => {
-                        answers.insert(p.id, p.answer);
-                        offset += line.len();
-                    }
-                    _ if i + 1 == lines.len() => break, // an interrupted last write
-                    Err(e) => bail!(
-                        "{}: line {}: not a prediction ({e}); remove the line or the file",
-                        path.display(),
-                        i + 1
-                    ),
-                    Ok(_) => unreachable!("only the last line can lack its newline"),
-                }
-            }
-            keep = offset as u64;
-        } else if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("{}: cannot create", parent.display()))?;
+fn default_eval_batch() -> usize {
+    8
+}
+
+fn default_short_tokens() -> usize {
+    16
+}
+
+fn default_caption_tokens() -> usize {
+    64
+}
+
+impl EvalConfig {
+    /// Reads an evaluation config file (JSON).
+    pub fn read(path: &Path) -> Result<Self> {
+        read_json(path)
+    }
+}
+
+/// What `evaluate` did: the outcome of the run and the number of items.
+pub struct EvalReport {
+    pub outcome: EvalOutcome,
+    pub items: usize,
+}
+
+/// Loads the benchmark and the model (with its adapter), answers every item not answered in
+/// `out` yet, and scores all of them (see `run_eval`).
+pub fn evaluate(
+    cfg: &EvalConfig,
+    out: &Path,
+    device: &Device,
+    progress: bool,
+) -> Result<EvalReport> {
+    if cfg.batch == 0 {
+        bail!("--batch must be positive");
+    }
+    let items = load_items(&cfg.bench, cfg.limit, cfg.seed)?;
+    let model = load_model(
+        &cfg.model,
+        cfg.adapter.as_deref(),
+        cfg.dtype.dtype(),
+        device,
+    )?;
+    let tokenizer = model
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer")?;
+    let template_name = cfg
+        .template
+        .unwrap_or_else(|| TemplateName::default_for(Some(tokenizer)));
+    let template = Template::new(template_name, Some(tokenizer))?;
+    let preprocess = cfg.image.preprocess(&model);
+    let eos: Vec<u32> = tokenizer.eos_id.into_iter().collect();
+    let answerer = |n: usize| {
+        let mut g = protocol_generation(cfg.protocol, n, cfg.seed);
+        g.eos_ids = eos.clone();
+        g.stop_strings = template.stop_strings();
+        Answerer {
+            model: &model,
+            template: &template,
+            preprocess: &preprocess,
+            generation: g,
+            batch: cfg.batch,
+            progress: false,
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(path)
-            .with_context(|| format!("{}: cannot open for writing", path.display()))?;
-        file.set_len(keep)?;
-        let mut p = Self {
-            path: path.to_path_buf(),
-            answers,
-            file,
-        };
-        use std::io::Seek;
-        p.file.seek(std::io::SeekFrom::End(0))?;
-        Ok(p)
-    }
-
-    pub fn append(&mut self, line: &PredictionLine) -> Result<()> {
-        let mut s = serde_json::to_string(line)?;
-        s.push('\n');
-        self.file
-            .write_all(s.as_bytes())
-            .and_then(|_| self.file.flush())
-            .with_context(|| format!("{}: cannot append", self.path.display()))?;
-        self.answers.insert(line.id.clone(), line.answer.clone());
-        Ok(())
-    }
+    };
+    let shapes = cfg.bench.bench == BenchName::Shapes;
+    let plain = template_name == TemplateName::Plain;
+    let prompts = ItemPrompts {
+        short: answerer(cfg.max_new_tokens),
+        caption: answerer(cfg.caption_tokens),
+        caption_prompt: cfg.caption_prompt.clone().unwrap_or_else(|| {
+            if shapes {
+                "Give a short caption for the image.".into()
+            } else {
+                CAPTION_PROMPT.into()
+            }
+        }),
+        // MME's and POPE's questions are yes/no questions already; LLaVA-1.5 appends its
+        // short-answer instruction to all of them (shapes: what its data was written with)
+        short_suffix: if plain {
+            String::new()
+        } else if shapes {
+            read_level(&cfg.bench.data)?.question_suffix()
+        } else {
+            format!("\n{SHORT_ANSWER}")
+        },
+        vqa_demos: if plain {
+            vec![]
+        } else {
+            demonstrations(cfg.protocol, false)
+        },
+        caption_demos: if plain {
+            vec![]
+        } else {
+            demonstrations(cfg.protocol, true)
+        },
+        seed: cfg.seed,
+    };
+    let setup = EvalSetup {
+        bench: cfg.bench.bench.name().into(),
+        model: cfg.model.display().to_string(),
+        adapter: cfg.adapter.as_ref().map(|a| a.display().to_string()),
+        protocol: cfg.protocol,
+        template: format!("{template_name:?}"),
+        seed: cfg.seed,
+        limit: cfg.limit,
+        max_new_tokens: cfg.max_new_tokens,
+    };
+    let outcome = run_eval(&items, &prompts, &setup, out, progress)?;
+    Ok(EvalReport {
+        outcome,
+        items: items.len(),
+    })
 }
 
 /// What an evaluation was run with; kept next to its predictions so that a rerun into the
@@ -179,10 +207,12 @@ pub struct EvalOutcome {
     pub official: Vec<PathBuf>,
 }
 
-/// Askers for the two kinds of item: short questions and captions.
-pub struct Askers<'a> {
-    pub short: Asker<'a>,
-    pub caption: Asker<'a>,
+/// How each kind of item is asked: short questions and captions each with their own
+/// answerer (generation lengths differ), the caption request, the suffix of short
+/// questions, the protocol's demonstrations.
+pub struct ItemPrompts<'a> {
+    pub short: Answerer<'a>,
+    pub caption: Answerer<'a>,
     /// the user text of a caption request (ignored by the `plain` template)
     pub caption_prompt: String,
     /// appended to every short question (LLaVA's instruction), after a newline
@@ -209,7 +239,7 @@ fn item_seed(seed: u64, id: &str) -> u64 {
 /// all items and writes `scores.json` and the official result files under `out/results`.
 pub fn run_eval(
     items: &[Item],
-    askers: &Askers,
+    askers: &ItemPrompts,
     setup: &EvalSetup,
     out: &Path,
     progress: bool,
@@ -217,7 +247,7 @@ pub fn run_eval(
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let setup_path = out.join("eval.json");
     if setup_path.exists() {
-        let old: EvalSetup = crate::model::config::read_json(&setup_path)?;
+        let old: EvalSetup = read_json(&setup_path)?;
         if &old != setup {
             bail!(
                 "{}: this directory holds predictions of another evaluation ({}); use another --out or delete it",
@@ -226,7 +256,7 @@ pub fn run_eval(
             );
         }
     } else {
-        write_atomically(&setup_path, serde_json::to_string_pretty(setup)?.as_bytes())?;
+        write_json(&setup_path, setup)?;
     }
     let mut preds = Predictions::open(&out.join("predictions.jsonl"))?;
     let todo: Vec<&Item> = items
@@ -240,7 +270,7 @@ pub fn run_eval(
         &setup.bench,
     );
     let mut cache = FeatureCache::new(true);
-    let dev = Device::Cpu;
+    let dev = askers.short.model.llm.embed_tokens.device().clone();
     // short questions and captions are generated in separate batches (different settings)
     for caption in [false, true] {
         let group: Vec<&Item> = todo
@@ -255,7 +285,7 @@ pub fn run_eval(
         };
         let tools = ask
             .model
-            .text
+            .tokenizer
             .as_ref()
             .context("the model has no tokenizer")?;
         for chunk in group.chunks(ask.batch.max(1)) {
@@ -271,7 +301,7 @@ pub fn run_eval(
                     let (text, demos) = if caption {
                         (askers.caption_prompt.clone(), &askers.caption_demos[..])
                     } else {
-                        let demos = if matches!(it.truth, super::bench::Truth::Vqa { .. }) {
+                        let demos = if matches!(it.truth, Truth::Vqa { .. }) {
                             &askers.vqa_demos[..]
                         } else {
                             &[]
@@ -303,10 +333,7 @@ pub fn run_eval(
         .map(|it| submission_answer(it, &preds.answers[&it.id]))
         .collect();
     let scores = score(items, &answers);
-    write_atomically(
-        &out.join("scores.json"),
-        serde_json::to_string_pretty(&scores)?.as_bytes(),
-    )?;
+    write_json(&out.join("scores.json"), &scores)?;
     let official = write_official(&out.join("results"), items, &answers)?;
     Ok(EvalOutcome {
         scores,

@@ -199,19 +199,12 @@ pub fn ensure_demo_assets(cache: &Path, assets: Option<&Path>) -> Result<DemoAss
         let graph = OnnxGraph::read(&onnx)?;
         let (tensors, config) = dinov2_from_onnx(&graph, "backbone")
             .with_context(|| format!("{}: DINOv2 import", onnx.display()))?;
-        let tmp = cache.join("assets").join("dinov2-vits14.part");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        let map: std::collections::HashMap<String, candle_core::Tensor> =
-            tensors.into_iter().collect();
-        candle_core::safetensors::save(&map, tmp.join("model.safetensors"))?;
-        std::fs::write(
-            tmp.join("config.json"),
-            serde_json::to_string_pretty(&config)?,
-        )?;
-        let _ = std::fs::remove_dir_all(&dinov2_dir);
-        std::fs::rename(&tmp, &dinov2_dir)
-            .with_context(|| format!("{}: cannot rename", dinov2_dir.display()))?;
+        crate::util::files::write_dir_atomically(&dinov2_dir, |tmp| {
+            let map: std::collections::HashMap<String, candle_core::Tensor> =
+                tensors.into_iter().collect();
+            candle_core::safetensors::save(&map, tmp.join("model.safetensors"))?;
+            crate::util::files::write_json(&tmp.join("config.json"), &config)
+        })?;
     }
     Ok(DemoAssets {
         smollm2_gguf,

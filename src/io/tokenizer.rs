@@ -45,7 +45,7 @@ impl ChatMessage {
 pub type Span = (usize, usize);
 
 /// Everything text-side a model needs: tokenizer, special tokens, chat template.
-pub struct TextTools {
+pub struct ChatTokenizer {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
@@ -57,10 +57,19 @@ pub struct TextTools {
     pub manual_bos: bool,
 }
 
-impl TextTools {
+impl ChatTokenizer {
+    /// The tokenizer and chat template of a GGUF file's `tokenizer.*` metadata; None when
+    /// the file carries no tokenizer.
+    pub fn from_gguf(g: &GgufModel) -> Result<Option<Self>> {
+        if g.meta("tokenizer.ggml.model").is_none() {
+            return Ok(None);
+        }
+        Self::rebuild_from_gguf(g).map(Some)
+    }
+
     /// Rebuilds the tokenizer from GGUF metadata. Supported: `tokenizer.ggml.model = gpt2`
     /// (byte-level BPE) with pre-tokenizers `smollm`, `gpt2`/`default`, `llama-bpe`, `qwen2`.
-    pub fn from_gguf(g: &GgufModel) -> Result<Self> {
+    fn rebuild_from_gguf(g: &GgufModel) -> Result<Self> {
         let file = g.path.display().to_string();
         let model = g
             .meta_string("tokenizer.ggml.model")?
@@ -182,7 +191,7 @@ impl TextTools {
         };
         let tc = dir.join("tokenizer_config.json");
         if tc.exists() {
-            let v: serde_json::Value = crate::model::config::read_json(&tc)?;
+            let v: serde_json::Value = crate::util::files::read_json(&tc)?;
             let tok_str = |key: &str| -> Option<String> {
                 match v.get(key)? {
                     serde_json::Value::String(s) => Some(s.clone()),

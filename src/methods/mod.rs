@@ -7,274 +7,15 @@
 //! rule is over roles; `--include` / `--exclude` regexes over names refine it. The vision
 //! tower is always frozen.
 
+pub mod adapter;
+pub mod setup;
+
 use anyhow::{Result, bail};
 use clap::ValueEnum;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::model::config::{LlmConfig, ProjectorConfig, VisionConfig};
-use crate::model::mllm::KeyPrefixes;
-
-/// What a parameter is, read off its checkpoint name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Role {
-    Embed,
-    Head,
-    InputNorm,
-    PostAttnNorm,
-    FinalNorm,
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-    Projector,
-    Vision,
-    LoraA,
-    LoraB,
-}
-
-impl Role {
-    pub fn is_decoder_norm(self) -> bool {
-        matches!(self, Role::InputNorm | Role::PostAttnNorm | Role::FinalNorm)
-    }
-    pub fn is_attention(self) -> bool {
-        matches!(self, Role::Q | Role::K | Role::V | Role::O)
-    }
-    pub fn is_mlp(self) -> bool {
-        matches!(self, Role::Gate | Role::Up | Role::Down)
-    }
-    /// The group name printed by `plan`.
-    pub fn group(self) -> &'static str {
-        match self {
-            Role::Embed => "embed_tokens",
-            Role::Head => "lm_head",
-            Role::InputNorm | Role::PostAttnNorm => "block norms",
-            Role::FinalNorm => "final norm",
-            Role::Q | Role::K | Role::V | Role::O => "attention q/k/v/o",
-            Role::Gate | Role::Up | Role::Down => "mlp gate/up/down",
-            Role::Projector => "projector",
-            Role::Vision => "vision tower",
-            Role::LoraA | Role::LoraB => "lora adapters",
-        }
-    }
-}
-
-/// One parameter: checkpoint key, shape, role, decoder layer (if any).
-#[derive(Debug, Clone)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub role: Role,
-    pub layer: Option<usize>,
-    /// the LoRA'd linear's weight key, for adapters
-    pub base: Option<String>,
-    /// the input embeddings double as the output head (tied)
-    pub tied_head: bool,
-}
-
-impl ParamSpec {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// The parameters of a decoder under `keys.llm_body` / `keys.lm_head`.
-pub fn llm_specs(cfg: &LlmConfig, keys: &KeyPrefixes) -> Vec<ParamSpec> {
-    let (v, c, i, hd) = (
-        cfg.vocab_size,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.head_dim,
-    );
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let b = &keys.llm_body;
-    let mut out = vec![spec(
-        format!("{b}.embed_tokens.weight"),
-        &[v, c],
-        Role::Embed,
-        None,
-    )];
-    out[0].tied_head = cfg.tie_word_embeddings;
-    for l in 0..cfg.num_layers {
-        let p = format!("{b}.layers.{l}");
-        let mut lin = |module: &str, role: Role, o: usize, inp: usize, bias: bool| {
-            out.push(spec(
-                format!("{p}.{module}.weight"),
-                &[o, inp],
-                role,
-                Some(l),
-            ));
-            if bias {
-                out.push(spec(format!("{p}.{module}.bias"), &[o], role, Some(l)));
-            }
-        };
-        lin("self_attn.q_proj", Role::Q, q_out, c, cfg.qkv_bias);
-        lin("self_attn.k_proj", Role::K, kv_out, c, cfg.qkv_bias);
-        lin("self_attn.v_proj", Role::V, kv_out, c, cfg.qkv_bias);
-        lin("self_attn.o_proj", Role::O, c, q_out, cfg.o_bias);
-        lin("mlp.gate_proj", Role::Gate, i, c, cfg.mlp_bias);
-        lin("mlp.up_proj", Role::Up, i, c, cfg.mlp_bias);
-        lin("mlp.down_proj", Role::Down, c, i, cfg.mlp_bias);
-        out.push(spec(
-            format!("{p}.input_layernorm.weight"),
-            &[c],
-            Role::InputNorm,
-            Some(l),
-        ));
-        out.push(spec(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[c],
-            Role::PostAttnNorm,
-            Some(l),
-        ));
-    }
-    out.push(spec(
-        format!("{b}.norm.weight"),
-        &[c],
-        Role::FinalNorm,
-        None,
-    ));
-    if !cfg.tie_word_embeddings {
-        out.push(spec(keys.lm_head.clone(), &[v, c], Role::Head, None));
-    }
-    out
-}
-
-/// The projector's parameters under `keys.projector`.
-pub fn projector_specs(cfg: &ProjectorConfig, keys: &KeyPrefixes) -> Vec<ParamSpec> {
-    let mut out = Vec::new();
-    for k in 0..cfg.num_linears {
-        let inp = if k == 0 {
-            cfg.in_features
-        } else {
-            cfg.out_features
-        };
-        let n = format!("{}.linear_{}", keys.projector, k + 1);
-        out.push(spec(
-            format!("{n}.weight"),
-            &[cfg.out_features, inp],
-            Role::Projector,
-            None,
-        ));
-        if cfg.bias {
-            out.push(spec(
-                format!("{n}.bias"),
-                &[cfg.out_features],
-                Role::Projector,
-                None,
-            ));
-        }
-    }
-    out
-}
-
-/// The vision tower's tensors under `prefix`: (checkpoint key, shape). They are never
-/// trained; `plan` counts them and benchmarks initialise them.
-pub fn vision_specs(cfg: &VisionConfig, prefix: &str) -> Vec<(String, Vec<usize>)> {
-    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut add =
-        |name: String, shape: &[usize]| out.push((format!("{prefix}.{name}"), shape.to_vec()));
-    match cfg {
-        VisionConfig::Clip(c) => {
-            let (d, i) = (c.hidden_size, c.intermediate_size);
-            let g = c.image_size / c.patch_size;
-            add(
-                "embeddings.patch_embedding.weight".into(),
-                &[d, c.num_channels, c.patch_size, c.patch_size],
-            );
-            add("embeddings.class_embedding".into(), &[d]);
-            add(
-                "embeddings.position_embedding.weight".into(),
-                &[1 + g * g, d],
-            );
-            for n in ["pre_layrnorm", "post_layernorm"] {
-                add(format!("{n}.weight"), &[d]);
-                add(format!("{n}.bias"), &[d]);
-            }
-            for l in 0..c.num_layers {
-                let p = format!("encoder.layers.{l}");
-                for m in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                    add(format!("{p}.self_attn.{m}.weight"), &[d, d]);
-                    add(format!("{p}.self_attn.{m}.bias"), &[d]);
-                }
-                for n in ["layer_norm1", "layer_norm2"] {
-                    add(format!("{p}.{n}.weight"), &[d]);
-                    add(format!("{p}.{n}.bias"), &[d]);
-                }
-                add(format!("{p}.mlp.fc1.weight"), &[i, d]);
-                add(format!("{p}.mlp.fc1.bias"), &[i]);
-                add(format!("{p}.mlp.fc2.weight"), &[d, i]);
-                add(format!("{p}.mlp.fc2.bias"), &[d]);
-            }
-        }
-        VisionConfig::Dinov2(c) => {
-            let d = c.hidden_size;
-            let g = c.image_size / c.patch_size;
-            add("embeddings.cls_token".into(), &[1, 1, d]);
-            add("embeddings.mask_token".into(), &[1, d]);
-            add("embeddings.position_embeddings".into(), &[1, 1 + g * g, d]);
-            add(
-                "embeddings.patch_embeddings.projection.weight".into(),
-                &[d, c.num_channels, c.patch_size, c.patch_size],
-            );
-            add("embeddings.patch_embeddings.projection.bias".into(), &[d]);
-            for l in 0..c.num_layers {
-                let p = format!("encoder.layer.{l}");
-                for m in ["query", "key", "value"] {
-                    add(format!("{p}.attention.attention.{m}.weight"), &[d, d]);
-                    if c.qkv_bias {
-                        add(format!("{p}.attention.attention.{m}.bias"), &[d]);
-                    }
-                }
-                add(format!("{p}.attention.output.dense.weight"), &[d, d]);
-                add(format!("{p}.attention.output.dense.bias"), &[d]);
-                for n in ["norm1", "norm2"] {
-                    add(format!("{p}.{n}.weight"), &[d]);
-                    add(format!("{p}.{n}.bias"), &[d]);
-                }
-                add(format!("{p}.layer_scale1.lambda1"), &[d]);
-                add(format!("{p}.layer_scale2.lambda1"), &[d]);
-                if c.use_swiglu_ffn {
-                    let h = (c.mlp_hidden * 2 / 3).div_ceil(8) * 8;
-                    add(format!("{p}.mlp.weights_in.weight"), &[2 * h, d]);
-                    add(format!("{p}.mlp.weights_in.bias"), &[2 * h]);
-                    add(format!("{p}.mlp.weights_out.weight"), &[d, h]);
-                    add(format!("{p}.mlp.weights_out.bias"), &[d]);
-                } else {
-                    add(format!("{p}.mlp.fc1.weight"), &[c.mlp_hidden, d]);
-                    add(format!("{p}.mlp.fc1.bias"), &[c.mlp_hidden]);
-                    add(format!("{p}.mlp.fc2.weight"), &[d, c.mlp_hidden]);
-                    add(format!("{p}.mlp.fc2.bias"), &[d]);
-                }
-            }
-            add("layernorm.weight".into(), &[d]);
-            add("layernorm.bias".into(), &[d]);
-        }
-    }
-    out
-}
-
-/// The vision tower's parameter count.
-pub fn vision_param_count(cfg: &VisionConfig) -> usize {
-    vision_specs(cfg, "v")
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum()
-}
-
-fn spec(name: String, shape: &[usize], role: Role, layer: Option<usize>) -> ParamSpec {
-    ParamSpec {
-        name,
-        shape: shape.to_vec(),
-        role,
-        layer,
-        base: None,
-        tied_head: false,
-    }
-}
+use crate::model::params::{KeyPrefixes, ParamSpec, Role};
 
 /// The methods of the paper's comparison, as CLI values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -299,6 +40,17 @@ pub enum Method {
 }
 
 impl Method {
+    /// The paper recipe's learning rate for the method: 2e-3 to pretrain the projector, 2e-5
+    /// for full finetuning, 2e-4 for LoRA, 5e-4 for the norm and partial methods.
+    pub fn default_lr(self) -> f64 {
+        match self {
+            Method::Projector => 2e-3,
+            Method::Full => 2e-5,
+            Method::Lora => 2e-4,
+            _ => 5e-4,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Ln => "ln",
@@ -316,6 +68,7 @@ impl Method {
 /// LoRA settings (PEFT semantics: y = x·Wᵀ + (alpha/r)·(dropout(x)·Aᵀ)·Bᵀ, A kaiming-uniform
 /// with a = √5, B zero).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
@@ -375,8 +128,10 @@ impl LoraConfig {
     }
 }
 
-/// A method with its flags: everything needed to decide trainability.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A method with its flags: everything needed to decide trainability. In a run config
+/// either the method's name (`"ln"`) or an object whose fields left out keep the method's
+/// defaults (`{"method": "lora", "lora": {"r": 16}}`).
+#[derive(Debug, Clone, Serialize)]
 pub struct MethodConfig {
     pub method: Method,
     /// ln: train the final `norm` too (PEFT includes it)
@@ -389,6 +144,45 @@ pub struct MethodConfig {
     pub include: Option<String>,
     /// names never trained (full regex match), applied last
     pub exclude: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for MethodConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            method: Method,
+            final_norm: Option<bool>,
+            train_projector: Option<bool>,
+            train_embed: Option<bool>,
+            train_head: Option<bool>,
+            lora: Option<LoraConfig>,
+            include: Option<String>,
+            exclude: Option<String>,
+        }
+        let v = serde_json::Value::deserialize(d)?;
+        if v.is_string() {
+            let m: Method = serde_json::from_value(v).map_err(D::Error::custom)?;
+            return Ok(Self::new(m));
+        }
+        let f: Fields = serde_json::from_value(v).map_err(D::Error::custom)?;
+        let mut m = Self::new(f.method);
+        m.final_norm = f.final_norm.unwrap_or(m.final_norm);
+        m.train_projector = f.train_projector.unwrap_or(m.train_projector);
+        m.train_embed = f.train_embed.unwrap_or(m.train_embed);
+        m.train_head = f.train_head.unwrap_or(m.train_head);
+        m.lora = f.lora.unwrap_or(m.lora);
+        m.include = f.include;
+        m.exclude = f.exclude;
+        Ok(m)
+    }
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        Self::new(Method::Ln)
+    }
 }
 
 impl MethodConfig {
@@ -512,7 +306,8 @@ pub fn peft_to_checkpoint(peft_key: &str, keys: &KeyPrefixes) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{LlmArch, RopeConfig, RopeScaling};
+    use crate::model::config::{LlmArch, LlmConfig, ProjectorConfig, RopeConfig, RopeScaling};
+    use crate::model::params::{llm_specs, projector_specs};
 
     fn keys() -> KeyPrefixes {
         KeyPrefixes {

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 
 use super::config::ClipConfig;
-use super::vision::{ViTAttention, ViTMlp, patch_embed};
+use super::vit::{ViTAttention, ViTMlp, patch_embed};
 use super::{LayerNorm, Linear};
 use crate::io::store::Weights;
 

@@ -5,18 +5,17 @@
 //! each `model_type`, so that e.g. llava-hf/llava-1.5-7b-hf's sparse `text_config` resolves
 //! to Vicuna-7B.
 
-use std::path::Path;
-
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use crate::io::gguf::GgufModel;
 use crate::ops::act::Act;
 
 // ---------------------------------------------------------------------------------------
 // config.json mirrors
 
 /// An integer or a list of integers (`eos_token_id`, `vision_feature_layer`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(i64),
@@ -107,13 +106,6 @@ pub struct LlavaConfigFile {
     pub multimodal_projector_bias: Option<bool>,
     pub image_seq_length: Option<usize>,
     pub tie_word_embeddings: Option<bool>,
-}
-
-/// Reads and parses a JSON file, naming the file in every error.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -222,6 +214,97 @@ pub struct LlmConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub sliding_window: Option<usize>,
+}
+
+impl LlmConfig {
+    /// The decoder config from a GGUF file's `<arch>.*` metadata.
+    pub fn from_gguf(g: &GgufModel) -> Result<Self> {
+        let arch_name = g.architecture()?;
+        let arch = match arch_name.as_str() {
+            "llama" => LlmArch::Llama,
+            "qwen2" => LlmArch::Qwen2,
+            other => bail!(
+                "{}: unknown architecture `{other}` in metadata `general.architecture`; supported: llama, qwen2",
+                g.path.display()
+            ),
+        };
+        let k = |s: &str| format!("{arch_name}.{s}");
+        let hidden = g.need_usize(&k("embedding_length"))?;
+        let heads = g.need_usize(&k("attention.head_count"))?;
+        let kv_heads = g
+            .meta_usize(&k("attention.head_count_kv"))?
+            .unwrap_or(heads);
+        let head_dim = match g.meta_usize(&k("rope.dimension_count"))? {
+            Some(d) => d,
+            None => g
+                .meta_usize(&k("attention.key_length"))?
+                .unwrap_or(hidden / heads),
+        };
+        let vocab = match g.meta_usize(&k("vocab_size"))? {
+            Some(v) => v,
+            None => g
+                .content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .with_context(|| {
+                    format!("{}: missing tensor `token_embd.weight`", g.path.display())
+                })?,
+        };
+        let scaling = match g.meta_string(&k("rope.scaling.type"))?.as_deref() {
+            None | Some("none") => RopeScaling::Default,
+            Some("linear") => RopeScaling::Linear {
+                factor: g.meta_f64(&k("rope.scaling.factor"))?.with_context(|| {
+                    format!(
+                        "{}: missing metadata `{}`",
+                        g.path.display(),
+                        k("rope.scaling.factor")
+                    )
+                })?,
+            },
+            Some(other) => bail!(
+                "{}: metadata `{}` is `{other}`, which is not supported (linear)",
+                g.path.display(),
+                k("rope.scaling.type")
+            ),
+        };
+        if g.content.tensor_infos.contains_key("rope_freqs.weight") {
+            bail!(
+                "{}: tensor `rope_freqs.weight` (llama3 rope scaling) is not supported",
+                g.path.display()
+            );
+        }
+        let has = |n: &str| g.content.tensor_infos.contains_key(n);
+        let qkv_bias = has("blk.0.attn_q.bias");
+        Ok(LlmConfig {
+            arch,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: g.need_usize(&k("feed_forward_length"))?,
+            num_layers: g.need_usize(&k("block_count"))?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: g
+                .meta_f64(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            rope: RopeConfig {
+                theta: g.meta_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+                scaling,
+            },
+            max_position_embeddings: g.meta_usize(&k("context_length"))?.unwrap_or(2048),
+            tie_word_embeddings: !has("output.weight"),
+            qkv_bias,
+            o_bias: has("blk.0.attn_output.bias"),
+            mlp_bias: has("blk.0.ffn_up.bias"),
+            bos_token_id: g.meta_u32("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: g
+                .meta_u32("tokenizer.ggml.eos_token_id")?
+                .into_iter()
+                .collect(),
+            sliding_window: None,
+        })
+    }
 }
 
 fn first_id(v: &Option<OneOrMany>) -> Option<u32> {

@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use candle_core::{D, Tensor};
 
 use super::config::Dinov2Config;
-use super::vision::{ViTAttention, ViTMlp, patch_embed};
+use super::vit::{ViTAttention, ViTMlp, patch_embed};
 use super::{LayerNorm, Linear};
 use crate::io::store::Weights;
 use crate::ops::act::{Act, act_forward};

@@ -2,14 +2,21 @@
 //! projector and the multimodal composition. Struct fields carry the checkpoint names, so
 //! the loading code spells out the key paths.
 
+pub mod batch;
 pub mod clip;
+pub mod compose;
 pub mod config;
 pub mod dinov2;
 pub mod llama;
+pub mod load;
 pub mod mllm;
+pub mod params;
+pub mod presets;
 pub mod projector;
+pub mod source;
 pub mod spec;
 pub mod vision;
+pub mod vit;
 
 use anyhow::Result;
 use candle_core::Tensor;

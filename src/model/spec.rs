@@ -3,16 +3,16 @@
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
-use serde::Deserialize;
+use anyhow::Result;
 
-use super::config::{
-    LlmConfig, ProjectorConfig, TextConfigFile, VisionConfig, VisionConfigFile, read_json,
-};
-use super::mllm::{ComposeFile, KeyPrefixes, LlavaSpec};
+use super::compose::ComposeFile;
+use super::config::{LlmConfig, ProjectorConfig, TextConfigFile, VisionConfig, VisionConfigFile};
+use super::load::LlavaSpec;
+use super::params::{KeyPrefixes, ParamSpec, llm_specs, projector_specs, vision_param_count};
+use super::source::ModelSource;
 use crate::io::gguf::GgufModel;
 use crate::io::store::Store;
-use crate::methods::{ParamSpec, llm_specs, projector_specs, vision_param_count};
+use crate::util::files::read_json;
 
 pub struct ModelSpec {
     pub llm: LlmConfig,
@@ -27,41 +27,31 @@ impl ModelSpec {
     /// Reads config.json / compose.json / GGUF metadata under `path`. Weight files, where
     /// present, are only consulted for their key layout (headers, not data).
     pub fn from_path(path: &Path) -> Result<Self> {
-        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            let g = GgufModel::open(path)?;
-            return Ok(Self::llm_only(g.llm_config()?));
-        }
-        if path.join("compose.json").exists() {
-            return Self::composed(path);
-        }
-        let cfg_path = path.join("config.json");
-        if !cfg_path.exists() {
-            bail!(
-                "{}: no config.json, compose.json or .gguf file",
-                path.display()
-            );
-        }
-        #[derive(Deserialize)]
-        struct Probe {
-            model_type: Option<String>,
-        }
-        let probe: Probe = read_json(&cfg_path)?;
-        let origin = cfg_path.display().to_string();
-        match probe.model_type.as_deref() {
-            Some("llava") => {
+        match ModelSource::detect(path)? {
+            ModelSource::Gguf(p) => {
+                Ok(Self::llm_only(LlmConfig::from_gguf(&GgufModel::open(&p)?)?))
+            }
+            ModelSource::TextHf(dir) => {
+                let cfg_path = dir.join("config.json");
+                let f: TextConfigFile = read_json(&cfg_path)?;
+                Ok(Self::llm_only(f.resolve(
+                    "llama",
+                    None,
+                    &cfg_path.display().to_string(),
+                )?))
+            }
+            ModelSource::Composed(dir) => Self::composed(&dir),
+            ModelSource::Llava(dir) => {
+                let cfg_path = dir.join("config.json");
+                let origin = cfg_path.display().to_string();
                 let spec = LlavaSpec::from_file(&read_json(&cfg_path)?, &origin)?;
-                let keys = llava_keys_from_headers(path);
                 Ok(Self {
                     llm: spec.text,
                     vision: Some(spec.vision),
                     projector: Some(spec.projector),
-                    keys,
+                    keys: llava_keys_from_headers(&dir),
                     kind: "llava",
                 })
-            }
-            _ => {
-                let f: TextConfigFile = read_json(&cfg_path)?;
-                Ok(Self::llm_only(f.resolve("llama", None, &origin)?))
             }
         }
     }
@@ -71,23 +61,17 @@ impl ModelSpec {
             llm,
             vision: None,
             projector: None,
-            keys: KeyPrefixes {
-                llm_body: "model".into(),
-                lm_head: "lm_head.weight".into(),
-                vision: String::new(),
-                projector: String::new(),
-            },
+            keys: KeyPrefixes::llm_only(),
             kind: "llm",
         }
     }
 
     fn composed(dir: &Path) -> Result<Self> {
-        let path = dir.join("compose.json");
-        let origin = path.display().to_string();
-        let c: ComposeFile = read_json(&path)?;
+        let origin = dir.join("compose.json").display().to_string();
+        let c = ComposeFile::read(dir)?;
         let llm_path = dir.join(&c.llm.path);
         let llm = if llm_path.is_file() {
-            GgufModel::open(&llm_path)?.llm_config()?
+            LlmConfig::from_gguf(&GgufModel::open(&llm_path)?)?
         } else {
             let p = llm_path.join("config.json");
             read_json::<TextConfigFile>(&p)?.resolve("llama", None, &p.display().to_string())?
@@ -100,12 +84,7 @@ impl ModelSpec {
                 .unwrap_or("clip_vision_model"),
             &vp.display().to_string(),
         )?;
-        let n_layers = c
-            .vision
-            .feature_layer
-            .as_ref()
-            .map(|l| l.to_vec().len())
-            .unwrap_or(1);
+        let n_layers = c.features(&origin)?.layers.len();
         let projector = ProjectorConfig::parse_type(
             &c.projector.type_,
             c.projector.bias.unwrap_or(true),
@@ -152,12 +131,7 @@ impl ModelSpec {
 /// The llava-hf key layout of a checkpoint directory, read from safetensors headers when
 /// they exist (legacy layout otherwise).
 fn llava_keys_from_headers(dir: &Path) -> KeyPrefixes {
-    let legacy = KeyPrefixes {
-        llm_body: "language_model.model".into(),
-        lm_head: "language_model.lm_head.weight".into(),
-        vision: "vision_tower".into(),
-        projector: "multi_modal_projector".into(),
-    };
+    let legacy = KeyPrefixes::llava_legacy();
     let Ok(store) = Store::open_dir(dir, &candle_core::Device::Cpu) else {
         return legacy;
     };

@@ -194,7 +194,7 @@ mod tests {
     fn fused_silu_mul_backward_equals_composed() {
         let dev = Device::Cpu;
         let f = |seed| {
-            crate::rng::Rng::new(seed)
+            crate::util::rng::Rng::new(seed)
                 .normal_tensor(&[3, 5, 7], 2.0, candle_core::DType::F32, &dev)
                 .unwrap()
         };

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Rng::new(seed)

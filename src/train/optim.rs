@@ -17,6 +17,7 @@ use super::step::Grads;
 use crate::model::mllm::Mllm;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,

@@ -1,85 +1,116 @@
-//! A training run, as `lntune train` and `lntune demo` use it: data in, adapter, checkpoints,
-//! metrics and a loss curve out.
+//! A training run, as `lntune train`, `lntune demo` and `lntune compare` use it: a
+//! `RunConfig` and data in; adapter, checkpoints, metrics and a loss curve out.
 //!
-//! out/config.json       the run's configuration (written first)
+//! out/config.json       the run's configuration, defaults resolved (written first); `lntune
+//!                       train --config out/config.json` runs it again
 //! out/metrics.jsonl     one line per optimizer step: step, loss, lr, grad_norm, tokens/s
 //! out/loss.png          the loss curve
 //! out/checkpoints/step-NNNNNN/  adapter + optimizer moments + data position (every N steps)
 //! out/adapter/          the trained tensors and adapter.json (at the end)
+//! out/summary.json      the run's headline numbers
+//! out/grad_stats.jsonl  gradient-variance statistics (with `grad_stats`)
 
-use std::collections::HashMap;
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::{RunState, latest_checkpoint, read_checkpoint, save_checkpoint};
+use super::grad_stats::GradStatsRecorder;
 use super::optim::AdamWConfig;
 use super::schedule::Schedule;
+use super::step::count_scored;
 use super::trainer::{StepReport, Trainer, TrainerConfig};
 use super::{DEFAULT_ACTIVATION_BUDGET, Recompute};
-use crate::data::dataset::{DataPosition, DataReport, Example, HostBatch, Loader, Prep};
-use crate::data::image::Preprocess;
-use crate::data::llava::{DataSource, load_mixture};
-use crate::data::template::{Template, TemplateName};
-use crate::io::adapter::{
-    AdapterMeta, FORMAT, RunState, adapter_tensors, fingerprint, latest_checkpoint, read_adapter,
-    read_checkpoint, save_adapter, save_checkpoint, set_tensors,
+use crate::data::dataset::{
+    DataPosition, DataReport, Example, ExampleSpec, HostBatch, Loader, load_examples, pad_id,
 };
+use crate::data::features::FeatureCache;
+use crate::data::image::{ImageProcessing, Preprocess};
+use crate::data::llava::DataSource;
+use crate::data::template::TemplateName;
 use crate::methods::MethodConfig;
+use crate::methods::adapter::{
+    AdapterMeta, FORMAT, adapter_tensors, fingerprint, read_adapter, save_adapter, set_tensors,
+};
 use crate::model::mllm::Mllm;
-use crate::plot::{Chart, Series};
+use crate::util::device::WeightDtype;
+use crate::util::files::{read_json, read_text, write_atomically, write_json};
+use crate::util::median;
+use crate::util::plot::{Chart, Series};
+use crate::util::process::peak_rss_mib;
+use crate::util::progress::progress_bar;
 
-/// Everything that defines a run (written to out/config.json).
+/// Everything that defines a run. `lntune train --config FILE` reads one (fields left out
+/// keep these defaults, LLaVA's recipe), flags override its fields, and the run writes it to
+/// `out/config.json` with every default resolved.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
+    /// llava-hf directory, directory with compose.json, HF LLM directory or .gguf file
     pub model: PathBuf,
+    /// LLaVA JSON files, each with an optional sample budget
     pub data: Vec<DataSource>,
+    /// held-out data whose loss is measured after training (summary.json `val_loss`)
+    pub val_data: Vec<DataSource>,
+    /// the folder image paths in the data are relative to
     pub images: Option<PathBuf>,
     pub method: MethodConfig,
-    pub template: TemplateName,
-    pub lr: f64,
+    /// the model's own chat template if it has one, else vicuna_v1, when not given
+    pub template: Option<TemplateName>,
+    /// peak learning rate; the method's default (`Method::default_lr`) when not given
+    pub lr: Option<f64>,
+    /// linear warmup as a fraction of the steps (LLaVA: 0.03)
     pub warmup_ratio: f64,
+    /// linear warmup steps (overrides `warmup_ratio`)
     pub warmup_steps: Option<usize>,
+    /// cosine decay floor as a fraction of the peak learning rate
     pub min_lr_ratio: f64,
+    /// epochs over the data (ignored when `steps` is given)
     pub epochs: f64,
+    /// optimizer steps
     pub steps: Option<usize>,
+    /// examples per micro-batch
     pub batch: usize,
+    /// micro-batches per optimizer step
     pub grad_accum: usize,
+    /// clip the global gradient norm to this (None: no clipping)
     pub max_grad_norm: Option<f64>,
+    /// tokens per example, image tokens included; longer examples are cut (and counted)
     pub max_length: usize,
     pub seed: u64,
     pub optim: AdamWConfig,
+    /// start from this adapter's tensors (stage 2 from a stage-1 adapter)
     pub init_adapter: Option<PathBuf>,
+    /// write a checkpoint every N steps
     pub save_every: Option<usize>,
-    pub bf16: bool,
+    /// storage dtype of the frozen weights
+    pub dtype: WeightDtype,
     pub recompute: Recompute,
-    pub preprocess: Preprocess,
+    pub image: ImageProcessing,
     /// compute each image's (frozen) tower features once and reuse them
     pub cache_features: bool,
     /// batch examples of similar length together (LLaVA's group_by_modality_length)
     pub group_by_length: bool,
     /// record gradient-variance statistics in grad_stats.jsonl
-    #[serde(default)]
     pub grad_stats: Option<GradStatsConfig>,
-    /// held-out data whose loss is measured after training (summary.json `val_loss`)
-    #[serde(default)]
-    pub val_data: Vec<DataSource>,
 }
 
-impl RunConfig {
-    /// LLaVA-recipe defaults for everything but the model; callers set what they need.
-    pub fn minimal(model: &Path) -> Self {
+impl Default for RunConfig {
+    fn default() -> Self {
         Self {
-            model: model.to_path_buf(),
+            model: PathBuf::new(),
             data: vec![],
+            val_data: vec![],
             images: None,
-            method: MethodConfig::new(crate::methods::Method::Ln),
-            template: TemplateName::Plain,
-            lr: 5e-4,
+            method: MethodConfig::default(),
+            template: None,
+            lr: None,
             warmup_ratio: 0.03,
             warmup_steps: None,
             min_lr_ratio: 0.0,
@@ -93,25 +124,117 @@ impl RunConfig {
             optim: AdamWConfig::default(),
             init_adapter: None,
             save_every: None,
-            bf16: false,
+            dtype: WeightDtype::F32,
             recompute: Recompute::Auto,
-            preprocess: Preprocess::clip(224),
+            image: ImageProcessing::default(),
             cache_features: true,
             group_by_length: true,
             grad_stats: None,
-            val_data: vec![],
         }
     }
 }
 
 /// What `--log-grad-stats` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GradStatsConfig {
-    /// `trainable` (every trained tensor) or a checkpoint-name prefix (e.g. the projector's,
-    /// to compare methods on a subset they all train)
+    /// `trainable` (every trained tensor), `projector`, or a checkpoint-name prefix (to
+    /// compare methods on a subset they all train)
+    #[serde(default = "default_grad_stats_subset")]
     pub subset: String,
     /// steps per window of the across-steps variance
+    #[serde(default = "default_grad_stats_window")]
     pub window: usize,
+}
+
+fn default_grad_stats_subset() -> String {
+    "trainable".into()
+}
+
+fn default_grad_stats_window() -> usize {
+    10
+}
+
+impl RunConfig {
+    /// Reads a run config file (JSON; fields left out keep their defaults).
+    pub fn read(path: &Path) -> Result<Self> {
+        read_json(path)
+    }
+
+    /// Checks what the file format cannot: a model, data, positive batch sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.model.as_os_str().is_empty() {
+            bail!("no model: give --model or `model` in the run config");
+        }
+        if self.data.is_empty() {
+            bail!("no data: give --data or `data` in the run config");
+        }
+        if self.batch == 0 || self.grad_accum == 0 {
+            bail!("--batch and --grad-accum must be positive");
+        }
+        Ok(())
+    }
+
+    /// The peak learning rate: the given one, else the method's default.
+    pub fn peak_lr(&self) -> f64 {
+        self.lr.unwrap_or_else(|| self.method.method.default_lr())
+    }
+
+    /// The config with every default that depends on the model or the method filled in, as
+    /// `out/config.json` records it.
+    pub fn resolved(&self, model: &Mllm) -> Self {
+        let mut c = self.clone();
+        c.lr = Some(self.peak_lr());
+        c.template = Some(
+            self.template
+                .unwrap_or_else(|| TemplateName::default_for(model.tokenizer.as_ref())),
+        );
+        c
+    }
+
+    /// How this run's examples are made from its data (or `data` in its place).
+    fn example_spec<'a>(
+        &'a self,
+        data: &'a [DataSource],
+        preprocess: &'a Preprocess,
+    ) -> ExampleSpec<'a> {
+        ExampleSpec {
+            data,
+            images: self.images.as_deref(),
+            template: self.template.unwrap_or(TemplateName::VicunaV1),
+            preprocess,
+            max_length: self.max_length,
+            seed: self.seed,
+        }
+    }
+
+    /// (optimizer steps, warmup steps) for `n` examples.
+    fn step_counts(&self, n: usize) -> (usize, usize) {
+        let per_step = self.batch * self.grad_accum;
+        let total = self.steps.unwrap_or_else(|| {
+            ((self.epochs * n as f64) / per_step as f64).ceil().max(1.0) as usize
+        });
+        let warmup = self
+            .warmup_steps
+            .unwrap_or_else(|| (self.warmup_ratio * total as f64).ceil() as usize);
+        (total, warmup)
+    }
+
+    fn trainer_config(&self, total: usize, warmup: usize) -> TrainerConfig {
+        TrainerConfig {
+            optim: self.optim,
+            schedule: Schedule {
+                lr: self.peak_lr(),
+                warmup_steps: warmup,
+                total_steps: total,
+                min_lr_ratio: self.min_lr_ratio,
+            },
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            recompute: self.recompute,
+            activation_budget: DEFAULT_ACTIVATION_BUDGET,
+        }
+    }
 }
 
 /// A run's headline numbers, written to `summary.json` (what `lntune compare` tabulates).
@@ -134,176 +257,11 @@ pub struct RunSummary {
     pub wall_s: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 pub struct RunResult {
     pub reports: Vec<StepReport>,
     pub adapter_dir: PathBuf,
     pub data: DataReport,
     pub wall_s: f64,
-}
-
-/// The frozen vision tower's features per image file, computed once.
-#[derive(Default)]
-pub struct FeatureCache {
-    map: HashMap<PathBuf, Tensor>,
-    pub enabled: bool,
-}
-
-impl FeatureCache {
-    pub fn new(enabled: bool) -> Self {
-        Self {
-            map: HashMap::new(),
-            enabled,
-        }
-    }
-
-    /// Images whose features are held.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// Drops every held feature.
-    pub fn clear(&mut self) {
-        self.map.clear();
-    }
-
-    /// Tower features (P, Dv) of image files, computed in chunks for those not cached yet.
-    pub fn for_paths(
-        &mut self,
-        model: &Mllm,
-        paths: &[PathBuf],
-        pre: &Preprocess,
-        dev: &Device,
-        progress: bool,
-    ) -> Result<Vec<Tensor>> {
-        let v = model
-            .vision
-            .as_ref()
-            .context("images given but the model has no vision tower")?;
-        let mut missing: Vec<&PathBuf> = paths
-            .iter()
-            .filter(|p| !self.map.contains_key(*p))
-            .collect();
-        missing.sort();
-        missing.dedup();
-        let bar = progress_bar(
-            missing.len() as u64,
-            0,
-            progress && missing.len() > 16,
-            "image features",
-        );
-        for chunk in missing.chunks(16) {
-            let mut px = Vec::new();
-            let mut hw = (0, 0);
-            for p in chunk {
-                let (v, h, w) = pre.load(p)?;
-                hw = (h, w);
-                px.extend(v);
-            }
-            let t = Tensor::from_vec(px, (chunk.len(), 3, hw.0, hw.1), dev)?;
-            let f = v.tower.features(&t, &v.select)?;
-            for (k, p) in chunk.iter().enumerate() {
-                self.map.insert((*p).clone(), f.get(k)?);
-            }
-            bar.inc(chunk.len() as u64);
-        }
-        bar.finish_and_clear();
-        Ok(paths.iter().map(|p| self.map[p].clone()).collect())
-    }
-
-    /// Tower features (N, P, Dv) of a host batch's images, or None without images.
-    pub fn features(
-        &mut self,
-        model: &Mllm,
-        hb: &HostBatch,
-        dev: &Device,
-    ) -> Result<Option<Tensor>> {
-        if hb.images.is_empty() {
-            return Ok(None);
-        }
-        let v = model
-            .vision
-            .as_ref()
-            .context("the data has images but the model has no vision tower")?;
-        let (h, w) = hb.hw;
-        let per = 3 * h * w;
-        let missing: Vec<usize> = (0..hb.images.len())
-            .filter(|&i| !self.enabled || !self.map.contains_key(&hb.images[i]))
-            .collect();
-        let mut fresh = HashMap::new();
-        if !missing.is_empty() {
-            let mut px = Vec::with_capacity(missing.len() * per);
-            for &i in &missing {
-                px.extend_from_slice(&hb.pixels[i * per..(i + 1) * per]);
-            }
-            let px = Tensor::from_vec(px, (missing.len(), 3, h, w), dev)?;
-            let f = v.tower.features(&px, &v.select)?;
-            for (k, &i) in missing.iter().enumerate() {
-                fresh.insert(i, f.get(k)?);
-            }
-        }
-        let mut rows = Vec::with_capacity(hb.images.len());
-        for (i, p) in hb.images.iter().enumerate() {
-            let t = match fresh.remove(&i) {
-                Some(t) => {
-                    if self.enabled {
-                        self.map.insert(p.clone(), t.clone());
-                    }
-                    t
-                }
-                None => self.map[p].clone(),
-            };
-            rows.push(t);
-        }
-        Ok(Some(Tensor::stack(&rows, 0)?))
-    }
-}
-
-/// The text side of a run: examples and what made them.
-pub fn prepare_examples(cfg: &RunConfig, model: &Mllm) -> Result<(Vec<Example>, DataReport)> {
-    let tools = model
-        .text
-        .as_ref()
-        .context("the model has no tokenizer (tokenizer.json or GGUF metadata)")?;
-    let template = Template::new(cfg.template, Some(tools))?;
-    let (image_token_id, tokens_per_image) = match &model.vision {
-        Some(v) => {
-            let (h, w) = cfg.preprocess.crop.unwrap_or((224, 224));
-            (v.image_token_id, v.tokens_per_image(h, w))
-        }
-        None => (u32::MAX, 0),
-    };
-    let samples = load_mixture(&cfg.data, cfg.seed)?;
-    let prep = Prep {
-        template: &template,
-        tools,
-        image_token_id,
-        tokens_per_image,
-        max_length: cfg.max_length,
-        image_root: cfg.images.as_deref(),
-        add_special: true,
-    };
-    let (ex, report) = prep.examples(&samples);
-    if ex.is_empty() {
-        bail!("no usable training example: {}", report.summary());
-    }
-    Ok((ex, report))
 }
 
 /// Token-mean loss of `examples` (forward only, in batches of `batch`).
@@ -322,14 +280,14 @@ pub fn eval_loss(
         let mut b = hb.to_batch(&dev)?;
         b.vision_features = cache.features(model, &hb, &dev)?;
         b.pixel_values = None;
-        let tokens = crate::train::step::count_scored(&b)?;
+        let tokens = count_scored(&b)?;
         if tokens == 0 {
             continue;
         }
         let logits = model.forward(&b)?;
         let labels = b.labels.as_ref().context("examples without labels")?;
         let loss = Mllm::loss(&logits, labels)?
-            .to_dtype(candle_core::DType::F64)?
+            .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
         sum += loss * tokens as f64;
         n += tokens;
@@ -340,114 +298,49 @@ pub fn eval_loss(
     Ok(sum / n as f64)
 }
 
-fn pad_id(model: &Mllm) -> u32 {
-    model.text.as_ref().and_then(|t| t.eos_id).unwrap_or(0)
-}
-
 /// Runs training to the end (or to the first error). `resume`: a run directory or a
-/// checkpoint directory to continue from.
+/// checkpoint directory to continue from. `cache` keeps the tower's features across runs of
+/// one process (the demo's two stages and evaluations).
 pub fn train_run(
     cfg: &RunConfig,
     out: &Path,
     resume: Option<&Path>,
     progress: bool,
     cache: &mut FeatureCache,
+    device: &Device,
 ) -> Result<RunResult> {
     let t0 = Instant::now();
-    let dev = Device::Cpu;
+    cfg.validate()?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
-    let mut model = Mllm::load(&cfg.model, dtype, &dev)?;
+    let mut model = Mllm::load(&cfg.model, cfg.dtype.dtype(), device)?;
     let base_fp = fingerprint(&mut model)?;
-    let mut init_names = Vec::new();
-    if let Some(dir) = &cfg.init_adapter {
-        let (meta, store) = read_adapter(dir)?;
-        if meta.base_fingerprint != base_fp {
-            bail!(
-                "{}: the init adapter was trained on another base model",
-                dir.display()
-            );
-        }
-        init_names = set_tensors(&mut model, &store, &dir.join("adapter.safetensors"))?;
-    }
-    let (examples, report) = prepare_examples(cfg, &model)?;
+    let init_names = apply_init_adapter(cfg, &mut model, &base_fp)?;
+    let cfg = cfg.resolved(&model);
+    let preprocess = cfg.image.preprocess(&model);
+    let (examples, report) = load_examples(&model, &cfg.example_spec(&cfg.data, &preprocess))?;
     eprintln!("data: {}", report.summary());
-    let n = examples.len();
-    let per_step = cfg.batch * cfg.grad_accum;
-    let total = cfg
-        .steps
-        .unwrap_or_else(|| ((cfg.epochs * n as f64) / per_step as f64).ceil().max(1.0) as usize);
-    let warmup = cfg
-        .warmup_steps
-        .unwrap_or_else(|| (cfg.warmup_ratio * total as f64).ceil() as usize);
-    let tcfg = TrainerConfig {
-        optim: cfg.optim,
-        schedule: Schedule {
-            lr: cfg.lr,
-            warmup_steps: warmup,
-            total_steps: total,
-            min_lr_ratio: cfg.min_lr_ratio,
-        },
-        max_grad_norm: cfg.max_grad_norm,
-        seed: cfg.seed,
-        recompute: cfg.recompute,
-        activation_budget: DEFAULT_ACTIVATION_BUDGET,
-    };
-    let mut trainer = Trainer::new(&mut model, &cfg.method, tcfg)?;
-    let mut start = DataPosition { epoch: 0, index: 0 };
+    let (total, warmup) = cfg.step_counts(examples.len());
+    let mut trainer = Trainer::new(&mut model, &cfg.method, cfg.trainer_config(total, warmup))?;
     let metrics_path = out.join("metrics.jsonl");
-    let mut reports: Vec<StepReport> = Vec::new();
-    if let Some(r) = resume {
-        let ck = latest_checkpoint(r)?;
-        let (_, store) = read_adapter(&ck)?;
-        set_tensors(&mut model, &store, &ck.join("adapter.safetensors"))?;
-        let (moments, t, state) = read_checkpoint(&ck, &dev)?;
-        trainer.opt.state = moments;
-        trainer.opt.t = t;
-        trainer.step = state.step;
-        start = DataPosition {
-            epoch: state.epoch,
-            index: state.index,
-        };
-        // the metrics of the steps being redone are dropped
-        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| (s as usize) <= state.step)
-                })
-                .collect();
-            for l in &kept {
-                if let Ok(r) = serde_json::from_str::<StepReport>(l) {
-                    reports.push(r);
-                }
-            }
-            std::fs::write(
-                &metrics_path,
-                kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
-            )?;
+    let (start, mut reports) = match resume {
+        Some(r) => resume_from(r, &metrics_path, &mut model, &mut trainer, device)?,
+        None => {
+            let _ = std::fs::remove_file(&metrics_path);
+            (DataPosition { epoch: 0, index: 0 }, Vec::new())
         }
-        eprintln!("resuming from {} (step {})", ck.display(), state.step);
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
-    }
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    };
+    write_json(&out.join("config.json"), &cfg)?;
+    let n_total = total_params(&model);
     eprintln!(
         "training {} of {} parameters ({:.3}%), {} steps of {} x {} examples, lr {:e}, warmup {warmup}",
         trainer.setup.n_trainable(),
-        model.param_specs().iter().map(|s| s.numel()).sum::<usize>() + model.vision_param_count(),
-        100.0 * trainer.setup.n_trainable() as f64
-            / (model.param_specs().iter().map(|s| s.numel()).sum::<usize>()
-                + model.vision_param_count()) as f64,
+        n_total,
+        100.0 * trainer.setup.n_trainable() as f64 / n_total as f64,
         total,
         cfg.batch,
         cfg.grad_accum,
-        cfg.lr
+        cfg.peak_lr()
     );
-
     let examples = Arc::new(examples);
     let loader = Loader::spawn(
         examples.clone(),
@@ -456,73 +349,20 @@ pub fn train_run(
         cfg.seed,
         start,
         pad_id(&model),
-        cfg.preprocess.clone(),
+        preprocess.clone(),
         cfg.group_by_length,
     );
-    // The tower is frozen, so each image's features can be computed once. They are all
-    // computed up front, in sorted path order with fixed chunks, so that a value never
-    // depends on which batch an image first appeared in (a resumed run sees the same bits).
-    // Skipped when they would not fit in memory; then each batch runs the tower.
-    let mut image_paths: Vec<PathBuf> = examples
-        .iter()
-        .flat_map(|e| e.images.iter().cloned())
-        .collect();
-    image_paths.sort();
-    image_paths.dedup();
-    let feature_bytes = match &model.vision {
-        Some(v) => {
-            let (h, w) = cfg.preprocess.crop.unwrap_or((224, 224));
-            4 * v.tokens_per_image(h, w) * v.tower.hidden_size() * v.select.layers.len()
-        }
-        None => 0,
-    };
-    cache.enabled = cfg.cache_features && image_paths.len() * feature_bytes <= 2 << 30;
-    if cache.enabled && !image_paths.is_empty() {
-        cache.for_paths(&model, &image_paths, &cfg.preprocess, &dev, progress)?;
-    }
-    let n_total =
-        model.param_specs().iter().map(|s| s.numel()).sum::<usize>() + model.vision_param_count();
-    // gradient statistics: the tensors of the chosen subset, in name order
+    precompute_features(
+        &cfg,
+        &model,
+        &examples,
+        &preprocess,
+        cache,
+        device,
+        progress,
+    )?;
     let mut grad_stats = match &cfg.grad_stats {
-        Some(gs) => {
-            let mut names: Vec<String> = trainer
-                .setup
-                .trainable_specs()
-                .filter(|s| match gs.subset.as_str() {
-                    "trainable" => true,
-                    "projector" => s.name.starts_with(&format!("{}.", model.keys.projector)),
-                    prefix => s.name.starts_with(prefix),
-                })
-                .map(|s| s.name.clone())
-                .collect();
-            names.sort();
-            if names.is_empty() {
-                anyhow::bail!(
-                    "--grad-stats-subset `{}`: no trainable tensor of this method matches",
-                    gs.subset
-                );
-            }
-            let dim: usize = trainer
-                .setup
-                .trainable_specs()
-                .filter(|s| names.contains(&s.name))
-                .map(|s| s.numel())
-                .sum();
-            let path = out.join("grad_stats.jsonl");
-            if trainer.step == 0 {
-                let _ = std::fs::remove_file(&path);
-            }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("{}: cannot open", path.display()))?;
-            Some((
-                names,
-                crate::analyze::gradvar::GradStatsRecorder::new(&gs.subset, dim, gs.window),
-                file,
-            ))
-        }
+        Some(gs) => Some(GradStatsLog::open(gs, &trainer, &model, out)?),
         None => None,
     };
     let bar = progress_bar(total as u64, trainer.step as u64, progress, "train");
@@ -531,55 +371,29 @@ pub fn train_run(
         .append(true)
         .open(&metrics_path)
         .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
-    let meta = |step: usize| AdapterMeta {
+    let meta = AdapterMeta {
         format: FORMAT.into(),
         method: cfg.method.clone(),
         base_fingerprint: base_fp.clone(),
         base_source: cfg.model.display().to_string(),
         tensors: vec![],
-        step,
+        step: 0,
     };
+    let loss_title = format!("{} loss", cfg.method.method.name());
     while trainer.step < total {
         let (pos, micro) = loader.next()?;
-        let ts = Instant::now();
-        let mut batches = Vec::with_capacity(micro.len());
-        let mut real_tokens = 0usize;
-        let mut padded_tokens = 0usize;
-        for hb in &micro {
-            padded_tokens +=
-                hb.input_ids.len() * hb.input_ids.first().map(|r| r.len()).unwrap_or(0);
-            let mut b = hb.to_batch(&dev)?;
-            b.vision_features = cache.features(&model, hb, &dev)?;
-            b.pixel_values = None;
-            real_tokens += hb.attention_mask.iter().flatten().filter(|&&m| m).count();
-            batches.push(b);
-        }
-        let mut r = match &mut grad_stats {
-            None => trainer.step(&mut model, &batches)?,
-            Some((names, rec, file)) => {
-                let (grads, loss, tokens, micro) =
-                    trainer.gradients_detailed(&model, &batches, Some(names))?;
-                let whole = grads.flatten(names, 1.0)?;
-                let line = rec.record(trainer.step + 1, &whole, &micro);
-                writeln!(file, "{}", serde_json::to_string(&line)?)?;
-                trainer.apply(&mut model, grads, loss, tokens)?
-            }
-        };
-        let dt = ts.elapsed().as_secs_f64();
-        r.step += 1; // report the step count after the update
-        let line = serde_json::json!({
-            "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-            "tokens": real_tokens, "padded_tokens": padded_tokens, "tokens_per_s": real_tokens as f64 / dt, "step_s": dt,
-        });
-        writeln!(metrics, "{line}")?;
-        metrics.flush()?;
-        bar.set_message(format!(
-            "loss {:.4} | {:.0} tok/s",
-            r.loss,
-            real_tokens as f64 / dt
-        ));
+        let r = train_step(
+            &mut trainer,
+            &mut model,
+            &micro,
+            cache,
+            grad_stats.as_mut(),
+            &mut metrics,
+            device,
+        )?;
+        bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.0.loss, r.1));
         bar.inc(1);
-        reports.push(r);
+        reports.push(r.0);
         if let Some(every) = cfg.save_every
             && trainer.step % every == 0
             && trainer.step < total
@@ -588,8 +402,11 @@ pub fn train_run(
                 .join("checkpoints")
                 .join(format!("step-{:06}", trainer.step));
             let tensors = adapter_tensors(&mut model, &trainer.setup, &init_names)?;
-            let mut m = meta(trainer.step);
-            m.tensors = tensors.iter().map(|(n, _)| n.clone()).collect();
+            let m = AdapterMeta {
+                tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
+                step: trainer.step,
+                ..meta.clone()
+            };
             let state = RunState {
                 step: trainer.step,
                 epoch: pos.epoch,
@@ -597,45 +414,274 @@ pub fn train_run(
                 seed: cfg.seed,
             };
             save_checkpoint(&ck, &tensors, &m, &trainer.opt.state, trainer.opt.t, &state)?;
-            plot_loss(
-                &reports,
-                &out.join("loss.png"),
-                &format!("{} loss", cfg.method.method.name()),
-            )?;
+            plot_loss(&reports, &out.join("loss.png"), &loss_title)?;
         }
     }
     bar.finish_and_clear();
     let adapter_dir = out.join("adapter");
     let tensors = adapter_tensors(&mut model, &trainer.setup, &init_names)?;
-    let mut m = meta(trainer.step);
-    m.tensors = tensors.iter().map(|(n, _)| n.clone()).collect();
-    save_adapter(&adapter_dir, &tensors, &m)?;
-    plot_loss(
-        &reports,
-        &out.join("loss.png"),
-        &format!("{} loss", cfg.method.method.name()),
-    )?;
-    let val_loss = if cfg.val_data.is_empty() {
-        None
-    } else {
-        let vcfg = RunConfig {
-            data: cfg.val_data.clone(),
-            ..cfg.clone()
-        };
-        let (val, rep) = prepare_examples(&vcfg, &model)?;
-        eprintln!("validation {}", rep.summary());
-        let v = eval_loss(&model, &val, cfg.batch, &cfg.preprocess, cache)?;
-        eprintln!("validation loss {v:.4}");
-        Some(v)
+    let m = AdapterMeta {
+        tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
+        step: trainer.step,
+        ..meta
     };
-    // the steps of this process (a resumed run's earlier steps have no timing here)
-    let timed: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
+    save_adapter(&adapter_dir, &tensors, &m)?;
+    plot_loss(&reports, &out.join("loss.png"), &loss_title)?;
+    let val_loss = validation_loss(&cfg, &model, &preprocess, cache)?;
+    let summary = summarize(
+        &cfg,
+        &trainer,
+        &reports,
+        &metrics_path,
+        n_total,
+        val_loss,
+        t0.elapsed().as_secs_f64(),
+    );
+    write_json(&out.join("summary.json"), &summary)?;
+    Ok(RunResult {
+        reports,
+        adapter_dir,
+        data: report,
+        wall_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Sets the init adapter's tensors (checked against the base); returns their names, which
+/// every adapter of the run stores too.
+fn apply_init_adapter(cfg: &RunConfig, model: &mut Mllm, base_fp: &str) -> Result<Vec<String>> {
+    let Some(dir) = &cfg.init_adapter else {
+        return Ok(vec![]);
+    };
+    let (meta, store) = read_adapter(dir)?;
+    if meta.base_fingerprint != base_fp {
+        bail!(
+            "{}: the init adapter was trained on another base model",
+            dir.display()
+        );
+    }
+    set_tensors(model, &store, &dir.join("adapter.safetensors"))
+}
+
+/// Restores the newest checkpoint of `from` into the model and trainer, and keeps the
+/// metrics of the steps up to it (those after it are redone). Returns the data position and
+/// the kept step reports.
+fn resume_from(
+    from: &Path,
+    metrics_path: &Path,
+    model: &mut Mllm,
+    trainer: &mut Trainer,
+    device: &Device,
+) -> Result<(DataPosition, Vec<StepReport>)> {
+    let ck = latest_checkpoint(from)?;
+    let (_, store) = read_adapter(&ck)?;
+    set_tensors(model, &store, &ck.join("adapter.safetensors"))?;
+    let (moments, t, state) = read_checkpoint(&ck, device)?;
+    trainer.opt.state = moments;
+    trainer.opt.t = t;
+    trainer.step = state.step;
+    let mut reports = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(metrics_path) {
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| (s as usize) <= state.step)
+            })
+            .collect();
+        for l in &kept {
+            if let Ok(r) = serde_json::from_str::<StepReport>(l) {
+                reports.push(r);
+            }
+        }
+        write_atomically(
+            metrics_path,
+            kept.iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+                .as_bytes(),
+        )?;
+    }
+    eprintln!("resuming from {} (step {})", ck.display(), state.step);
+    Ok((
+        DataPosition {
+            epoch: state.epoch,
+            index: state.index,
+        },
+        reports,
+    ))
+}
+
+/// Every parameter of the model, the frozen tower included.
+fn total_params(model: &Mllm) -> usize {
+    model.param_specs().iter().map(|s| s.numel()).sum::<usize>() + model.vision_param_count()
+}
+
+/// The tower is frozen, so each image's features can be computed once. They are all
+/// computed up front, in sorted path order with fixed chunks, so that a value never depends
+/// on which batch an image first appeared in (a resumed run sees the same bits). Skipped
+/// when they would not fit in 2 GiB; then each batch runs the tower.
+fn precompute_features(
+    cfg: &RunConfig,
+    model: &Mllm,
+    examples: &[Example],
+    preprocess: &Preprocess,
+    cache: &mut FeatureCache,
+    device: &Device,
+    progress: bool,
+) -> Result<()> {
+    let mut image_paths: Vec<PathBuf> = examples
+        .iter()
+        .flat_map(|e| e.images.iter().cloned())
+        .collect();
+    image_paths.sort();
+    image_paths.dedup();
+    let feature_bytes = match &model.vision {
+        Some(v) => {
+            let (h, w) = preprocess.crop.unwrap_or((224, 224));
+            4 * v.tokens_per_image(h, w) * v.tower.hidden_size() * v.select.layers.len()
+        }
+        None => 0,
+    };
+    cache.enabled = cfg.cache_features && image_paths.len() * feature_bytes <= 2 << 30;
+    if cache.enabled && !image_paths.is_empty() {
+        cache.for_paths(model, &image_paths, preprocess, device, progress)?;
+    }
+    Ok(())
+}
+
+/// `grad_stats.jsonl` and the recorder behind it: the tensors of the chosen subset, in name
+/// order.
+struct GradStatsLog {
+    names: Vec<String>,
+    recorder: GradStatsRecorder,
+    file: File,
+}
+
+impl GradStatsLog {
+    fn open(gs: &GradStatsConfig, trainer: &Trainer, model: &Mllm, out: &Path) -> Result<Self> {
+        let mut names: Vec<String> = trainer
+            .setup
+            .trainable_specs()
+            .filter(|s| match gs.subset.as_str() {
+                "trainable" => true,
+                "projector" => s.name.starts_with(&format!("{}.", model.keys.projector)),
+                prefix => s.name.starts_with(prefix),
+            })
+            .map(|s| s.name.clone())
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            bail!(
+                "--grad-stats-subset `{}`: no trainable tensor of this method matches",
+                gs.subset
+            );
+        }
+        let dim: usize = trainer
+            .setup
+            .trainable_specs()
+            .filter(|s| names.contains(&s.name))
+            .map(|s| s.numel())
+            .sum();
+        let path = out.join("grad_stats.jsonl");
+        if trainer.step == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(Self {
+            names,
+            recorder: GradStatsRecorder::new(&gs.subset, dim, gs.window),
+            file,
+        })
+    }
+}
+
+/// One optimizer step over the micro-batches of a loader item, logged to metrics.jsonl
+/// (and grad_stats.jsonl). Returns the step's report (its `step` counted after the update)
+/// and its tokens per second.
+fn train_step(
+    trainer: &mut Trainer,
+    model: &mut Mllm,
+    micro: &[HostBatch],
+    cache: &mut FeatureCache,
+    grad_stats: Option<&mut GradStatsLog>,
+    metrics: &mut File,
+    device: &Device,
+) -> Result<(StepReport, f64)> {
+    let ts = Instant::now();
+    let mut batches = Vec::with_capacity(micro.len());
+    let mut real_tokens = 0usize;
+    let mut padded_tokens = 0usize;
+    for hb in micro {
+        padded_tokens += hb.input_ids.len() * hb.input_ids.first().map(|r| r.len()).unwrap_or(0);
+        let mut b = hb.to_batch(device)?;
+        b.vision_features = cache.features(model, hb, device)?;
+        b.pixel_values = None;
+        real_tokens += hb.attention_mask.iter().flatten().filter(|&&m| m).count();
+        batches.push(b);
+    }
+    let mut r = match grad_stats {
+        None => trainer.step(model, &batches)?,
+        Some(log) => {
+            let (grads, loss, tokens, micro) =
+                trainer.gradients_detailed(model, &batches, Some(&log.names))?;
+            let whole = grads.flatten(&log.names, 1.0)?;
+            let line = log.recorder.record(trainer.step + 1, &whole, &micro);
+            writeln!(log.file, "{}", serde_json::to_string(&line)?)?;
+            trainer.apply(model, grads, loss, tokens)?
+        }
+    };
+    let dt = ts.elapsed().as_secs_f64();
+    r.step += 1; // report the step count after the update
+    let line = serde_json::json!({
+        "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+        "tokens": real_tokens, "padded_tokens": padded_tokens, "tokens_per_s": real_tokens as f64 / dt, "step_s": dt,
+    });
+    writeln!(metrics, "{line}")?;
+    metrics.flush()?;
+    Ok((r, real_tokens as f64 / dt))
+}
+
+/// The loss on `val_data` after training, when the run has some.
+fn validation_loss(
+    cfg: &RunConfig,
+    model: &Mllm,
+    preprocess: &Preprocess,
+    cache: &mut FeatureCache,
+) -> Result<Option<f64>> {
+    if cfg.val_data.is_empty() {
+        return Ok(None);
+    }
+    let (val, rep) = load_examples(model, &cfg.example_spec(&cfg.val_data, preprocess))?;
+    eprintln!("validation {}", rep.summary());
+    let v = eval_loss(model, &val, cfg.batch, preprocess, cache)?;
+    eprintln!("validation loss {v:.4}");
+    Ok(Some(v))
+}
+
+/// The run's summary; step times and tokens/s are those of this process's steps (a resumed
+/// run's earlier steps have no timing here).
+fn summarize(
+    cfg: &RunConfig,
+    trainer: &Trainer,
+    reports: &[StepReport],
+    metrics_path: &Path,
+    n_total: usize,
+    val_loss: Option<f64>,
+    wall_s: f64,
+) -> RunSummary {
+    let timed: Vec<serde_json::Value> = read_text(metrics_path)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let last: Vec<f64> = reports.iter().rev().take(10).map(|r| r.loss).collect();
-    let summary = RunSummary {
+    RunSummary {
         method: cfg.method.method.name().to_string(),
         trainable_params: trainer.setup.n_trainable(),
         total_params: n_total,
@@ -649,38 +695,10 @@ pub fn train_run(
                 .collect(),
         ),
         final_loss: last.iter().sum::<f64>() / last.len().max(1) as f64,
-        peak_rss_mib: crate::cli::bench::peak_rss_mib(),
+        peak_rss_mib: peak_rss_mib(),
         val_loss,
-        wall_s: t0.elapsed().as_secs_f64(),
-    };
-    crate::eval::bench::write_atomically(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    Ok(RunResult {
-        reports,
-        adapter_dir,
-        data: report,
-        wall_s: t0.elapsed().as_secs_f64(),
-    })
-}
-
-/// A progress bar with rate and ETA on stderr (hidden when `show` is false).
-pub fn progress_bar(len: u64, pos: u64, show: bool, what: &str) -> indicatif::ProgressBar {
-    let bar = if show {
-        indicatif::ProgressBar::new(len)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{what} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} ETA {{eta}} {{msg}}"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_position(pos);
-    bar
+        wall_s,
+    }
 }
 
 /// The loss curve (raw and a 10-step moving average) as PNG.

@@ -15,9 +15,11 @@ use std::collections::HashMap;
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
 
-use super::{BlockFlags, LinFlags, Recompute, TrainSetup};
+use super::Recompute;
+use crate::methods::setup::{BlockFlags, LinFlags, TrainSetup};
+use crate::model::batch::{Batch, shifted_targets};
 use crate::model::llama::DecoderInputs;
-use crate::model::mllm::{Batch, Mllm, shifted_targets};
+use crate::model::mllm::Mllm;
 use crate::model::{Linear, merge_heads, split_heads};
 use crate::ops::act::{act_backward, act_forward, silu_mul_backward, silu_mul_forward};
 use crate::ops::attention::{AttentionCtx, attention_backward, attention_forward};
@@ -26,7 +28,7 @@ use crate::ops::linear::{linear_backward, linear_forward, lora_backward, lora_fo
 use crate::ops::loss::{IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward};
 use crate::ops::norm::{RmsNormCtx, rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// Gradients by checkpoint key; `add` accumulates (micro-batches, tied embeddings).
 #[derive(Default)]
@@ -706,4 +708,87 @@ pub fn forward_backward(
         projector_backward(model, &d, inputs, pre, &mut grads)?;
     }
     Ok((loss_sum, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::setup::setup;
+    use crate::methods::{Method, MethodConfig};
+    use crate::model::presets::preset;
+
+    /// The training block (`block_forward_ctx`) and the inference block
+    /// (`Llama::block_forward`) are two implementations of one decoder block: on the same
+    /// random hidden states, with padding and with LoRA adapters (dropout off, as inference
+    /// has none), every block's output must agree, not only the final loss.
+    #[test]
+    fn training_and_inference_blocks_agree_layer_by_layer() {
+        let dev = candle_core::Device::Cpu;
+        let spec = preset("tiny").unwrap();
+        for (method, dtype) in [
+            (Method::Ln, DType::F32),
+            (Method::Lora, DType::F32),
+            (Method::Full, DType::BF16),
+        ] {
+            let mut model = Mllm::random_llava(&spec, dtype, &dev, 7).unwrap();
+            let mut m = MethodConfig::new(method);
+            m.lora.dropout = 0.0;
+            let st = setup(&mut model, &m, 3).unwrap();
+            // LoRA's B starts at zero: give the adapters values so that they count
+            if method == Method::Lora {
+                let mut rng = Rng::new(11);
+                for s in st.trainable_specs().filter(|s| s.name.contains("lora_B")) {
+                    let t = model.param_mut(&s.name).unwrap();
+                    *t = rng.normal_tensor(t.dims(), 0.05, DType::F32, &dev).unwrap();
+                }
+            }
+            let (b, t, c) = (2, 9, spec.text.hidden_size);
+            // row 1 has two padded positions at the end
+            let mask: Vec<Vec<bool>> = vec![vec![true; t], (0..t).map(|i| i < t - 2).collect()];
+            let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+            let inp = model.llm.prepare(&mask, &positions, t).unwrap();
+            let x0 = Rng::new(5)
+                .normal_tensor(&[b, t, c], 1.0, DType::F32, &dev)
+                .unwrap();
+            let (mut x_inf, mut x_train) = (x0.clone(), x0);
+            for l in 0..model.llm.layers.len() {
+                x_inf = model.llm.block_forward(l, &x_inf, &inp).unwrap();
+                let (y, _, _) = block_forward_ctx(
+                    &model,
+                    l,
+                    &st.flags.blocks[l],
+                    &x_train,
+                    None,
+                    &inp,
+                    0,
+                    true,
+                )
+                .unwrap();
+                x_train = y.unwrap();
+                let diff = (&x_inf - &x_train)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = x_inf
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-5 * scale.max(1.0),
+                    "{method:?} {dtype:?} layer {l}: max |inference - training| = {diff} (scale {scale})"
+                );
+            }
+        }
+    }
 }

@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::step::{Grads, count_scored, forward_backward};
-use super::{TrainSetup, setup};
 use crate::methods::MethodConfig;
-use crate::model::mllm::{Batch, Mllm};
+use crate::methods::setup::{TrainSetup, setup};
+use crate::model::batch::Batch;
+use crate::model::mllm::Mllm;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerConfig {

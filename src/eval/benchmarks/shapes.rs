@@ -1,154 +1,62 @@
-//! Answering benchmark questions with a model (batched greedy or sampled generation, one
-//! image per question), and the `shapes` benchmark's scores with the official metrics.
+//! `shapes`, the demo's generated benchmark: one data folder holds a VQAv2-format question
+//! set, three POPE files, an MME-style file and COCO-format caption references, read by the
+//! other benchmarks' loaders and scored by their scorers. `eval_shapes` answers all of them
+//! (optionally with every question shown another image: the wrong-image control) and adds
+//! exact match and VQA accuracy per question kind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use candle_core::Device;
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::bench::{
-    Item, Truth, load_captions, load_mme_jsonl, load_pope, load_vqav2, score, submission_answer,
-    write_atomically,
-};
-use super::generate::{GenConfig, Prompt, generate};
-use super::metrics::{MmeScore, PopeMetrics, vqa_accuracy};
-use crate::data::image::Preprocess;
-use crate::data::llava::{IMAGE_PLACEHOLDER, Turn};
-use crate::data::template::{Rendered, Template, tokenize};
-use crate::model::mllm::Mllm;
-use crate::train::run::{FeatureCache, progress_bar};
+use super::item::{Item, Truth};
+use super::scores::{score, submission_answer};
+use super::subset::subset;
+use super::{captions, mme, pope, vqav2};
+use crate::data::features::FeatureCache;
+use crate::data::shapes::read_level;
+use crate::eval::answer::{Answerer, Question, answer_memo};
+use crate::eval::metrics::{MmeScore, PopeMetrics, vqa_accuracy};
+use crate::util::files::{read_json, write_atomically};
 
-/// LLaVA-1.5's short-answer instruction.
-pub const SHORT_ANSWER: &str = crate::data::shapes::SHORT;
-
-/// One question: an image and the user's text (without the image placeholder).
-#[derive(Debug, Clone)]
-pub struct Question {
-    pub image: PathBuf,
-    pub text: String,
-}
-
-/// How to ask.
-pub struct Asker<'a> {
-    pub model: &'a Mllm,
-    pub template: &'a Template,
-    pub preprocess: &'a Preprocess,
-    pub generation: GenConfig,
-    pub batch: usize,
-    /// show a progress bar
-    pub progress: bool,
-}
-
-impl Asker<'_> {
-    /// The prompt's token ids for one question (image tokens expanded).
-    pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
-        self.prompt_ids_with(&[], text)
+/// Every item of a shapes data folder (each part a random subset of at most `limit` with
+/// `seed`): VQA, POPE's three files, MME-style, captions of `split`.
+pub fn load(
+    data: &Path,
+    images: &Path,
+    split: &str,
+    limit: Option<usize>,
+    seed: u64,
+) -> Result<Vec<Item>> {
+    let mut v = subset(
+        vqav2::load(
+            &data.join("vqa_test_questions.json"),
+            &data.join("vqa_test_annotations.json"),
+            images,
+        )?,
+        limit,
+        seed,
+    );
+    for s in ["random", "popular", "adversarial"] {
+        v.extend(subset(
+            pope::load(&data.join(format!("pope_test_{s}.jsonl")), images)?,
+            limit,
+            seed,
+        ));
     }
-
-    /// The prompt's token ids after text-only demonstration turns (user, assistant).
-    pub fn prompt_ids_with(&self, demos: &[(String, String)], text: &str) -> Result<Vec<u32>> {
-        let tools = self
-            .model
-            .text
-            .as_ref()
-            .context("the model has no tokenizer")?;
-        let v = self
-            .model
-            .vision
-            .as_ref()
-            .context("the model has no vision tower")?;
-        let (h, w) = self.preprocess.crop.unwrap_or((224, 224));
-        let mut turns = Vec::new();
-        for (q, a) in demos {
-            turns.push(Turn {
-                from: "human".into(),
-                value: q.clone(),
-            });
-            turns.push(Turn {
-                from: "gpt".into(),
-                value: a.clone(),
-            });
-        }
-        turns.push(Turn {
-            from: "human".into(),
-            value: format!("{IMAGE_PLACEHOLDER}\n{text}"),
-        });
-        let prompt = self.template.render_prompt(&turns)?;
-        let r = Rendered {
-            text: prompt,
-            targets: vec![],
-        };
-        Ok(tokenize(&r, tools, v.image_token_id, v.tokens_per_image(h, w), true)?.input_ids)
-    }
-
-    /// Answers every question. `image_of(i)` picks the image question i is shown (identity
-    /// normally; a different image for the wrong-image control).
-    pub fn answer(
-        &self,
-        questions: &[Question],
-        cache: &mut FeatureCache,
-        image_of: &dyn Fn(usize) -> usize,
-        what: &str,
-    ) -> Result<Vec<String>> {
-        let tools = self
-            .model
-            .text
-            .as_ref()
-            .context("the model has no tokenizer")?;
-        let dev = Device::Cpu;
-        let paths: Vec<PathBuf> = questions.iter().map(|q| q.image.clone()).collect();
-        let feats = cache.for_paths(self.model, &paths, self.preprocess, &dev, self.progress)?;
-        let bar = progress_bar(questions.len() as u64, 0, self.progress, what);
-        let mut out = Vec::with_capacity(questions.len());
-        for (c, chunk) in questions.chunks(self.batch.max(1)).enumerate() {
-            let prompts = chunk
-                .iter()
-                .enumerate()
-                .map(|(k, q)| {
-                    let i = c * self.batch.max(1) + k;
-                    Ok(Prompt {
-                        ids: self.prompt_ids(&q.text)?,
-                        images: vec![feats[image_of(i)].clone()],
-                        seed: None,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let g = generate(self.model, tools, &prompts, &self.generation, |_, _| {})?;
-            out.extend(g.into_iter().map(|g| g.text.trim().to_string()));
-            bar.inc(chunk.len() as u64);
-        }
-        bar.finish_and_clear();
-        Ok(out)
-    }
-}
-
-/// Answers with a memo of (image, text) -> answer, so that questions repeated across test
-/// files (POPE's positive questions appear in all three splits) are generated once.
-fn answer_memo(
-    ask: &Asker,
-    qs: &[Question],
-    cache: &mut FeatureCache,
-    memo: &mut std::collections::HashMap<(PathBuf, String), String>,
-    what: &str,
-) -> Result<Vec<String>> {
-    let mut todo: Vec<Question> = Vec::new();
-    for q in qs {
-        let key = (q.image.clone(), q.text.clone());
-        if !memo.contains_key(&key) && !todo.iter().any(|t| t.image == q.image && t.text == q.text)
-        {
-            todo.push(q.clone());
-        }
-    }
-    let answers = ask.answer(&todo, cache, &|i| i, what)?;
-    for (q, a) in todo.into_iter().zip(answers) {
-        memo.insert((q.image, q.text), a);
-    }
-    Ok(qs
-        .iter()
-        .map(|q| memo[&(q.image.clone(), q.text.clone())].clone())
-        .collect())
+    v.extend(subset(
+        mme::load_jsonl(&data.join("mme_test.jsonl"), images, None)?,
+        limit,
+        seed,
+    ));
+    v.extend(subset(
+        captions::load(&data.join("captions_test.json"), images, split)?,
+        limit,
+        seed,
+    ));
+    Ok(v)
 }
 
 /// Scores of the `shapes` benchmark.
@@ -200,8 +108,8 @@ fn bare(text: &str) -> String {
 /// shapes` (`bench.rs`). `ask` answers short questions; `caption` generates captions.
 pub fn eval_shapes(
     e: &ShapesEval,
-    ask: &Asker,
-    caption: Option<&Asker>,
+    ask: &Answerer,
+    caption: Option<&Answerer>,
     cache: &mut FeatureCache,
 ) -> Result<ShapesScores> {
     let images = e.data.join("images");
@@ -222,7 +130,7 @@ pub fn eval_shapes(
         }
     };
     let small = e.limit_small.or(e.limit);
-    let vqa: Vec<Item> = load_vqav2(
+    let vqa: Vec<Item> = vqav2::load(
         &e.data.join("vqa_test_questions.json"),
         &e.data.join("vqa_test_annotations.json"),
         &images,
@@ -232,13 +140,13 @@ pub fn eval_shapes(
     .collect();
     let mut groups: Vec<(String, Vec<Item>)> = vec![("vqa".into(), vqa)];
     for split in ["random", "popular", "adversarial"] {
-        let items = load_pope(&e.data.join(format!("pope_test_{split}.jsonl")), &images)?;
+        let items = pope::load(&e.data.join(format!("pope_test_{split}.jsonl")), &images)?;
         groups.push((
             format!("pope {split}"),
             items.into_iter().filter(|it| within(it, small)).collect(),
         ));
     }
-    let mme = load_mme_jsonl(&e.data.join("mme_test.jsonl"), &images, None)?;
+    let mme = mme::load_jsonl(&e.data.join("mme_test.jsonl"), &images, None)?;
     groups.push((
         "mme".into(),
         mme.into_iter().filter(|it| within(it, small)).collect(),
@@ -263,8 +171,8 @@ pub fn eval_shapes(
             })
             .collect()
     };
-    let suffix = crate::data::shapes::read_level(e.data)?.question_suffix();
-    let mut memo = std::collections::HashMap::new();
+    let suffix = read_level(e.data)?.question_suffix();
+    let mut memo = HashMap::new();
     let (mut items, mut answers) = (Vec::new(), Vec::new());
     // the image each answer was given (another one under the wrong-image control)
     let mut shown: Vec<PathBuf> = Vec::new();
@@ -288,7 +196,7 @@ pub fn eval_shapes(
         items.extend(group);
     }
     if let Some(cap) = caption.filter(|_| e.captions) {
-        let caps: Vec<Item> = load_captions(&e.data.join("captions_test.json"), &images, "test")?
+        let caps: Vec<Item> = captions::load(&e.data.join("captions_test.json"), &images, "test")?
             .into_iter()
             .filter(|it| within(it, small))
             .collect();
@@ -334,7 +242,7 @@ pub fn eval_shapes(
         write_atomically(path, lines.as_bytes())?;
     }
     // VQA by question kind: the shapes annotations' `query` (its first key, or itself)
-    let anns = super::bench::read_json(&e.data.join("vqa_test_annotations.json"))?;
+    let anns: Value = read_json(&e.data.join("vqa_test_annotations.json"))?;
     let kind_of: BTreeMap<u64, String> = anns["annotations"]
         .as_array()
         .map(|v| {

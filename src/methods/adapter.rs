@@ -1,23 +1,23 @@
-//! Adapters and checkpoints on disk.
+//! Adapters on disk, and the one way a model is loaded with one.
 //!
 //! An adapter directory holds `adapter.safetensors` (the trained tensors only, under their
 //! checkpoint names, f32) and `adapter.json` (the method with its flags and a fingerprint of
-//! the base model). Loading onto a different base is refused. A training checkpoint is an
-//! adapter plus `optimizer.safetensors` (AdamW moments) and `state.json` (step, data position,
-//! seed). Every directory is written under a temporary name and renamed into place.
+//! the base model). Loading onto a different base is refused. The directory is written under
+//! a temporary name and renamed into place.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::MethodConfig;
+use super::setup::{TrainSetup, setup};
 use crate::io::store::Store;
-use crate::methods::MethodConfig;
 use crate::model::mllm::Mllm;
-use crate::train::TrainSetup;
+use crate::util::files::{read_json, write_dir_atomically, write_json};
 
 pub const FORMAT: &str = "lntune-adapter/1";
 
@@ -69,32 +69,6 @@ pub fn fingerprint(model: &mut Mllm) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Writes `dir` atomically: `fill` populates a temporary sibling, which then replaces `dir`.
-pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = dir
-        .file_name()
-        .context("directory has no name")?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    fill(&tmp)?;
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("{}: cannot move aside", dir.display()))?;
-        std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
-    }
-    Ok(())
-}
-
 /// The tensors an adapter stores: the run's trainable tensors plus `extra` names (tensors an
 /// init adapter replaced).
 pub fn adapter_tensors(
@@ -120,14 +94,14 @@ pub fn adapter_tensors(
         .collect()
 }
 
-fn write_adapter_files(dir: &Path, tensors: &[(String, Tensor)], meta: &AdapterMeta) -> Result<()> {
+pub(crate) fn write_adapter_files(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &AdapterMeta,
+) -> Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     candle_core::safetensors::save(&map, dir.join("adapter.safetensors"))?;
-    std::fs::write(
-        dir.join("adapter.json"),
-        serde_json::to_string_pretty(meta)?,
-    )?;
-    Ok(())
+    write_json(&dir.join("adapter.json"), meta)
 }
 
 /// Saves an adapter directory.
@@ -138,7 +112,7 @@ pub fn save_adapter(dir: &Path, tensors: &[(String, Tensor)], meta: &AdapterMeta
 /// Reads an adapter: its metadata and tensors.
 pub fn read_adapter(dir: &Path) -> Result<(AdapterMeta, Store)> {
     let jp = dir.join("adapter.json");
-    let meta: AdapterMeta = crate::model::config::read_json(&jp)?;
+    let meta: AdapterMeta = read_json(&jp)?;
     if meta.format != FORMAT {
         bail!(
             "{}: field `format` is `{}`, expected `{FORMAT}`",
@@ -169,7 +143,7 @@ pub fn apply_adapter(
             &fp[..12]
         );
     }
-    let setup = crate::train::setup(model, &meta.method, 0)?;
+    let setup = setup(model, &meta.method, 0)?;
     let names = set_tensors(model, &store, &dir.join("adapter.safetensors"))?;
     Ok((meta, setup, names))
 }
@@ -198,71 +172,17 @@ pub fn set_tensors(model: &mut Mllm, store: &Store, file: &Path) -> Result<Vec<S
     Ok(names)
 }
 
-/// Where a run stands, saved with each checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunState {
-    pub step: usize,
-    pub epoch: usize,
-    pub index: usize,
-    pub seed: u64,
-}
-
-/// Writes a checkpoint directory: adapter files, optimizer moments, run state.
-pub fn save_checkpoint(
-    dir: &Path,
-    tensors: &[(String, Tensor)],
-    meta: &AdapterMeta,
-    optimizer: &std::collections::BTreeMap<String, Tensor>,
-    opt_t: usize,
-    state: &RunState,
-) -> Result<()> {
-    write_dir_atomically(dir, |tmp| {
-        write_adapter_files(tmp, tensors, meta)?;
-        let mut map: HashMap<String, Tensor> = optimizer
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
-            .collect::<Result<_>>()?;
-        map.insert("__t".into(), Tensor::new(&[opt_t as u32], &Device::Cpu)?);
-        candle_core::safetensors::save(&map, tmp.join("optimizer.safetensors"))?;
-        std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
-        Ok(())
-    })
-}
-
-/// Reads a checkpoint's optimizer moments, step count and run state.
-pub fn read_checkpoint(
-    dir: &Path,
+/// Loads a model and, if given, an adapter onto it (checked against the base's fingerprint;
+/// LoRA stays unmerged): what every command that runs a trained model starts with.
+pub fn load_model(
+    model: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
     device: &Device,
-) -> Result<(std::collections::BTreeMap<String, Tensor>, usize, RunState)> {
-    let state: RunState = crate::model::config::read_json(&dir.join("state.json"))?;
-    let mut store = Store::new(device);
-    store.add_safetensors(&dir.join("optimizer.safetensors"))?;
-    let mut moments = std::collections::BTreeMap::new();
-    let mut t = 0;
-    for k in store.keys() {
-        let v = store.load_any(&k)?;
-        if k == "__t" {
-            t = v.to_vec1::<u32>()?[0] as usize;
-        } else {
-            moments.insert(k, v);
-        }
+) -> Result<Mllm> {
+    let mut m = Mllm::load(model, dtype, device)?;
+    if let Some(a) = adapter {
+        apply_adapter(a, &mut m)?;
     }
-    Ok((moments, t, state))
-}
-
-/// The newest `step-*` directory under `run/checkpoints`, or `dir` itself if it is one.
-pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
-    if dir.join("state.json").exists() {
-        return Ok(dir.to_path_buf());
-    }
-    let ck = dir.join("checkpoints");
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
-        .with_context(|| format!("{}: no checkpoints to resume from", ck.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("state.json").exists())
-        .collect();
-    steps.sort();
-    steps
-        .pop()
-        .with_context(|| format!("{}: no complete checkpoint", ck.display()))
+    Ok(m)
 }

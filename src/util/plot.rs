@@ -418,18 +418,12 @@ impl Heatmap {
 }
 
 fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("png.part");
-    image::save_buffer_with_format(
-        &tmp,
-        &cv.px,
-        W as u32,
-        H as u32,
-        image::ExtendedColorType::Rgb8,
-        image::ImageFormat::Png,
-    )
-    .with_context(|| format!("{}: cannot write PNG", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename", path.display()))?;
-    Ok(())
+    use image::ImageEncoder;
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&cv.px, W as u32, H as u32, image::ExtendedColorType::Rgb8)
+        .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
+    super::files::write_atomically(path, &png)
 }
 
 #[cfg(test)]

@@ -1,0 +1,154 @@
+//! A conversation with a model about an image, as `lntune generate` (one answer) and
+//! `lntune chat` (turn by turn) hold it: the model with its adapter, its template, the
+//! image preprocessing and the decoding settings; each reply is streamed as it is decoded.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+
+use super::generate::{GenConfig, Prompt, generate};
+use crate::data::image::{ImageProcessing, Preprocess};
+use crate::data::llava::{IMAGE_PLACEHOLDER, Turn};
+use crate::data::template::{Rendered, Template, TemplateName, tokenize};
+use crate::methods::adapter::load_model;
+use crate::model::mllm::Mllm;
+use crate::util::device::WeightDtype;
+
+/// The model and decoding settings of a conversation.
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    pub model: PathBuf,
+    pub adapter: Option<PathBuf>,
+    /// the model's chat template if it has one, else vicuna_v1, when not given
+    pub template: Option<TemplateName>,
+    pub max_new_tokens: usize,
+    /// 0 = greedy
+    pub temperature: f64,
+    /// sample among the k most likely tokens (0 = all)
+    pub top_k: usize,
+    /// sample within this probability mass (1 = all)
+    pub top_p: f64,
+    pub seed: u64,
+    /// stop once the text contains one of these (the template's own stops are always on)
+    pub stop: Vec<String>,
+    pub dtype: WeightDtype,
+    pub image: ImageProcessing,
+}
+
+/// A loaded model with its template, preprocessing and generation settings.
+pub struct ChatSession {
+    pub model: Mllm,
+    pub template: Template,
+    pub preprocess: Option<Preprocess>,
+    pub generation: GenConfig,
+}
+
+impl ChatSession {
+    pub fn load(a: &ChatConfig, device: &Device) -> Result<Self> {
+        if a.temperature < 0.0 || !(0.0..=1.0).contains(&a.top_p) || a.top_p == 0.0 {
+            bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+        }
+        let model = load_model(&a.model, a.adapter.as_deref(), a.dtype.dtype(), device)?;
+        let tools = model
+            .tokenizer
+            .as_ref()
+            .context("the model has no tokenizer")?;
+        let template = Template::new(
+            a.template
+                .unwrap_or_else(|| TemplateName::default_for(Some(tools))),
+            Some(tools),
+        )?;
+        let preprocess = model.vision.as_ref().map(|_| a.image.preprocess(&model));
+        let mut generation = GenConfig::greedy(a.max_new_tokens);
+        generation.temperature = a.temperature;
+        generation.top_k = a.top_k;
+        generation.top_p = a.top_p;
+        generation.seed = a.seed;
+        generation.eos_ids = tools.eos_id.into_iter().collect();
+        generation.stop_strings = template.stop_strings();
+        generation.stop_strings.extend(a.stop.iter().cloned());
+        Ok(Self {
+            model,
+            template,
+            preprocess,
+            generation,
+        })
+    }
+
+    /// Tower features (P, Dv) of an image file.
+    pub fn image_features(&self, path: &Path) -> Result<Tensor> {
+        let pre = self
+            .preprocess
+            .as_ref()
+            .context("this model has no vision tower; it cannot take --image")?;
+        let v = self.model.vision.as_ref().context("no vision tower")?;
+        let (px, h, w) = pre.load(path)?;
+        let t = Tensor::from_vec(px, (1, 3, h, w), self.model.llm.embed_tokens.device())?;
+        Ok(v.tower.features(&t, &v.select)?.get(0)?)
+    }
+
+    /// Answers the conversation's last human turn, streaming the text to `sink`.
+    pub fn reply(
+        &self,
+        turns: &[Turn],
+        image: Option<&Tensor>,
+        sink: &mut dyn Write,
+    ) -> Result<String> {
+        let tools = self
+            .model
+            .tokenizer
+            .as_ref()
+            .context("the model has no tokenizer")?;
+        let prompt = self.template.render_prompt(turns)?;
+        let r = Rendered {
+            text: prompt,
+            targets: vec![],
+        };
+        let (image_token, per_image) = match (&self.model.vision, &self.preprocess) {
+            (Some(v), Some(p)) => {
+                let (h, w) = p.crop.unwrap_or((224, 224));
+                (v.image_token_id, v.tokens_per_image(h, w))
+            }
+            _ => (u32::MAX, 0),
+        };
+        let ids = tokenize(&r, tools, image_token, per_image, true)?.input_ids;
+        let prompt = Prompt {
+            ids,
+            images: image.into_iter().cloned().collect(),
+            seed: None,
+        };
+        let mut err = None;
+        let out = generate(
+            &self.model,
+            tools,
+            &[prompt],
+            &self.generation,
+            |_, piece| {
+                if err.is_none() {
+                    err = sink
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| sink.flush())
+                        .err();
+                }
+            },
+        )?;
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        Ok(out.into_iter().next().map(|g| g.text).unwrap_or_default())
+    }
+}
+
+/// A user turn, with the image placeholder in front when the turn shows the image.
+pub fn user_turn(text: &str, with_image: bool) -> Turn {
+    Turn {
+        from: "human".into(),
+        value: if with_image {
+            format!("{IMAGE_PLACEHOLDER}\n{text}")
+        } else {
+            text.to_string()
+        },
+    }
+}

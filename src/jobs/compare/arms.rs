@@ -1,0 +1,188 @@
+//! The plan of a comparison: its arms. Every method (and, with a learning-rate sweep, every
+//! rate of its grid) is an arm of the `methods` table; the connector and data-type
+//! ablations add theirs. An arm is one training run and, if chosen, one evaluation.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use super::config::{Ablation, CompareConfig};
+use crate::data::llava::DataSource;
+use crate::methods::{Method, MethodConfig};
+
+/// One training + evaluation of the comparison.
+#[derive(Debug, Clone)]
+pub struct Arm {
+    /// `methods`, `connector` or `data-type`: the folder under `runs/` and the table
+    pub table: &'static str,
+    pub name: String,
+    pub method: MethodConfig,
+    pub lr: f64,
+    pub data: Vec<DataSource>,
+    pub val: Vec<DataSource>,
+    /// evaluate this arm (sweep candidates that lose are not evaluated)
+    pub evaluate: bool,
+}
+
+/// The arms of one method: one rate, or the sweep's grid around it.
+pub type MethodArms = Vec<Arm>;
+
+/// The label of a swept rate (`lr-1e-3`).
+pub fn lr_label(lr: f64) -> String {
+    format!("lr-{lr:.0e}")
+}
+
+/// The learning rate of `m`: the one given for it, else its default.
+pub fn lr_of(cfg: &CompareConfig, m: Method) -> f64 {
+    cfg.lrs
+        .iter()
+        .find(|(x, _)| *x == m)
+        .map(|x| x.1)
+        .unwrap_or(m.default_lr())
+}
+
+/// The method `m` with the comparison's freezing: `freeze_embed_head` keeps embeddings and
+/// head frozen for the methods that would train them (not ln-simple, projector, full).
+pub fn method_of(cfg: &CompareConfig, m: Method) -> MethodConfig {
+    let mut mc = MethodConfig::new(m);
+    if cfg.freeze_embed_head && !matches!(m, Method::LnSimple | Method::Projector | Method::Full) {
+        mc.train_embed = false;
+        mc.train_head = false;
+    }
+    mc
+}
+
+/// Per method, its arms (one, or one per swept rate) on the training data (`train`, with
+/// `val` held out for the sweep).
+pub fn method_arms(
+    cfg: &CompareConfig,
+    train: &[DataSource],
+    val: &[DataSource],
+) -> Vec<MethodArms> {
+    cfg.methods
+        .iter()
+        .map(|&m| {
+            let base = lr_of(cfg, m);
+            let lrs: Vec<f64> = if cfg.lr_sweep {
+                cfg.sweep_factors.iter().map(|f| base * f).collect()
+            } else {
+                vec![base]
+            };
+            lrs.iter()
+                .map(|&lr| Arm {
+                    table: "methods",
+                    name: if cfg.lr_sweep {
+                        format!("{}/{}", m.name(), lr_label(lr))
+                    } else {
+                        m.name().to_string()
+                    },
+                    method: method_of(cfg, m),
+                    lr,
+                    data: train.to_vec(),
+                    val: val.to_vec(),
+                    evaluate: !cfg.lr_sweep,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The ln method arm is the connector ablation's "ln + connector" arm when it trains the
+/// same tensors at the same rate on the same data: its result is then reused.
+pub fn reuses_ln_arm(cfg: &CompareConfig) -> bool {
+    let ln = method_of(cfg, Method::Ln);
+    cfg.ablations.contains(&Ablation::Connector)
+        && !cfg.lr_sweep
+        && cfg.methods.contains(&Method::Ln)
+        && !ln.train_embed
+        && !ln.train_head
+}
+
+/// The arms of the ablations: connector (LN + connector, LN only, connector only) and data
+/// type (LN tuning on equal budgets of each kind, and of all kinds mixed).
+pub fn ablation_arms(cfg: &CompareConfig) -> Result<Vec<Arm>> {
+    let mut arms = Vec::new();
+    let ln_lr = lr_of(cfg, Method::Ln);
+    if cfg.ablations.contains(&Ablation::Connector) {
+        let mut no_embed = MethodConfig::new(Method::Ln);
+        no_embed.train_embed = false;
+        no_embed.train_head = false;
+        let mut ln_only = no_embed.clone();
+        ln_only.train_projector = false;
+        let connector = (
+            "connector only",
+            MethodConfig::new(Method::Projector),
+            lr_of(cfg, Method::Projector).min(ln_lr * 4.0),
+        );
+        for (name, method, lr) in [
+            ("ln + connector", no_embed, ln_lr),
+            ("ln only", ln_only, ln_lr),
+            connector,
+        ] {
+            if name == "ln + connector" && reuses_ln_arm(cfg) {
+                continue;
+            }
+            arms.push(Arm {
+                table: "connector",
+                name: name.into(),
+                method,
+                lr,
+                data: cfg.data.clone(),
+                val: vec![],
+                evaluate: true,
+            });
+        }
+    }
+    if cfg.ablations.contains(&Ablation::DataType) {
+        if cfg.data_types.is_empty() {
+            bail!("--ablation data-type needs --data-types KIND=FILE,...");
+        }
+        let n = cfg.data_type_samples;
+        let arm = |name: String, data: Vec<DataSource>| Arm {
+            table: "data-type",
+            name,
+            method: method_of(cfg, Method::Ln),
+            lr: ln_lr,
+            data,
+            val: vec![],
+            evaluate: true,
+        };
+        for (k, f) in &cfg.data_types {
+            arms.push(arm(
+                k.clone(),
+                vec![DataSource {
+                    path: f.clone(),
+                    budget: Some(n),
+                }],
+            ));
+        }
+        let per = n / cfg.data_types.len();
+        arms.push(arm(
+            "mixed".into(),
+            cfg.data_types
+                .iter()
+                .map(|(_, f)| DataSource {
+                    path: f.clone(),
+                    budget: Some(per),
+                })
+                .collect(),
+        ));
+    }
+    Ok(arms)
+}
+
+/// `KIND=FILE,...` pairs of `--data-types`.
+pub fn parse_data_types(spec: &str) -> Result<Vec<(String, PathBuf)>> {
+    let kinds: Vec<(String, PathBuf)> = spec
+        .split(',')
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, f)| (k.trim().to_string(), PathBuf::from(f.trim())))
+                .with_context(|| format!("--data-types `{p}`: expected KIND=FILE"))
+        })
+        .collect::<Result<_>>()?;
+    if kinds.is_empty() {
+        bail!("--data-types is empty");
+    }
+    Ok(kinds)
+}

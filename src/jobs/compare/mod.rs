@@ -1,0 +1,263 @@
+//! `lntune compare`: the paper's comparison rerun on the user's model and data. Each arm (a
+//! method, a learning rate of the sweep, an ablation setting) is one training and one
+//! evaluation (child processes, see `runner`), then the layer-similarity and
+//! gradient-variance analyses, then the report.
+//!
+//! Layout of the output folder: `data/` (the train/validation split of a sweep),
+//! `runs/<table>/<arm>/` (run.json, train outputs, eval_config.json, `eval/`), `analysis/`
+//! (similarity, gradient variance), `report.md`, `report.json`, `wall_time.json` (each
+//! invocation's wall time), and the plots. Files: `config` (what a comparison is given),
+//! `arms` (the plan), `runner` (running arms), `report` (tables and plots); the pipeline is
+//! here.
+
+mod arms;
+mod config;
+mod report;
+mod runner;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use candle_core::DType;
+
+use crate::analyze::gradvar::gradvar;
+use crate::analyze::similarity::{SimilarityConfig, SimilarityReport, similarity};
+use crate::data::llava::{DataSource, load_mixture};
+use crate::methods::Method;
+use crate::util::files::{read_text, write_atomically};
+use crate::util::process::machine_description;
+use crate::util::progress::progress_bar;
+pub use arms::parse_data_types;
+use arms::{Arm, MethodArms, ablation_arms, method_arms, reuses_ln_arm};
+pub use config::{Ablation, CompareConfig};
+use report::{ArmResult, CompareReport, write_report};
+use runner::{LedgerFile, Runner};
+
+/// Runs (or resumes) the comparison and writes its report; returns report.md's text.
+pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
+    if cfg.batch == 0 || cfg.grad_accum == 0 {
+        bail!("--batch and --grad-accum must be positive");
+    }
+    if cfg.methods.is_empty() {
+        bail!("--methods is empty");
+    }
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("{}: cannot create", cfg.out.display()))?;
+    let (train, val) = sweep_split(cfg)?;
+    let mut sweep_arms = method_arms(cfg, &train, &val);
+    let ablations = ablation_arms(cfg)?;
+    let ledger = LedgerFile::open(&cfg.out);
+    let runner = Runner {
+        cfg,
+        exe: std::env::current_exe().context("cannot find the lntune executable")?,
+        ledger: &ledger,
+    };
+    let n_stages: usize = sweep_arms.iter().map(|v| v.len() + 1).sum::<usize>()
+        + 2 * ablations.len()
+        + usize::from(cfg.analysis);
+    let bar = progress_bar(n_stages as u64, 0, cfg.progress, "compare");
+    let step = |what: String, ran: bool| {
+        bar.set_message(what.clone());
+        bar.inc(1);
+        if bar.is_hidden() {
+            eprintln!(
+                "{} {what}",
+                if ran { "done" } else { "skip (already done)" }
+            );
+        }
+    };
+
+    // the methods (and their sweeps)
+    let mut methods_rows = Vec::new();
+    let mut sweep_rows = Vec::new();
+    for arms in &mut sweep_arms {
+        let (row, swept) = run_method(&runner, arms, &step)?;
+        methods_rows.push(row);
+        sweep_rows.extend(swept);
+    }
+    // the ablations
+    let mut connector = Vec::new();
+    let mut data_type = Vec::new();
+    if reuses_ln_arm(cfg) {
+        let mut r = methods_rows
+            .iter()
+            .find(|r| r.method == Method::Ln.name())
+            .cloned()
+            .context("the ln method arm has no result")?;
+        r.name = "ln + connector".into();
+        connector.push(r);
+    }
+    for arm in &ablations {
+        let ran = runner.train(arm, false)?;
+        step(format!("train {}/{}", arm.table, arm.name), ran);
+        let ran = runner.eval(arm)?;
+        step(format!("eval {}/{}", arm.table, arm.name), ran);
+        let r = runner.result(arm)?;
+        if arm.table == "connector" {
+            connector.push(r)
+        } else {
+            data_type.push(r)
+        }
+    }
+    // analyses: layer similarity of the stage-1 model and every method; gradient variance of
+    // the projector gradient (trained by every method but ln-simple)
+    let (mut similarity_report, mut grad_rows) = (None, Vec::new());
+    if cfg.analysis {
+        let (sim, ran) = analyse_similarity(&runner, &sweep_arms, &methods_rows, &val)?;
+        step("analysis".into(), ran);
+        similarity_report = Some(sim);
+        let runs: Vec<(String, PathBuf)> = sweep_arms
+            .iter()
+            .zip(&methods_rows)
+            .filter(|(arms, _)| arms[0].method.method != Method::LnSimple)
+            .map(|(arms, row)| (row.name.clone(), runner.dir(chosen(arms))))
+            .collect();
+        if !runs.is_empty() {
+            grad_rows = gradvar(&runs, &cfg.out.join("analysis/gradvar"))?;
+            for r in &mut grad_rows {
+                r.lines.clear(); // the report keeps the summary; gradvar.json has the lines
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    let (wall_s, invocations) = ledger.tick()?;
+    let report = CompareReport {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: machine_description(),
+        wall_s,
+        invocations,
+        train_wall_s: methods_rows
+            .iter()
+            .chain(&sweep_rows)
+            .chain(&connector)
+            .chain(&data_type)
+            .map(|r| r.summary.wall_s)
+            .sum(),
+        methods: methods_rows,
+        lr_sweep: sweep_rows,
+        connector,
+        data_type,
+        similarity: similarity_report,
+        gradvar: grad_rows,
+    };
+    write_report(&report, &cfg.out)?;
+    read_text(&cfg.out.join("report.md"))
+}
+
+/// The training data and the sweep's validation data: without a sweep, all of `--data`;
+/// with one, the first `val_samples` of the shuffled mixture are held out (written to
+/// `data/val.json`, the rest to `data/train.json`).
+fn sweep_split(cfg: &CompareConfig) -> Result<(Vec<DataSource>, Vec<DataSource>)> {
+    if !cfg.lr_sweep {
+        return Ok((cfg.data.clone(), vec![]));
+    }
+    let samples = load_mixture(&cfg.data, cfg.seed)?;
+    if samples.len() <= cfg.val_samples {
+        bail!(
+            "--data has {} samples; the sweep holds out --val-samples {}",
+            samples.len(),
+            cfg.val_samples
+        );
+    }
+    let (val, train) = samples.split_at(cfg.val_samples);
+    let d = cfg.out.join("data");
+    write_atomically(
+        &d.join("train.json"),
+        serde_json::to_string(train)?.as_bytes(),
+    )?;
+    write_atomically(&d.join("val.json"), serde_json::to_string(val)?.as_bytes())?;
+    let source = |p: PathBuf| {
+        vec![DataSource {
+            path: p,
+            budget: None,
+        }]
+    };
+    Ok((source(d.join("train.json")), source(d.join("val.json"))))
+}
+
+/// The arm a method's row stands for: the one evaluated (the sweep's choice).
+fn chosen(arms: &[Arm]) -> &Arm {
+    arms.iter().find(|x| x.evaluate).expect("one chosen arm")
+}
+
+/// Trains a method's arms, keeps the sweep's lowest validation loss, evaluates that arm.
+/// Returns the method's row and the sweep's rows.
+fn run_method(
+    runner: &Runner,
+    arms: &mut MethodArms,
+    step: &dyn Fn(String, bool),
+) -> Result<(ArmResult, Vec<ArmResult>)> {
+    for arm in arms.iter() {
+        let ran = runner.train(arm, arm.method.method != Method::LnSimple)?;
+        step(format!("train {}", arm.name), ran);
+    }
+    let mut sweep_rows = Vec::new();
+    let chosen = if runner.cfg.lr_sweep {
+        let mut best: Option<(f64, usize)> = None;
+        for (i, arm) in arms.iter().enumerate() {
+            let r = runner.result(arm)?;
+            sweep_rows.push(r.clone());
+            let v = r.summary.val_loss.unwrap_or(f64::INFINITY);
+            if best.is_none_or(|(b, _)| v < b) {
+                best = Some((v, i));
+            }
+        }
+        best.map(|b| b.1).unwrap_or(0)
+    } else {
+        0
+    };
+    let arm = &mut arms[chosen];
+    arm.evaluate = true;
+    let ran = runner.eval(arm)?;
+    step(format!("eval {}", arm.name), ran);
+    let mut r = runner.result(arm)?;
+    r.name = arm.method.method.name().to_string();
+    Ok((r, sweep_rows))
+}
+
+/// Layer similarity of the stage-1 model (or the base) and every method's chosen adapter,
+/// on the validation data (or the training data); reused when it exists.
+fn analyse_similarity(
+    runner: &Runner,
+    sweep_arms: &[MethodArms],
+    rows: &[ArmResult],
+    val: &[DataSource],
+) -> Result<(SimilarityReport, bool)> {
+    let cfg = runner.cfg;
+    let dir = cfg.out.join("analysis/similarity");
+    let json = dir.join("similarity.json");
+    if json.is_file() {
+        return Ok((crate::util::files::read_json(&json)?, false));
+    }
+    let mut models: Vec<(String, Option<PathBuf>)> = match &cfg.init_adapter {
+        Some(init) => vec![("stage-1".into(), Some(init.clone()))],
+        None => vec![("base".into(), None)],
+    };
+    for (arms, row) in sweep_arms.iter().zip(rows) {
+        models.push((
+            row.name.clone(),
+            Some(runner.dir(chosen(arms)).join("adapter")),
+        ));
+    }
+    let sim = SimilarityConfig {
+        model: cfg.model.clone(),
+        models,
+        data: if val.is_empty() {
+            cfg.data.clone()
+        } else {
+            val.to_vec()
+        },
+        images: cfg.images.clone(),
+        samples: cfg.similarity_samples,
+        template: cfg.template,
+        max_length: cfg.max_length,
+        batch: 8,
+        dtype: DType::F32,
+        image: cfg.image.clone(),
+        out: dir,
+    };
+    let report = similarity(&sim, &cfg.device.device()?)?;
+    runner.ledger.tick()?;
+    Ok((report, true))
+}

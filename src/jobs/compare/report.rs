@@ -1,0 +1,267 @@
+//! A comparison's report: `report.md` (the paper's Table 1 and 2 shapes, the sweep, the
+//! ablations, the analyses), `report.json`, and the plots `loss_curves.png`,
+//! `score_vs_trainable.png`, `score_vs_memory.png`, `ablation_connector.png`,
+//! `ablation_data_type.png`.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::analyze::gradvar::{GradvarRun, gradvar_markdown};
+use crate::analyze::similarity::SimilarityReport;
+use crate::eval::benchmarks::scores::Scores;
+use crate::train::run::RunSummary;
+use crate::util::files::{write_atomically, write_json};
+use crate::util::plot::{Chart, Series, trailing_mean};
+
+/// An arm's results, as report.json holds them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmResult {
+    pub name: String,
+    pub method: String,
+    pub lr: f64,
+    pub summary: RunSummary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scores: Option<Scores>,
+    /// (step, loss) of every step
+    pub loss_curve: Vec<(usize, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareReport {
+    pub command: String,
+    pub machine: String,
+    /// wall time summed over the invocations that made the comparison (an interrupted one
+    /// counted up to its last finished child process)
+    pub wall_s: f64,
+    /// how many invocations (1 unless the comparison was resumed)
+    #[serde(default)]
+    pub invocations: usize,
+    /// sum of every arm's training wall time (all invocations)
+    pub train_wall_s: f64,
+    pub methods: Vec<ArmResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub lr_sweep: Vec<ArmResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub connector: Vec<ArmResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub data_type: Vec<ArmResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<SimilarityReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub gradvar: Vec<GradvarRun>,
+}
+
+/// The score columns of a benchmark's scores: (name, value), the headline first.
+pub fn score_columns(s: &Scores) -> Vec<(String, f64)> {
+    let mut v = Vec::new();
+    if let Some(q) = &s.vqav2 {
+        v.push(("VQA acc".to_string(), q.overall));
+    }
+    if !s.pope.is_empty() {
+        let n = s.pope.len() as f64;
+        v.push((
+            "POPE acc".to_string(),
+            100.0 * s.pope.values().map(|m| m.accuracy).sum::<f64>() / n,
+        ));
+        v.push((
+            "POPE F1".to_string(),
+            100.0
+                * s.pope
+                    .values()
+                    .map(|m| if m.f1.is_finite() { m.f1 } else { 0.0 })
+                    .sum::<f64>()
+                / n,
+        ));
+    }
+    if let Some(m) = &s.mme {
+        v.push(("MME".to_string(), m.perception + m.cognition));
+    }
+    if let Some(c) = &s.captions {
+        v.push(("CIDEr".to_string(), c.cider));
+    }
+    v
+}
+
+fn methods_table(rows: &[ArmResult], with_lr: bool) -> String {
+    let cols: Vec<String> = rows
+        .iter()
+        .find_map(|r| r.scores.as_ref())
+        .map(|s| score_columns(s).into_iter().map(|c| c.0).collect())
+        .unwrap_or_default();
+    let mut s = String::from("| method |");
+    if with_lr {
+        s.push_str(" lr |");
+    }
+    s.push_str(" trainable params | trainable % |");
+    for c in &cols {
+        s.push_str(&format!(" {c} |"));
+    }
+    s.push('\n');
+    s.push_str(&"|---".repeat(3 + cols.len() + usize::from(with_lr)));
+    s.push_str("|\n");
+    for r in rows {
+        s.push_str(&format!("| {} |", r.name));
+        if with_lr {
+            s.push_str(&format!(" {:.0e} |", r.lr));
+        }
+        s.push_str(&format!(
+            " {} | {:.3} |",
+            r.summary.trainable_params, r.summary.trainable_percent
+        ));
+        let vals = r.scores.as_ref().map(score_columns).unwrap_or_default();
+        for c in &cols {
+            match vals.iter().find(|v| &v.0 == c) {
+                Some((_, x)) => s.push_str(&format!(" {x:.2} |")),
+                None => s.push_str(" - |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn efficiency_table(rows: &[ArmResult]) -> String {
+    let mut s = String::from(
+        "| method | lr | peak memory (MiB) | median step (s) | tokens/s | final train loss | validation loss | train wall (s) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let m = &r.summary;
+        s.push_str(&format!(
+            "| {} | {:.0e} | {:.0} | {:.2} | {:.0} | {:.4} | {} | {:.0} |\n",
+            r.name,
+            r.lr,
+            m.peak_rss_mib,
+            m.median_step_s,
+            m.median_tokens_per_s,
+            m.final_loss,
+            m.val_loss
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            m.wall_s
+        ));
+    }
+    s
+}
+
+/// Loss per step is noisy (batches differ in length and kind), so each arm is drawn as a
+/// trailing mean over `LOSS_WINDOW` steps; the raw values are in each arm's metrics.jsonl.
+const LOSS_WINDOW: usize = 8;
+
+fn loss_chart(title: &str, rows: &[ArmResult]) -> Chart {
+    Chart {
+        title: format!("{title} (mean of {LOSS_WINDOW} steps)"),
+        x_label: "step".into(),
+        y_label: "loss".into(),
+        series: rows
+            .iter()
+            .map(|r| Series {
+                label: r.name.clone(),
+                points: trailing_mean(
+                    &r.loss_curve
+                        .iter()
+                        .map(|&(s, l)| (s as f64, l))
+                        .collect::<Vec<_>>(),
+                    LOSS_WINDOW,
+                ),
+                scatter: false,
+            })
+            .collect(),
+        log_x: false,
+    }
+}
+
+/// Writes report.md, report.json and the plots.
+pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
+    let mut md = String::from("# lntune compare\n\n");
+    md.push_str(&format!("Command: `{}`\n\nMachine: {}. Wall time {:.0} s over {} invocation(s) (`wall_time.json`); training time of all arms {:.0} s.\n\n", r.command, r.machine, r.wall_s, r.invocations, r.train_wall_s));
+    md.push_str("## Quality (the shape of the paper's Table 1)\n\n");
+    md.push_str(&methods_table(&r.methods, false));
+    md.push_str("\n## Cost (the shape of the paper's Table 2)\n\n");
+    md.push_str(&efficiency_table(&r.methods));
+    if !r.lr_sweep.is_empty() {
+        md.push_str(
+            "\n## Learning-rate sweep (validation loss; the lowest per method is kept)\n\n",
+        );
+        md.push_str(&efficiency_table(&r.lr_sweep));
+    }
+    if !r.connector.is_empty() {
+        md.push_str("\n## Ablation: connector\n\n");
+        md.push_str(&methods_table(&r.connector, true));
+        md.push('\n');
+        md.push_str(&efficiency_table(&r.connector));
+    }
+    if !r.data_type.is_empty() {
+        md.push_str("\n## Ablation: data type (LN tuning, equal sample budgets)\n\n");
+        md.push_str(&methods_table(&r.data_type, false));
+        md.push('\n');
+        md.push_str(&efficiency_table(&r.data_type));
+    }
+    if let Some(s) = &r.similarity {
+        md.push_str("\n## Layer similarity (lower: more expressive, in the paper's reading)\n\n");
+        md.push_str(&s.markdown());
+        md.push_str("\nHeatmaps: `analysis/similarity/similarity_<model>.png`.\n");
+    }
+    if !r.gradvar.is_empty() {
+        md.push_str("\n## Gradient variance\n\n");
+        md.push_str(&gradvar_markdown(&r.gradvar));
+        md.push_str("\nPlots: `analysis/gradvar/gradvar_steps.png`, `analysis/gradvar/gradvar_microbatch.png`.\n");
+    }
+    md.push_str("\nPlots: `loss_curves.png`, `score_vs_trainable.png`, `score_vs_memory.png`");
+    md.push_str(if r.connector.is_empty() {
+        ""
+    } else {
+        ", `ablation_connector.png`"
+    });
+    md.push_str(if r.data_type.is_empty() {
+        ""
+    } else {
+        ", `ablation_data_type.png`"
+    });
+    md.push_str(".\n");
+    write_atomically(&out.join("report.md"), md.as_bytes())?;
+    write_json(&out.join("report.json"), r)?;
+
+    loss_chart("training loss per method", &r.methods).save_png(&out.join("loss_curves.png"))?;
+    let headline = r
+        .methods
+        .iter()
+        .find_map(|m| m.scores.as_ref())
+        .and_then(|s| score_columns(s).first().map(|c| c.0.clone()))
+        .unwrap_or_else(|| "score".into());
+    let scatter = |x_label: &str, x: &dyn Fn(&ArmResult) -> f64, log_x: bool| Chart {
+        title: format!("{headline} vs {x_label}"),
+        x_label: x_label.into(),
+        y_label: headline.clone(),
+        series: r
+            .methods
+            .iter()
+            .map(|m| Series {
+                label: m.name.clone(),
+                points: vec![(
+                    x(m),
+                    m.scores
+                        .as_ref()
+                        .and_then(|s| score_columns(s).first().map(|c| c.1))
+                        .unwrap_or(f64::NAN),
+                )],
+                scatter: true,
+            })
+            .collect(),
+        log_x,
+    };
+    scatter("trainable %", &|m| m.summary.trainable_percent, true)
+        .save_png(&out.join("score_vs_trainable.png"))?;
+    scatter("peak memory MiB", &|m| m.summary.peak_rss_mib, false)
+        .save_png(&out.join("score_vs_memory.png"))?;
+    if !r.connector.is_empty() {
+        loss_chart("connector ablation: training loss", &r.connector)
+            .save_png(&out.join("ablation_connector.png"))?;
+    }
+    if !r.data_type.is_empty() {
+        loss_chart("data-type ablation: training loss", &r.data_type)
+            .save_png(&out.join("ablation_data_type.png"))?;
+    }
+    Ok(())
+}

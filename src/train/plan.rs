@@ -1,0 +1,116 @@
+//! The plan of a run from config files alone (no weights are read), so that 7B/13B runs can
+//! be planned on any machine: trainable and total parameters per group, and the memory
+//! model of one step (see the README): frozen weights once in their storage dtype,
+//! trainable tensors with gradient and two Adam moments in f32, the kept activations of the
+//! recompute policy, one block's backward workspace, head logits for the supervised tokens.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::DType;
+use serde::Serialize;
+
+use super::{DEFAULT_ACTIVATION_BUDGET, Recompute};
+use crate::methods::MethodConfig;
+use crate::methods::setup::train_flags;
+use crate::model::params::Role;
+use crate::model::spec::ModelSpec;
+
+/// Parameter counts of one group.
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct GroupCount {
+    pub params: usize,
+    pub trainable: usize,
+}
+
+/// What `plan` computes.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub method: String,
+    pub groups: BTreeMap<String, GroupCount>,
+    pub total_params: usize,
+    pub trainable_params: usize,
+    pub trainable_percent: f64,
+    pub recompute: String,
+    pub memory_bytes: BTreeMap<String, usize>,
+}
+
+/// What to plan: a model (config files only), a method, a batch shape and a precision.
+#[derive(Debug, Clone)]
+pub struct PlanConfig {
+    pub model: PathBuf,
+    pub method: MethodConfig,
+    pub batch: usize,
+    pub seq: usize,
+    /// storage dtype of the frozen weights (f32 or bf16)
+    pub dtype: DType,
+    pub recompute: Recompute,
+}
+
+/// Counts and a memory estimate for `cfg`.
+pub fn plan(cfg: &PlanConfig) -> Result<Plan> {
+    let spec = ModelSpec::from_path(&cfg.model)?;
+    let method = &cfg.method;
+    let mut specs = spec.param_specs();
+    let flags = method.apply(&mut specs)?;
+    let mut groups: BTreeMap<String, GroupCount> = BTreeMap::new();
+    for (s, t) in specs.iter().zip(&flags) {
+        let g = groups.entry(s.role.group().to_string()).or_default();
+        g.params += s.numel();
+        if *t {
+            g.trainable += s.numel();
+        }
+    }
+    let vision = spec.vision_params();
+    if vision > 0 {
+        groups.insert(
+            Role::Vision.group().into(),
+            GroupCount {
+                params: vision,
+                trainable: 0,
+            },
+        );
+    }
+    let total: usize = groups.values().map(|g| g.params).sum();
+    let trainable: usize = groups.values().map(|g| g.trainable).sum();
+
+    // memory model of one step (see the README): bytes
+    let (b, t) = (cfg.batch, cfg.seq);
+    let frozen_bytes = cfg.dtype.size_in_bytes();
+    let policy_choice = cfg.recompute;
+    let cfg = &spec.llm;
+    let tf = train_flags(&specs, &flags, cfg.num_layers);
+    let policy = policy_choice.resolve(cfg, &tf, b, t, DEFAULT_ACTIVATION_BUDGET);
+    let first = tf.first_block_needed();
+    let saved: usize = match first {
+        Some(f) => (f..cfg.num_layers)
+            .map(|l| policy.bytes_per_layer(cfg, &tf.blocks[l], b, t))
+            .sum(),
+        None => 0,
+    };
+    // one block's backward: its recomputed context (selective size, plus the attention
+    // probabilities) and gradients of the same order
+    let blk = tf.blocks.first().cloned().unwrap_or_default();
+    let workspace = 2 * Recompute::None.bytes_per_layer(cfg, &blk, b, t);
+    // the head runs on scored tokens only; B·T is the upper bound (logits + their gradient)
+    let head = 2 * 4 * b * t * cfg.vocab_size;
+    let mut memory = BTreeMap::new();
+    memory.insert("frozen weights".into(), (total - trainable) * frozen_bytes);
+    memory.insert(
+        "trainable weights + grads + Adam m, v (f32)".into(),
+        4 * 4 * trainable,
+    );
+    memory.insert("saved activations".into(), saved);
+    memory.insert("peak block workspace".into(), workspace);
+    memory.insert("head on scored tokens (<= B·T)".into(), head);
+    Ok(Plan {
+        method: method.method.name().into(),
+        groups,
+        total_params: total,
+        trainable_params: trainable,
+        trainable_percent: 100.0 * trainable as f64 / total as f64,
+        recompute: format!("{policy:?}").to_lowercase(),
+        memory_bytes: memory,
+    })
+}

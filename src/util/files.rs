@@ -1,0 +1,165 @@
+//! The one home of file reading and writing helpers: JSON and JSON lines read with the file
+//! (and line) named in every error, and atomic replacement of a file or a directory: the new
+//! content goes to a temporary sibling that is then renamed into place, so that a reader (a
+//! later run, a resume) never sees half a file, and an interrupted write leaves the old one.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The whole file as text.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// A JSON file parsed into `T`. Syntax errors say "malformed JSON" with the position; a
+/// well-formed file of the wrong shape names the field.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    parse_json(&read_text(path)?, path)
+}
+
+/// JSON values one per line (blank lines skipped), each parsed into `T`, the line named in
+/// every error.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    parse_jsonl(&read_text(path)?, path)
+}
+
+/// `text`, the content of `path`, parsed as JSON.
+pub fn parse_json<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| json_error(e, &path.display().to_string()))
+}
+
+/// `text`, the content of `path`, parsed as JSON lines.
+pub fn parse_jsonl<T: DeserializeOwned>(text: &str, path: &Path) -> Result<Vec<T>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| json_error(e, &format!("{}: line {}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+fn json_error(e: serde_json::Error, at: &str) -> anyhow::Error {
+    match e.classify() {
+        serde_json::error::Category::Data => anyhow::anyhow!("{at}: {e}"),
+        _ => anyhow::anyhow!("{at}: malformed JSON: {e}"),
+    }
+}
+
+/// Replaces `path` with `bytes` through a temporary sibling and a rename (parents created).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create", parent.display()))?;
+    }
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension()
+            .map(|e| e.to_string_lossy().to_string())
+            .unwrap_or_default()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
+/// `value` as pretty JSON, written atomically.
+pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    write_atomically(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+/// `rows` as JSON lines, written atomically.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut s = String::new();
+    for r in rows {
+        s += &serde_json::to_string(r)?;
+        s.push('\n');
+    }
+    write_atomically(path, s.as_bytes())
+}
+
+/// Replaces the directory `dir`: `fill` populates a temporary sibling, which then takes
+/// `dir`'s place (the old one, if any, is moved aside first and removed after).
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = dir
+        .file_name()
+        .context("directory has no name")?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    fill(&tmp)?;
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("{}: cannot move aside", dir.display()))?;
+        std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn json_errors_name_the_file_and_say_what_is_wrong() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.json");
+        std::fs::write(&p, "{\"x\": ").unwrap();
+        let e = read_json::<Value>(&p).unwrap_err().to_string();
+        assert!(e.contains("a.json: malformed JSON"), "{e}");
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Need {
+            x: u32,
+        }
+        std::fs::write(&p, "{\"y\": 1}").unwrap();
+        let e = read_json::<Need>(&p).unwrap_err().to_string();
+        assert!(e.contains("a.json: missing field `x`"), "{e}");
+        let l = d.path().join("b.jsonl");
+        std::fs::write(&l, "{\"x\": 1}\n\n{oops}\n").unwrap();
+        let e = read_jsonl::<Value>(&l).unwrap_err().to_string();
+        assert!(e.contains("b.jsonl: line 3: malformed JSON"), "{e}");
+    }
+
+    #[test]
+    fn atomic_writes_replace_files_and_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("sub/x.json");
+        write_json(&f, &serde_json::json!({"a": 1})).unwrap();
+        write_json(&f, &serde_json::json!({"a": 2})).unwrap();
+        assert_eq!(read_json::<Value>(&f).unwrap()["a"], 2);
+        let dir = d.path().join("adapter");
+        write_dir_atomically(&dir, |t| write_atomically(&t.join("f"), b"1")).unwrap();
+        write_dir_atomically(&dir, |t| write_atomically(&t.join("g"), b"2")).unwrap();
+        assert!(!dir.join("f").exists() && dir.join("g").is_file());
+        // a failing fill leaves the old directory as it was
+        let err = write_dir_atomically(&dir, |_| anyhow::bail!("disk full")).unwrap_err();
+        assert!(err.to_string().contains("disk full"));
+        assert!(dir.join("g").is_file());
+        // nothing but the two results is left in the folder
+        let mut names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| !n.starts_with(".adapter.tmp"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["adapter", "sub"]);
+    }
+}
