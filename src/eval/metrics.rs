@@ -551,11 +551,13 @@ pub fn ptb_tokenize(text: &str) -> String {
         .join(" ")
 }
 
-type Ngrams = HashMap<Vec<String>, usize>;
+/// n-gram counts, ordered so that sums over them (CIDEr's norms and dot products) add in the
+/// same order in every process: the same captions give the same bits.
+type Ngrams = BTreeMap<Vec<String>, usize>;
 
 fn ngram_counts(s: &str, n: usize) -> (usize, Ngrams) {
     let words: Vec<String> = s.split_whitespace().map(String::from).collect();
-    let mut c = HashMap::new();
+    let mut c = BTreeMap::new();
     for k in 1..=n {
         for w in words.windows(k) {
             *c.entry(w.to_vec()).or_insert(0) += 1;
@@ -573,7 +575,7 @@ pub fn bleu(refs: &[Vec<String>], hyps: &[String]) -> ([f64; 4], Vec<[f64; 4]>) 
     let (mut testlen_t, mut reflen_t) = (0usize, 0usize);
     let (mut guess_t, mut correct_t) = ([0usize; N], [0usize; N]);
     for (rs, h) in refs.iter().zip(hyps) {
-        let mut maxcounts: Ngrams = HashMap::new();
+        let mut maxcounts: Ngrams = BTreeMap::new();
         let mut reflens = Vec::new();
         for r in rs {
             let (l, c) = ngram_counts(r, N);
@@ -648,7 +650,7 @@ pub fn cider_d(refs: &[Vec<String>], hyps: &[String]) -> (f64, Vec<f64>) {
     }
     let ref_len = (crefs.len() as f64).ln();
     let vec = |c: &Ngrams| {
-        let mut v: Vec<HashMap<Vec<String>, f64>> = vec![HashMap::new(); N];
+        let mut v: Vec<BTreeMap<Vec<String>, f64>> = vec![BTreeMap::new(); N];
         let mut norm = [0.0f64; N];
         let mut length = 0usize;
         for (g, tf) in c {

@@ -17,6 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+use crate::util::files::read_json;
+
 /// Where one tensor's data lives.
 enum Entry {
     /// Inside a memory-mapped safetensors file: byte range `start..end` of `files[file]`.
@@ -252,9 +254,7 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index)
-        .with_context(|| format!("{}: cannot read", index.display()))?;
-    let parsed: Index = serde_json::from_str(&text).with_context(|| {
+    let parsed: Index = read_json(index).with_context(|| {
         format!(
             "{}: invalid index JSON (field `weight_map`)",
             index.display()

@@ -215,10 +215,7 @@ impl ChatTokenizer {
         }
         let jinja = dir.join("chat_template.jinja");
         if tools.chat_template.is_none() && jinja.exists() {
-            tools.chat_template = Some(
-                std::fs::read_to_string(&jinja)
-                    .with_context(|| format!("{}: cannot read", jinja.display()))?,
-            );
+            tools.chat_template = Some(crate::util::files::read_text(&jinja)?);
         }
         tools.bos_id = tools
             .bos_token

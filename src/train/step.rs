@@ -16,7 +16,7 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
 
 use super::Recompute;
-use crate::methods::setup::{BlockFlags, LinFlags, TrainSetup};
+use crate::methods::setup::{BlockFlags, LinFlags, TrainFlags, TrainSetup};
 use crate::model::batch::{Batch, shifted_targets};
 use crate::model::llama::DecoderInputs;
 use crate::model::mllm::Mllm;
@@ -480,11 +480,17 @@ fn block_backward(
     }
 }
 
-/// Projector forward keeping each linear's input and each pre-activation.
+/// What the projector's backward needs: each linear's input and each pre-activation.
+struct ProjectorCtx {
+    inputs: Vec<Tensor>,
+    pre: Vec<Tensor>,
+}
+
+/// Projector forward keeping its backward context.
 fn projector_forward_train(
     p: &crate::model::projector::Projector,
     x: &Tensor,
-) -> Result<(Tensor, Vec<Tensor>, Vec<Tensor>)> {
+) -> Result<(Tensor, ProjectorCtx)> {
     let x = p.normalize_input(x)?;
     let mut inputs = vec![x.clone()];
     let mut pre = Vec::new();
@@ -495,16 +501,17 @@ fn projector_forward_train(
         inputs.push(a.clone());
         y = lin.forward(&a)?;
     }
-    Ok((y, inputs, pre))
+    Ok((y, ProjectorCtx { inputs, pre }))
 }
 
+/// Projector backward, mirroring `projector_forward_train`: gradients of every linear.
 fn projector_backward(
     model: &Mllm,
     dy: &Tensor,
-    inputs: &[Tensor],
-    pre: &[Tensor],
+    ctx: &ProjectorCtx,
     grads: &mut Grads,
 ) -> Result<()> {
+    let (inputs, pre) = (&ctx.inputs, &ctx.pre);
     let p = &model.vision.as_ref().expect("projector").projector;
     let mut dy = dy.clone();
     for k in (0..p.linears.len()).rev() {
@@ -525,6 +532,112 @@ fn projector_backward(
         if k > 0 {
             dy = act_backward(&g.dx.expect("dx"), &pre[k - 1], p.cfg.act)?;
         }
+    }
+    Ok(())
+}
+
+/// Vision tower (frozen: no context kept; or the batch's cached features) and projector:
+/// the projected image features (N, P, C), and the projector's context when it trains.
+fn image_features_forward(
+    model: &Mllm,
+    batch: &Batch,
+    projector_trains: bool,
+) -> Result<(Option<Tensor>, Option<ProjectorCtx>)> {
+    let tower_out = match (&batch.vision_features, &batch.pixel_values, &model.vision) {
+        (Some(f), _, _) => Some(f.clone()),
+        (None, Some(px), Some(v)) => Some(v.tower.features(px, &v.select)?), // frozen: no context
+        (None, Some(_), None) => {
+            bail!("this model has no vision tower, but the batch has pixel_values")
+        }
+        _ => None,
+    };
+    Ok(match (tower_out, &model.vision) {
+        (Some(feats), Some(v)) => {
+            if projector_trains {
+                let (y, ctx) = projector_forward_train(&v.projector, &feats)?;
+                (Some(y), Some(ctx))
+            } else {
+                (Some(v.projector.forward(&feats)?), None)
+            }
+        }
+        (Some(_), None) => {
+            bail!("this model has no vision tower, but the batch has image features")
+        }
+        _ => (None, None),
+    })
+}
+
+/// Every decoder block forward from the input embeddings `x0`; for the blocks the backward
+/// visits, what the `recompute` policy keeps. Returns the last block's output.
+fn blocks_forward(
+    model: &Mllm,
+    flags: &TrainFlags,
+    x0: Tensor,
+    inp: &DecoderInputs,
+    seed: u64,
+    recompute: Recompute,
+) -> Result<(Tensor, Vec<Option<Saved>>)> {
+    let first = flags.first_block_needed();
+    let mut saved: Vec<Option<Saved>> = (0..model.llm.layers.len()).map(|_| None).collect();
+    let mut x = x0;
+    for (l, slot) in saved.iter_mut().enumerate() {
+        let keep = first.is_some_and(|f| l >= f);
+        let (y, x2, ctx) =
+            block_forward_ctx(model, l, &flags.blocks[l], &x, None, inp, seed, true)?;
+        if keep {
+            *slot = Some(match recompute {
+                Recompute::Full | Recompute::Auto => Saved::Inputs { x: x.clone(), x2 },
+                Recompute::Selective => {
+                    let mut ctx = ctx;
+                    ctx.attn.probs = None; // T² per head: recomputed from q, k in backward
+                    Saved::Ctx(Box::new(ctx))
+                }
+                Recompute::None => Saved::Ctx(Box::new(ctx)),
+            });
+        }
+        x = y.expect("forward computes y");
+    }
+    Ok((x, saved))
+}
+
+/// The backward of the inputs: dX (B·T, C) of the embeddings scatter-added into the
+/// embedding table's gradient (text positions, when it trains), and into the projector
+/// (image positions, when it trains; `projector` is its context and output).
+fn inputs_backward(
+    model: &Mllm,
+    batch: &Batch,
+    embed_trains: bool,
+    dx: &Tensor,
+    projector: Option<(&ProjectorCtx, &Tensor)>,
+    grads: &mut Grads,
+) -> Result<()> {
+    let llm = &model.llm;
+    let dev = llm.embed_tokens.device().clone();
+    let (b, t) = batch.dims();
+    let dx0 = dx.reshape((b * t, llm.cfg.hidden_size))?;
+    let image_id = model.vision.as_ref().map(|v| v.image_token_id);
+    let (mut text_rows, mut text_ids, mut image_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &id) in batch.input_ids.iter().flatten().enumerate() {
+        if Some(id) == image_id {
+            image_rows.push(i as u32);
+        } else {
+            text_rows.push(i as u32);
+            text_ids.push(id);
+        }
+    }
+    if embed_trains && !text_rows.is_empty() {
+        let n = text_rows.len();
+        let d = dx0.index_select(&Tensor::from_vec(text_rows, n, &dev)?, 0)?;
+        let ids = Tensor::from_vec(text_ids, n, &dev)?;
+        let de = embedding_backward(&d, &ids, llm.cfg.vocab_size)?;
+        grads.add(format!("{}.embed_tokens.weight", model.keys.llm_body), de)?;
+    }
+    if let Some((ctx, y)) = projector {
+        let n = image_rows.len();
+        let d = dx0
+            .index_select(&Tensor::from_vec(image_rows, n, &dev)?, 0)?
+            .reshape(y.shape())?;
+        projector_backward(model, &d, ctx, grads)?;
     }
     Ok(())
 }
@@ -559,54 +672,14 @@ pub fn forward_backward(
     let mut grads = Grads::default();
 
     // --- forward ---------------------------------------------------------------------
-    let tower_out = match (&batch.vision_features, &batch.pixel_values, &model.vision) {
-        (Some(f), _, _) => Some(f.clone()),
-        (None, Some(px), Some(v)) => Some(v.tower.features(px, &v.select)?), // frozen: no context
-        (None, Some(_), None) => {
-            bail!("this model has no vision tower, but the batch has pixel_values")
-        }
-        _ => None,
-    };
-    let (proj_out, proj_ctx) = match (tower_out, &model.vision) {
-        (Some(feats), Some(v)) => {
-            if flags.projector {
-                let (y, inputs, pre) = projector_forward_train(&v.projector, &feats)?;
-                (Some(y), Some((inputs, pre)))
-            } else {
-                (Some(v.projector.forward(&feats)?), None)
-            }
-        }
-        (Some(_), None) => {
-            bail!("this model has no vision tower, but the batch has image features")
-        }
-        _ => (None, None),
-    };
+    let (proj_out, proj_ctx) = image_features_forward(model, batch, flags.projector)?;
     let x0 = model.embed_with_images(&batch.input_ids, proj_out.as_ref())?;
     let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
     let inp = llm.prepare(&batch.attention_mask, &positions, t)?;
     let first = flags.first_block_needed();
     let n_layers = llm.layers.len();
     let recompute = recompute.resolve(&llm.cfg, flags, b, t, activation_budget);
-    // per block: what the backward will start from
-    let mut saved: Vec<Option<Saved>> = (0..n_layers).map(|_| None).collect();
-    let mut x = x0;
-    for (l, slot) in saved.iter_mut().enumerate() {
-        let keep = first.is_some_and(|f| l >= f);
-        let (y, x2, ctx) =
-            block_forward_ctx(model, l, &flags.blocks[l], &x, None, &inp, seed, true)?;
-        if keep {
-            *slot = Some(match recompute {
-                Recompute::Full | Recompute::Auto => Saved::Inputs { x: x.clone(), x2 },
-                Recompute::Selective => {
-                    let mut ctx = ctx;
-                    ctx.attn.probs = None; // T² per head: recomputed from q, k in backward
-                    Saved::Ctx(Box::new(ctx))
-                }
-                Recompute::None => Saved::Ctx(Box::new(ctx)),
-            });
-        }
-        x = y.expect("forward computes y");
-    }
+    let (x, mut saved) = blocks_forward(model, flags, x0, &inp, seed, recompute)?;
     let (rows, targets) = scored_rows(batch)?;
     if rows.is_empty() {
         bail!("batch has no supervised token (all shifted labels are -100)");
@@ -682,31 +755,14 @@ pub fn forward_backward(
     }
 
     // --- embeddings and projector ------------------------------------------------------
-    let dx0 = dx.reshape((b * t, c))?;
-    let image_id = model.vision.as_ref().map(|v| v.image_token_id);
-    let (mut text_rows, mut text_ids, mut image_rows) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, &id) in batch.input_ids.iter().flatten().enumerate() {
-        if Some(id) == image_id {
-            image_rows.push(i as u32);
-        } else {
-            text_rows.push(i as u32);
-            text_ids.push(id);
-        }
-    }
-    if flags.embed && !text_rows.is_empty() {
-        let n = text_rows.len();
-        let d = dx0.index_select(&Tensor::from_vec(text_rows, n, &dev)?, 0)?;
-        let ids = Tensor::from_vec(text_ids, n, &dev)?;
-        let de = embedding_backward(&d, &ids, llm.cfg.vocab_size)?;
-        grads.add(format!("{}.embed_tokens.weight", model.keys.llm_body), de)?;
-    }
-    if let (Some((inputs, pre)), Some(y)) = (&proj_ctx, &proj_out) {
-        let n = image_rows.len();
-        let d = dx0
-            .index_select(&Tensor::from_vec(image_rows, n, &dev)?, 0)?
-            .reshape(y.shape())?;
-        projector_backward(model, &d, inputs, pre, &mut grads)?;
-    }
+    inputs_backward(
+        model,
+        batch,
+        flags.embed,
+        &dx,
+        proj_ctx.as_ref().zip(proj_out.as_ref()),
+        &mut grads,
+    )?;
     Ok((loss_sum, grads))
 }
 
@@ -765,25 +821,13 @@ mod tests {
                 )
                 .unwrap();
                 x_train = y.unwrap();
-                let diff = (&x_inf - &x_train)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = x_inf
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let max_abs = |t: &Tensor| {
+                    t.abs()
+                        .and_then(|a| a.flatten_all()?.max(0)?.to_scalar::<f32>())
+                        .unwrap()
+                };
+                let diff = max_abs(&(&x_inf - &x_train).unwrap());
+                let scale = max_abs(&x_inf);
                 assert!(
                     diff <= 1e-5 * scale.max(1.0),
                     "{method:?} {dtype:?} layer {l}: max |inference - training| = {diff} (scale {scale})"

@@ -3,7 +3,7 @@
 //! content goes to a temporary sibling that is then renamed into place, so that a reader (a
 //! later run, a resume) never sees half a file, and an interrupted write leaves the old one.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -48,6 +48,17 @@ fn json_error(e: serde_json::Error, at: &str) -> anyhow::Error {
         serde_json::error::Category::Data => anyhow::anyhow!("{at}: {e}"),
         _ => anyhow::anyhow!("{at}: malformed JSON: {e}"),
     }
+}
+
+/// The entries of the folder `dir` that `keep` accepts, sorted by path.
+pub fn list_dir(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| keep(p))
+        .collect();
+    paths.sort();
+    Ok(paths)
 }
 
 /// Replaces `path` with `bytes` through a temporary sibling and a rename (parents created).

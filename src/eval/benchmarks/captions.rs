@@ -10,9 +10,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::item::{Item, Truth, array_of, existing, str_of, u64_of};
+use super::item::{Item, Truth, array_of, existing, str_of, u64_of, write_result_rows};
 use crate::eval::metrics::{bleu, cider_d, ptb_tokenize};
-use crate::util::files::{read_json, write_atomically};
+use crate::util::files::read_json;
 
 /// Caption items: one per image of `split` (Karpathy JSON) or every image (COCO-style JSON).
 pub fn load(file: &Path, images: &Path, split: &str) -> Result<Vec<Item>> {
@@ -165,10 +165,5 @@ pub fn write_results(dir: &Path, answered: &[(&Item, &str)]) -> Result<Vec<PathB
             _ => None,
         })
         .collect();
-    if rows.is_empty() {
-        return Ok(vec![]);
-    }
-    let path = dir.join("captions_results.json");
-    write_atomically(&path, serde_json::to_string(&rows)?.as_bytes())?;
-    Ok(vec![path])
+    write_result_rows(dir, "captions_results.json", &rows)
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::util::files::write_atomically;
+
 /// A benchmark's ground truth for one item.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Truth {
@@ -99,4 +101,15 @@ pub fn existing(path: PathBuf, file: &Path, at: &str) -> Result<PathBuf> {
             path.display()
         )
     }
+}
+
+/// Writes `rows` as one JSON array to `dir/name`, the results-file form of VQAv2 and COCO
+/// captions (nothing when there are none); returns the file written.
+pub fn write_result_rows(dir: &Path, name: &str, rows: &[Value]) -> Result<Vec<PathBuf>> {
+    if rows.is_empty() {
+        return Ok(vec![]);
+    }
+    let path = dir.join(name);
+    write_atomically(&path, serde_json::to_string(rows)?.as_bytes())?;
+    Ok(vec![path])
 }

@@ -15,22 +15,20 @@ use serde_json::Value;
 use super::item::{Item, Truth, existing, str_of};
 use crate::data::template::SHORT_ANSWER;
 use crate::eval::metrics::{MmeScore, mme_eval_type, mme_subtask, mme_totals};
-use crate::util::files::{read_jsonl, read_text, write_atomically};
+use crate::util::files::{list_dir, read_jsonl, read_text, write_atomically};
+
+fn is_txt(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "txt")
+}
 
 const IMAGE_EXTS: [&str; 4] = ["png", "jpg", "jpeg", "PNG"];
 
 /// MME items from the release folder: every subtask folder's question files, two lines
 /// (question, answer) per image, in file-name order.
 pub fn load_folder(root: &Path) -> Result<Vec<Item>> {
-    let mut subtasks: Vec<PathBuf> = std::fs::read_dir(root)
-        .with_context(|| format!("{}: cannot list", root.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && mme_eval_type(&p.file_name().unwrap_or_default().to_string_lossy()).is_some()
-        })
-        .collect();
-    subtasks.sort();
+    let subtasks = list_dir(root, |p| {
+        p.is_dir() && mme_eval_type(&p.file_name().unwrap_or_default().to_string_lossy()).is_some()
+    })?;
     if subtasks.is_empty() {
         bail!(
             "{}: no MME subtask folders (existence, count, ..., code_reasoning)",
@@ -49,13 +47,7 @@ pub fn load_folder(root: &Path) -> Result<Vec<Item>> {
         } else {
             (dir.clone(), dir.clone())
         };
-        let mut txts: Vec<PathBuf> = std::fs::read_dir(&qdir)
-            .with_context(|| format!("{}: cannot list", qdir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-            .collect();
-        txts.sort();
-        for txt in txts {
+        for txt in list_dir(&qdir, is_txt)? {
             let stem = txt
                 .file_stem()
                 .unwrap_or_default()
@@ -176,12 +168,7 @@ pub fn load_jsonl(file: &Path, images: &Path, gt_root: Option<&Path>) -> Result<
 
 /// truth<TAB>prediction` (the format of MME's `eval_tool/Your_Results`).
 pub fn read_results(dir: &Path) -> Result<(Vec<Item>, Vec<String>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
+    let files = list_dir(dir, is_txt)?;
     if files.is_empty() {
         bail!("{}: no <subtask>.txt result files", dir.display());
     }

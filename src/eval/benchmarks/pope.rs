@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::item::{Item, Truth, existing, field, id_text, str_of};
 use crate::eval::metrics::{PopeMetrics, pope_metrics, pope_parse};
-use crate::util::files::{read_jsonl, write_atomically};
+use crate::util::files::{list_dir, read_jsonl, write_atomically};
 
 /// The POPE split a file holds: random, popular or adversarial if its name says so, else its
 /// stem.
@@ -33,18 +33,13 @@ pub fn files(data: &Path) -> Result<Vec<PathBuf>> {
     if data.is_file() {
         return Ok(vec![data.to_path_buf()]);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(data)
-        .with_context(|| format!("{}: cannot list", data.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p
-                .file_name()
-                .map(|s| s.to_string_lossy().to_lowercase())
-                .unwrap_or_default();
-            n.contains("pope") && (n.ends_with(".json") || n.ends_with(".jsonl"))
-        })
-        .collect();
-    files.sort();
+    let files = list_dir(data, |p| {
+        let n = p
+            .file_name()
+            .map(|s| s.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        n.contains("pope") && (n.ends_with(".json") || n.ends_with(".jsonl"))
+    })?;
     if files.is_empty() {
         bail!(
             "{}: no POPE files (coco_pope_random.json, ...)",

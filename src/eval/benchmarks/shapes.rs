@@ -105,7 +105,7 @@ fn bare(text: &str) -> String {
 }
 
 /// Evaluates a model on the shapes test sets, read and scored like `lntune eval --bench
-/// shapes` (`bench.rs`). `ask` answers short questions; `caption` generates captions.
+/// shapes`. `ask` answers short questions; `caption` generates captions.
 pub fn eval_shapes(
     e: &ShapesEval,
     ask: &Answerer,
@@ -113,70 +113,11 @@ pub fn eval_shapes(
     cache: &mut FeatureCache,
 ) -> Result<ShapesScores> {
     let images = e.data.join("images");
-    // test images are test_<index>.png; limits keep the first n
-    let within = |it: &Item, limit: Option<usize>| -> bool {
-        let name = it
-            .image
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        match limit {
-            None => true,
-            Some(n) => name
-                .strip_prefix("test_")
-                .and_then(|s| s.strip_suffix(".png"))
-                .and_then(|s| s.parse::<usize>().ok())
-                .is_some_and(|i| i < n),
-        }
-    };
     let small = e.limit_small.or(e.limit);
-    let vqa: Vec<Item> = vqav2::load(
-        &e.data.join("vqa_test_questions.json"),
-        &e.data.join("vqa_test_annotations.json"),
-        &images,
-    )?
-    .into_iter()
-    .filter(|it| within(it, e.limit))
-    .collect();
-    let mut groups: Vec<(String, Vec<Item>)> = vec![("vqa".into(), vqa)];
-    for split in ["random", "popular", "adversarial"] {
-        let items = pope::load(&e.data.join(format!("pope_test_{split}.jsonl")), &images)?;
-        groups.push((
-            format!("pope {split}"),
-            items.into_iter().filter(|it| within(it, small)).collect(),
-        ));
-    }
-    let mme = mme::load_jsonl(&e.data.join("mme_test.jsonl"), &images, None)?;
-    groups.push((
-        "mme".into(),
-        mme.into_iter().filter(|it| within(it, small)).collect(),
-    ));
-    // the wrong-image control shows every question the image of another test scene (that of
-    // the question half the list away)
-    let shifted = |qs: &[Question]| -> Vec<Question> {
-        let n = qs.len();
-        if !e.wrong_image || n < 2 {
-            return qs.to_vec();
-        }
-        (0..n)
-            .map(|i| {
-                let mut j = (i + n / 2) % n;
-                while qs[j].image == qs[i].image && j != i {
-                    j = (j + 1) % n;
-                }
-                Question {
-                    image: qs[j].image.clone(),
-                    text: qs[i].text.clone(),
-                }
-            })
-            .collect()
-    };
     let suffix = read_level(e.data)?.question_suffix();
     let mut memo = HashMap::new();
-    let (mut items, mut answers) = (Vec::new(), Vec::new());
-    // the image each answer was given (another one under the wrong-image control)
-    let mut shown: Vec<PathBuf> = Vec::new();
-    for (what, group) in groups {
+    let mut answered = Answered::default();
+    for (what, group) in question_groups(e, &images)? {
         // the data's short-answer suffix (LLaVA-1.5's instruction at the full level) after
         // VQA and POPE questions; MME's own "Please answer yes or no." stays alone, as the
         // model was trained
@@ -190,10 +131,9 @@ pub fn eval_shapes(
                 },
             })
             .collect();
-        let asked = shifted(&qs);
-        answers.extend(answer_memo(ask, &asked, cache, &mut memo, &what)?);
-        shown.extend(asked.into_iter().map(|q| q.image));
-        items.extend(group);
+        let asked = if e.wrong_image { wrong_images(&qs) } else { qs };
+        let answers = answer_memo(ask, &asked, cache, &mut memo, &what)?;
+        answered.push(group, asked, answers);
     }
     if let Some(cap) = caption.filter(|_| e.captions) {
         let caps: Vec<Item> = captions::load(&e.data.join("captions_test.json"), &images, "test")?
@@ -207,48 +147,141 @@ pub fn eval_shapes(
                 text: e.caption_prompt.clone(),
             })
             .collect();
-        answers.extend(cap.answer(&qs, cache, &|i| i, "captions")?);
-        shown.extend(qs.into_iter().map(|q| q.image));
-        items.extend(caps);
+        let answers = cap.answer(&qs, cache, &|i| i, "captions")?;
+        answered.push(caps, qs, answers);
     }
-    let submitted: Vec<String> = items
+    let submitted: Vec<String> = answered
+        .items
         .iter()
-        .zip(&answers)
+        .zip(&answered.answers)
         .map(|(it, a)| submission_answer(it, a))
         .collect();
-    let scores = score(&items, &submitted);
     if let Some(path) = e.predictions {
-        let mut lines = String::new();
-        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string());
-        for ((it, a), shown) in items.iter().zip(&answers).zip(&shown) {
-            let reference = match &it.truth {
-                Truth::Vqa { answers, .. } => answers.first().cloned().unwrap_or_default(),
-                Truth::Pope { label, .. } => label.clone(),
-                Truth::Mme { answer, .. } => answer.clone(),
-                Truth::Caption { refs, .. } => refs.first().cloned().unwrap_or_default(),
-            };
-            // `image`: the question's own image; `shown_image`: the one the model was given
-            let line = serde_json::json!({
-                "id": it.id,
-                "image": name(&it.image),
-                "shown_image": name(shown),
-                "question": it.question,
-                "reference": reference,
-                "answer": a,
-            });
-            lines.push_str(&line.to_string());
-            lines.push('\n');
-        }
-        write_atomically(path, lines.as_bytes())?;
+        write_predictions(path, &answered)?;
     }
-    // VQA by question kind: the shapes annotations' `query` (its first key, or itself)
-    let anns: Value = read_json(&e.data.join("vqa_test_annotations.json"))?;
-    let kind_of: BTreeMap<u64, String> = anns["annotations"]
+    shapes_scores(e.data, &answered, &submitted)
+}
+
+/// Whether a test item is within the first `limit` test images (they are
+/// `test_<index>.png`).
+fn within(it: &Item, limit: Option<usize>) -> bool {
+    let name = it
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    match limit {
+        None => true,
+        Some(n) => name
+            .strip_prefix("test_")
+            .and_then(|s| s.strip_suffix(".png"))
+            .and_then(|s| s.parse::<usize>().ok())
+            .is_some_and(|i| i < n),
+    }
+}
+
+/// The short-question sets of a shapes folder, each with its progress label: VQA on the
+/// first `limit` test images; POPE's three files and MME-style on the first `limit_small`.
+fn question_groups(e: &ShapesEval, images: &Path) -> Result<Vec<(String, Vec<Item>)>> {
+    let small = e.limit_small.or(e.limit);
+    let vqa: Vec<Item> = vqav2::load(
+        &e.data.join("vqa_test_questions.json"),
+        &e.data.join("vqa_test_annotations.json"),
+        images,
+    )?
+    .into_iter()
+    .filter(|it| within(it, e.limit))
+    .collect();
+    let mut groups: Vec<(String, Vec<Item>)> = vec![("vqa".into(), vqa)];
+    for split in ["random", "popular", "adversarial"] {
+        let items = pope::load(&e.data.join(format!("pope_test_{split}.jsonl")), images)?;
+        groups.push((
+            format!("pope {split}"),
+            items.into_iter().filter(|it| within(it, small)).collect(),
+        ));
+    }
+    let mme = mme::load_jsonl(&e.data.join("mme_test.jsonl"), images, None)?;
+    groups.push((
+        "mme".into(),
+        mme.into_iter().filter(|it| within(it, small)).collect(),
+    ));
+    Ok(groups)
+}
+
+/// The wrong-image control: every question shown the image of another test scene (that of
+/// the question half the list away, or the next one with another image).
+fn wrong_images(qs: &[Question]) -> Vec<Question> {
+    let n = qs.len();
+    if n < 2 {
+        return qs.to_vec();
+    }
+    (0..n)
+        .map(|i| {
+            let mut j = (i + n / 2) % n;
+            while qs[j].image == qs[i].image && j != i {
+                j = (j + 1) % n;
+            }
+            Question {
+                image: qs[j].image.clone(),
+                text: qs[i].text.clone(),
+            }
+        })
+        .collect()
+}
+
+/// Every item asked, in order, with the raw answer and the image the model was shown (the
+/// item's own, or another one under the wrong-image control).
+#[derive(Default)]
+struct Answered {
+    items: Vec<Item>,
+    answers: Vec<String>,
+    shown: Vec<PathBuf>,
+}
+
+impl Answered {
+    fn push(&mut self, items: Vec<Item>, asked: Vec<Question>, answers: Vec<String>) {
+        self.items.extend(items);
+        self.shown.extend(asked.into_iter().map(|q| q.image));
+        self.answers.extend(answers);
+    }
+}
+
+/// Every question and answer as JSONL (id, image, shown_image, question, reference,
+/// answer), so that a score can be traced to the answers behind it.
+fn write_predictions(path: &Path, a: &Answered) -> Result<()> {
+    let mut lines = String::new();
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string());
+    for ((it, answer), shown) in a.items.iter().zip(&a.answers).zip(&a.shown) {
+        let reference = match &it.truth {
+            Truth::Vqa { answers, .. } => answers.first().cloned().unwrap_or_default(),
+            Truth::Pope { label, .. } => label.clone(),
+            Truth::Mme { answer, .. } => answer.clone(),
+            Truth::Caption { refs, .. } => refs.first().cloned().unwrap_or_default(),
+        };
+        // `image`: the question's own image; `shown_image`: the one the model was given
+        let line = serde_json::json!({
+            "id": it.id,
+            "image": name(&it.image),
+            "shown_image": name(shown),
+            "question": it.question,
+            "reference": reference,
+            "answer": answer,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    write_atomically(path, lines.as_bytes())
+}
+
+/// The VQA question kind of each question id: the shapes annotations' `query` (its first
+/// key, `{"ColorOf": {...}}`, or itself, a bare `"Count"`).
+fn question_kinds(data: &Path) -> Result<BTreeMap<u64, String>> {
+    let anns: Value = read_json(&data.join("vqa_test_annotations.json"))?;
+    Ok(anns["annotations"]
         .as_array()
         .map(|v| {
             v.iter()
                 .filter_map(|a| {
-                    // `{"ColorOf": {...}}` or a bare `"Count"`
                     let query = &a["query"];
                     let kind = query
                         .as_object()
@@ -259,11 +292,18 @@ pub fn eval_shapes(
                 })
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
+
+/// The official scores of the answered items, plus VQA exact match, VQA accuracy per
+/// question kind, and a few examples.
+fn shapes_scores(data: &Path, asked: &Answered, submitted: &[String]) -> Result<ShapesScores> {
+    let scores = score(&asked.items, submitted);
+    let kind_of = question_kinds(data)?;
     let mut by_kind: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut exact = Vec::new();
     let mut examples = Vec::new();
-    for ((it, a), raw) in items.iter().zip(&submitted).zip(&answers) {
+    for ((it, a), raw) in asked.items.iter().zip(submitted).zip(&asked.answers) {
         if let Truth::Vqa {
             question_id,
             answers: gts,
@@ -290,13 +330,15 @@ pub fn eval_shapes(
             }
         }
     }
-    let first_caption = items
-        .iter()
-        .zip(&answers)
-        .find_map(|(it, a)| match &it.truth {
-            Truth::Caption { refs, .. } => Some((refs, a)),
-            _ => None,
-        });
+    let first_caption =
+        asked
+            .items
+            .iter()
+            .zip(&asked.answers)
+            .find_map(|(it, a)| match &it.truth {
+                Truth::Caption { refs, .. } => Some((refs, a)),
+                _ => None,
+            });
     if let Some((refs, a)) = first_caption {
         examples.push((
             "(caption)".into(),

@@ -12,9 +12,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::item::{Item, Truth, array_of, existing, str_of, u64_of};
+use super::item::{Item, Truth, array_of, existing, str_of, u64_of, write_result_rows};
 use crate::eval::metrics::{evalai_process, vqa_accuracy};
-use crate::util::files::{read_json, write_atomically};
+use crate::util::files::read_json;
 
 /// The official annotations file's entries by question id.
 fn vqa_annotations<'a>(a: &'a Value, annotations: &Path) -> Result<HashMap<u64, &'a Value>> {
@@ -200,10 +200,5 @@ pub fn write_results(dir: &Path, answered: &[(&Item, &str)]) -> Result<Vec<PathB
             _ => None,
         })
         .collect();
-    if rows.is_empty() {
-        return Ok(vec![]);
-    }
-    let path = dir.join("vqav2_results.json");
-    write_atomically(&path, serde_json::to_string(&rows)?.as_bytes())?;
-    Ok(vec![path])
+    write_result_rows(dir, "vqav2_results.json", &rows)
 }

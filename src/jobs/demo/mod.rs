@@ -176,7 +176,130 @@ pub fn run_demo(cfg: &DemoConfig, device: &Device) -> Result<()> {
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let progress = cfg.progress;
+    let Built {
+        data,
+        model_dir,
+        image_processing,
+        pre,
+        mut cache,
+    } = build(cfg, &sizes, &mut secs, device)?;
+    let images = out.join("data/images");
+    let stages = Stages {
+        model_dir: &model_dir,
+        images: &images,
+        image: &image_processing,
+        seed: cfg.seed,
+    };
+    let eval = |caption_template, caption_prompt, wrong_image, predictions| DemoEval {
+        data: &data,
+        preprocess: &pre,
+        progress,
+        eval_small: sizes.eval_small,
+        caption_template,
+        caption_prompt,
+        wrong_image,
+        predictions,
+    };
 
+    // 4. stage 1: the projector on captions (plain template), then its evaluation
+    let t = Instant::now();
+    let c1 = stages.run_config(
+        MethodConfig::new(Method::Projector),
+        TemplateName::Plain,
+        vec![DataSource {
+            path: data.join("captions_train.json"),
+            budget: None,
+        }],
+        STAGE1_LR,
+        sizes.stage1_steps,
+        None,
+    );
+    let r1 = train_run(&c1, &out.join("stage1"), None, progress, &mut cache, device)?;
+    secs.insert("stage 1".to_string(), t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let m1 = load_model(&model_dir, Some(&r1.adapter_dir), DType::F32, device)?;
+    // stage 1 learned captions in the `plain` template: image, then the caption
+    let predictions1 = out.join("stage1/eval_predictions.jsonl");
+    let after1 = demo_eval(
+        &m1,
+        &mut cache,
+        &eval(TemplateName::Plain, "", false, &predictions1),
+    )?;
+    drop(m1);
+    secs.insert("eval after stage 1".to_string(), t.elapsed().as_secs_f64());
+
+    // 5. stage 2: instruction data (conversation, reasoning, and captions as instructions so
+    // that captioning is kept) with the chosen method, then its evaluation and the
+    // wrong-image control
+    let t = Instant::now();
+    let lr2 = stage2_lr(cfg);
+    let c2 = stages.run_config(
+        stage2_method(cfg.method),
+        TemplateName::Chatml,
+        stage2_data(out, &data, cfg.level, sizes.n_train)?,
+        lr2,
+        sizes.stage2_steps,
+        Some(r1.adapter_dir.clone()),
+    );
+    let r2 = train_run(&c2, &out.join("stage2"), None, progress, &mut cache, device)?;
+    secs.insert("stage 2".to_string(), t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let m2 = load_model(&model_dir, Some(&r2.adapter_dir), DType::F32, device)?;
+    // after stage 2 captions are asked as an instruction, as stage 2 trained them
+    let (predictions2, predictions2_wrong) = (
+        out.join("stage2/eval_predictions.jsonl"),
+        out.join("stage2/eval_predictions_wrong_image.jsonl"),
+    );
+    let asked = "Describe the image briefly.";
+    let after2 = demo_eval(
+        &m2,
+        &mut cache,
+        &eval(TemplateName::Chatml, asked, false, &predictions2),
+    )?;
+    let control = demo_eval(
+        &m2,
+        &mut cache,
+        &eval(TemplateName::Chatml, asked, true, &predictions2_wrong),
+    )?;
+    secs.insert("eval after stage 2".to_string(), t.elapsed().as_secs_f64());
+    secs.insert("total".to_string(), t_all.elapsed().as_secs_f64());
+
+    let report = DemoReport {
+        config: report_config(cfg, &sizes, lr2, &c2),
+        after_stage1: after1,
+        after_stage2: after2,
+        after_stage2_wrong_image: control,
+        stage1_final_loss: mean_last(&r1.reports, 10),
+        stage2_final_loss: mean_last(&r2.reports, 10),
+        seconds: secs,
+        data: data_notes(&r1, &r2),
+    };
+    write_json(&out.join("report.json"), &report)?;
+    let md = report_markdown(&report, out);
+    write_atomically(&out.join("report.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}
+
+/// What steps 1 to 3 leave: the data, the model directory, the image preprocessing, and
+/// every image's tower features.
+struct Built {
+    data: PathBuf,
+    model_dir: PathBuf,
+    image_processing: ImageProcessing,
+    pre: Preprocess,
+    cache: FeatureCache,
+}
+
+/// Steps 1 to 3: the pretrained parts, the shapes data, the composed model (its projector
+/// standardized with the train images' feature statistics).
+fn build(
+    cfg: &DemoConfig,
+    sizes: &Sizes,
+    secs: &mut BTreeMap<String, f64>,
+    device: &Device,
+) -> Result<Built> {
+    let (size, pool, out, progress) = (cfg.image_size, cfg.pool, &cfg.out, cfg.progress);
     // 1. pretrained parts
     let t = Instant::now();
     let assets = ensure_demo_assets(&cache_dir(cfg.cache.as_deref()), cfg.assets.as_deref())?;
@@ -236,111 +359,13 @@ pub fn run_demo(cfg: &DemoConfig, device: &Device) -> Result<()> {
         "model: DINOv2 ViT-S/14 (blocks 4 and 8, {grid}x{grid} patches pooled to {pool}x{pool}) -> projector -> SmolLM2-135M-Instruct; features in {:.0}s",
         t.elapsed().as_secs_f64()
     );
-    let images = out.join("data/images");
-    let stages = Stages {
-        model_dir: &model_dir,
-        images: &images,
-        image: &image_processing,
-        seed: cfg.seed,
-    };
-
-    // 4. stage 1: the projector on captions (plain template)
-    let t = Instant::now();
-    let c1 = stages.run_config(
-        MethodConfig::new(Method::Projector),
-        TemplateName::Plain,
-        vec![DataSource {
-            path: data.join("captions_train.json"),
-            budget: None,
-        }],
-        STAGE1_LR,
-        sizes.stage1_steps,
-        None,
-    );
-    let r1 = train_run(&c1, &out.join("stage1"), None, progress, &mut cache, device)?;
-    secs.insert("stage 1".to_string(), t.elapsed().as_secs_f64());
-
-    let t = Instant::now();
-    let m1 = load_model(&model_dir, Some(&r1.adapter_dir), DType::F32, device)?;
-    let after1 = demo_eval(
-        &m1,
-        &mut cache,
-        &DemoEval {
-            data: &data,
-            preprocess: &pre,
-            progress,
-            eval_small: sizes.eval_small,
-            // stage 1 learned captions in the `plain` template: image, then the caption
-            caption_template: TemplateName::Plain,
-            caption_prompt: "",
-            wrong_image: false,
-            predictions: &out.join("stage1/eval_predictions.jsonl"),
-        },
-    )?;
-    drop(m1);
-    secs.insert("eval after stage 1".to_string(), t.elapsed().as_secs_f64());
-
-    // 5. stage 2: instruction data (conversation, reasoning, and captions as instructions so
-    // that captioning is kept) with the chosen method
-    let t = Instant::now();
-    let lr2 = stage2_lr(cfg);
-    let stage2_data = stage2_data(out, &data, cfg.level, sizes.n_train)?;
-    let c2 = stages.run_config(
-        stage2_method(cfg.method),
-        TemplateName::Chatml,
-        stage2_data,
-        lr2,
-        sizes.stage2_steps,
-        Some(r1.adapter_dir.clone()),
-    );
-    let r2 = train_run(&c2, &out.join("stage2"), None, progress, &mut cache, device)?;
-    secs.insert("stage 2".to_string(), t.elapsed().as_secs_f64());
-
-    let t = Instant::now();
-    let m2 = load_model(&model_dir, Some(&r2.adapter_dir), DType::F32, device)?;
-    let (answers2, answers2_wrong) = (
-        out.join("stage2/eval_predictions.jsonl"),
-        out.join("stage2/eval_predictions_wrong_image.jsonl"),
-    );
-    let stage2_eval = DemoEval {
-        data: &data,
-        preprocess: &pre,
-        progress,
-        eval_small: sizes.eval_small,
-        // after stage 2 captions are asked as an instruction, as stage 2 trained them
-        caption_template: TemplateName::Chatml,
-        caption_prompt: "Describe the image briefly.",
-        wrong_image: false,
-        predictions: &answers2,
-    };
-    let after2 = demo_eval(&m2, &mut cache, &stage2_eval)?;
-    let control = demo_eval(
-        &m2,
-        &mut cache,
-        &DemoEval {
-            wrong_image: true,
-            predictions: &answers2_wrong,
-            ..stage2_eval
-        },
-    )?;
-    secs.insert("eval after stage 2".to_string(), t.elapsed().as_secs_f64());
-    secs.insert("total".to_string(), t_all.elapsed().as_secs_f64());
-
-    let report = DemoReport {
-        config: report_config(cfg, &sizes, lr2, &c2),
-        after_stage1: after1,
-        after_stage2: after2,
-        after_stage2_wrong_image: control,
-        stage1_final_loss: mean_last(&r1.reports, 10),
-        stage2_final_loss: mean_last(&r2.reports, 10),
-        seconds: secs,
-        data: data_notes(&r1, &r2),
-    };
-    write_json(&out.join("report.json"), &report)?;
-    let md = report_markdown(&report, out);
-    write_atomically(&out.join("report.md"), md.as_bytes())?;
-    println!("{md}");
-    Ok(())
+    Ok(Built {
+        data,
+        model_dir,
+        image_processing,
+        pre,
+        cache,
+    })
 }
 
 /// Stage 2's data: the conversations cut into one-round samples (for the same tokens,

@@ -1,4 +1,4 @@
-//! `lntune bench`: flags to a `TimingConfig`, one child process per method (see
+//! `lntune bench` (step timing): flags to a `TimingConfig`, one child process per method (see
 //! `jobs::timing`), a table or JSON lines out.
 
 use std::io::Read;
