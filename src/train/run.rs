@@ -398,22 +398,14 @@ pub fn train_run(
             && trainer.step % every == 0
             && trainer.step < total
         {
-            let ck = out
-                .join("checkpoints")
-                .join(format!("step-{:06}", trainer.step));
-            let tensors = adapter_tensors(&mut model, &trainer.setup, &init_names)?;
-            let m = AdapterMeta {
-                tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
-                step: trainer.step,
-                ..meta.clone()
-            };
             let state = RunState {
                 step: trainer.step,
                 epoch: pos.epoch,
                 index: pos.index,
                 seed: cfg.seed,
             };
-            save_checkpoint(&ck, &tensors, &m, &trainer.opt.state, trainer.opt.t, &state)?;
+            let tensors = adapter_tensors(&mut model, &trainer.setup, &init_names)?;
+            write_checkpoint(out, &trainer, &tensors, &meta, &state)?;
             plot_loss(&reports, &out.join("loss.png"), &loss_title)?;
         }
     }
@@ -444,6 +436,26 @@ pub fn train_run(
         data: report,
         wall_s: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Writes `out/checkpoints/step-NNNNNN`: the adapter tensors, the optimizer moments and the
+/// data position.
+fn write_checkpoint(
+    out: &Path,
+    trainer: &Trainer,
+    tensors: &[(String, candle_core::Tensor)],
+    meta: &AdapterMeta,
+    state: &RunState,
+) -> Result<()> {
+    let ck = out
+        .join("checkpoints")
+        .join(format!("step-{:06}", trainer.step));
+    let m = AdapterMeta {
+        tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
+        step: trainer.step,
+        ..meta.clone()
+    };
+    save_checkpoint(&ck, tensors, &m, &trainer.opt.state, trainer.opt.t, state)
 }
 
 /// Sets the init adapter's tensors (checked against the base); returns their names, which
