@@ -125,6 +125,22 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterMeta, Store)> {
     Ok((meta, store))
 }
 
+/// Reads an adapter trained on the base whose `fingerprint` is `base_fp`; one trained on
+/// another base is refused.
+pub fn read_adapter_for(dir: &Path, base_fp: &str) -> Result<(AdapterMeta, Store)> {
+    let (meta, store) = read_adapter(dir)?;
+    if base_fp != meta.base_fingerprint {
+        bail!(
+            "{}: this adapter was trained on another base model (fingerprint {}… of {}, this model {}…)",
+            dir.display(),
+            &meta.base_fingerprint[..12.min(meta.base_fingerprint.len())],
+            meta.base_source,
+            &base_fp[..12.min(base_fp.len())]
+        );
+    }
+    Ok((meta, store))
+}
+
 /// Loads an adapter onto a freshly loaded base: checks the fingerprint, applies the adapter's
 /// method (so LoRA slots exist), and sets every stored tensor. Returns the method's setup and
 /// the names set.
@@ -132,17 +148,7 @@ pub fn apply_adapter(
     dir: &Path,
     model: &mut Mllm,
 ) -> Result<(AdapterMeta, TrainSetup, Vec<String>)> {
-    let (meta, store) = read_adapter(dir)?;
-    let fp = fingerprint(model)?;
-    if fp != meta.base_fingerprint {
-        bail!(
-            "{}: this adapter was trained on another base model (fingerprint {}… of {}, this model {}…)",
-            dir.display(),
-            &meta.base_fingerprint[..12.min(meta.base_fingerprint.len())],
-            meta.base_source,
-            &fp[..12]
-        );
-    }
+    let (meta, store) = read_adapter_for(dir, &fingerprint(model)?)?;
     let setup = setup(model, &meta.method, 0)?;
     let names = set_tensors(model, &store, &dir.join("adapter.safetensors"))?;
     Ok((meta, setup, names))

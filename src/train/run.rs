@@ -36,7 +36,8 @@ use crate::data::llava::DataSource;
 use crate::data::template::TemplateName;
 use crate::methods::MethodConfig;
 use crate::methods::adapter::{
-    AdapterMeta, FORMAT, adapter_tensors, fingerprint, read_adapter, save_adapter, set_tensors,
+    AdapterMeta, FORMAT, adapter_tensors, fingerprint, read_adapter, read_adapter_for,
+    save_adapter, set_tensors,
 };
 use crate::model::mllm::Mllm;
 use crate::util::device::WeightDtype;
@@ -464,13 +465,7 @@ fn apply_init_adapter(cfg: &RunConfig, model: &mut Mllm, base_fp: &str) -> Resul
     let Some(dir) = &cfg.init_adapter else {
         return Ok(vec![]);
     };
-    let (meta, store) = read_adapter(dir)?;
-    if meta.base_fingerprint != base_fp {
-        bail!(
-            "{}: the init adapter was trained on another base model",
-            dir.display()
-        );
-    }
+    let (_, store) = read_adapter_for(dir, base_fp)?;
     set_tensors(model, &store, &dir.join("adapter.safetensors"))
 }
 
