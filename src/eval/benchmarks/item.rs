@@ -53,18 +53,21 @@ pub struct Item {
     pub truth: Truth,
 }
 
+/// The field `name` of `v` (not null); errors name the file, the place in it and the field.
 pub fn field<'a>(v: &'a Value, name: &str, file: &Path, at: &str) -> Result<&'a Value> {
     v.get(name)
         .filter(|x| !x.is_null())
         .with_context(|| format!("{}: {at}: missing field `{name}`", file.display()))
 }
 
+/// The string field `name` of `v`.
 pub fn str_of<'a>(v: &'a Value, name: &str, file: &Path, at: &str) -> Result<&'a str> {
     field(v, name, file, at)?
         .as_str()
         .with_context(|| format!("{}: {at}: field `{name}` is not a string", file.display()))
 }
 
+/// The non-negative integer field `name` of `v` (a number or a numeric string).
 pub fn u64_of(v: &Value, name: &str, file: &Path, at: &str) -> Result<u64> {
     let x = field(v, name, file, at)?;
     x.as_u64()
@@ -77,6 +80,7 @@ pub fn u64_of(v: &Value, name: &str, file: &Path, at: &str) -> Result<u64> {
         })
 }
 
+/// The array field `name` of the file's top-level object `v`.
 pub fn array_of<'a>(v: &'a Value, name: &str, file: &Path) -> Result<&'a Vec<Value>> {
     v.get(name)
         .and_then(|x| x.as_array())
@@ -91,6 +95,7 @@ pub fn id_text(v: &Value) -> String {
     }
 }
 
+/// `path` if it is a file, else an error naming the benchmark file and the place in it.
 pub fn existing(path: PathBuf, file: &Path, at: &str) -> Result<PathBuf> {
     if path.is_file() {
         Ok(path)
