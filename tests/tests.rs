@@ -1,5 +1,6 @@
 //! One integration-test binary (fewer links on a 2-core machine).
 
+mod bad_inputs;
 mod common;
 mod compare_cli;
 mod eval_cli;

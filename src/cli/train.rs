@@ -11,7 +11,7 @@ use crate::data::llava::DataSource;
 use crate::data::template::TemplateName;
 use crate::methods::Method;
 use crate::train::Recompute;
-use crate::train::run::{GradStatsConfig, RunConfig, train_run};
+use crate::train::run::{GradStatsConfig, RunConfig, RunOutput, train_run};
 use crate::util::device::WeightDtype;
 
 #[derive(Args, Debug)]
@@ -90,9 +90,15 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps
     #[arg(long)]
     pub save_every: Option<usize>,
-    /// Continue a run from its newest checkpoint (a run directory or a checkpoint directory)
+    /// Continue a run from its newest checkpoint (a run directory or a checkpoint
+    /// directory); the checkpoint must belong to this run (same base model, method, data
+    /// and every setting that changes the math)
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Replace the run --out holds (its config, metrics, checkpoints, adapter); without it a
+    /// fresh run into a folder that holds a run is refused
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Storage dtype of the frozen weights [default: f32]
     #[arg(long, value_enum)]
     pub dtype: Option<WeightDtype>,
@@ -177,7 +183,8 @@ impl TrainArgs {
         set(&mut c.batch, &self.batch);
         set(&mut c.grad_accum, &self.grad_accum);
         if let Some(n) = self.max_grad_norm {
-            c.max_grad_norm = (n > 0.0).then_some(n);
+            // 0 turns clipping off; anything else is checked by `validate`
+            c.max_grad_norm = (n != 0.0).then_some(n);
         }
         set(&mut c.max_length, &self.max_length);
         set(&mut c.seed, &self.seed);
@@ -213,14 +220,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = args.run_config()?;
     let device = args.device.device.device()?;
     let mut cache = FeatureCache::new(cfg.cache_features);
-    let r = train_run(
-        &cfg,
-        &args.out,
-        args.resume.as_deref(),
-        !args.quiet,
-        &mut cache,
-        &device,
-    )?;
+    let output = RunOutput {
+        dir: &args.out,
+        resume: args.resume.as_deref(),
+        overwrite: args.overwrite,
+        progress: !args.quiet,
+    };
+    let r = train_run(&cfg, &output, &mut cache, &device)?;
     let last = r.reports.last().map(|r| r.loss).unwrap_or(f64::NAN);
     println!(
         "trained {} steps in {:.1}s, final loss {last:.4}; adapter: {}",

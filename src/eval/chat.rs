@@ -14,6 +14,7 @@ use crate::data::llava::{IMAGE_PLACEHOLDER, Turn};
 use crate::data::template::{Rendered, Template, TemplateName, tokenize};
 use crate::methods::adapter::load_model;
 use crate::model::mllm::Mllm;
+use crate::util::checks;
 use crate::util::device::WeightDtype;
 
 /// The model and decoding settings of a conversation.
@@ -47,9 +48,13 @@ pub struct ChatSession {
 
 impl ChatSession {
     pub fn load(a: &ChatConfig, device: &Device) -> Result<Self> {
-        if a.temperature < 0.0 || !(0.0..=1.0).contains(&a.top_p) || a.top_p == 0.0 {
+        let temperature_ok = a.temperature.is_finite() && a.temperature >= 0.0;
+        let top_p_ok = a.top_p > 0.0 && a.top_p <= 1.0;
+        if !(temperature_ok && top_p_ok) {
             bail!("--temperature must be >= 0 and --top-p in (0, 1]");
         }
+        checks::positive("--max-new-tokens", a.max_new_tokens)?;
+        checks::positive_if_set("--image-size", a.image.size)?;
         let model = load_model(&a.model, a.adapter.as_deref(), a.dtype.dtype(), device)?;
         let tools = model
             .tokenizer

@@ -20,8 +20,9 @@ use crate::data::image::ImageProcessing;
 use crate::data::shapes::read_level;
 use crate::data::template::{SHORT_ANSWER, Template, TemplateName};
 use crate::methods::adapter::load_model;
+use crate::util::checks;
 use crate::util::device::WeightDtype;
-use crate::util::files::{read_json, write_json};
+use crate::util::files::{FolderLock, read_json, write_json};
 use crate::util::progress::progress_bar;
 
 /// Everything that defines an evaluation (`lntune eval --config FILE` reads one; flags
@@ -86,6 +87,15 @@ impl EvalConfig {
     pub fn read(path: &Path) -> Result<Self> {
         read_json(path)
     }
+
+    /// Every number in its range (each error names the flag).
+    pub fn validate(&self) -> Result<()> {
+        checks::positive("--batch", self.batch)?;
+        checks::positive("--max-new-tokens", self.max_new_tokens)?;
+        checks::positive("--caption-tokens", self.caption_tokens)?;
+        checks::positive_if_set("--limit", self.limit)?;
+        checks::positive_if_set("--image-size", self.image.size)
+    }
 }
 
 /// What `evaluate` did: the outcome of the run and the number of items.
@@ -102,9 +112,7 @@ pub fn evaluate(
     device: &Device,
     progress: bool,
 ) -> Result<EvalReport> {
-    if cfg.batch == 0 {
-        bail!("--batch must be positive");
-    }
+    cfg.validate()?;
     let items = load_items(&cfg.bench, cfg.limit, cfg.seed)?;
     let model = load_model(
         &cfg.model,
@@ -244,7 +252,7 @@ pub fn run_eval(
     out: &Path,
     progress: bool,
 ) -> Result<EvalOutcome> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let _lock = FolderLock::acquire(out)?;
     let setup_path = out.join("eval.json");
     if setup_path.exists() {
         let old: EvalSetup = read_json(&setup_path)?;

@@ -40,6 +40,15 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// Dequantizes `n` values of ggml type `dtype` from `bytes`.
 pub fn dequantize(dtype: GgmlDType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    let bs = dtype.block_size();
+    let need = (n / bs).checked_mul(dtype.type_size());
+    if !n.is_multiple_of(bs) || need.is_none_or(|need| bytes.len() < need) {
+        bail!(
+            "{n} {dtype:?} values need {} bytes in whole blocks of {bs}, got {}",
+            need.map(|x| x.to_string()).unwrap_or("more".into()),
+            bytes.len()
+        );
+    }
     let mut out = Vec::with_capacity(n);
     match dtype {
         GgmlDType::F32 => out.extend(
@@ -277,7 +286,15 @@ impl GgufModel {
             .get(name)
             .with_context(|| format!("{}: missing tensor `{name}`", self.path.display()))?;
         let dims = info.shape.dims().to_vec();
-        let n: usize = dims.iter().product();
+        let n = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .with_context(|| {
+                format!(
+                    "{}: tensor `{name}` has shape {dims:?}, more values than memory can index",
+                    self.path.display()
+                )
+            })?;
         let bs = info.ggml_dtype.block_size();
         if !n.is_multiple_of(bs) {
             bail!(
@@ -286,9 +303,18 @@ impl GgufModel {
                 info.ggml_dtype
             );
         }
-        let size = n / bs * info.ggml_dtype.type_size();
-        let start = self.content.tensor_data_offset as usize + info.offset as usize;
-        let end = start + size;
+        let size = (n / bs).checked_mul(info.ggml_dtype.type_size());
+        let start = usize::try_from(self.content.tensor_data_offset)
+            .ok()
+            .zip(usize::try_from(info.offset).ok())
+            .and_then(|(a, b)| a.checked_add(b));
+        let (Some(size), Some(start)) = (size, start) else {
+            bail!(
+                "{}: tensor `{name}`: its offset or size does not fit in the file",
+                self.path.display()
+            );
+        };
+        let end = start.saturating_add(size);
         if end > self.mmap.len() {
             bail!(
                 "{}: tensor `{name}` needs bytes {start}..{end} but the file has {} bytes; truncated?",

@@ -19,6 +19,7 @@ pub fn time_methods(
     device: DeviceChoice,
     mut on_result: impl FnMut(&StepTiming),
 ) -> Result<Vec<StepTiming>> {
+    base.validate()?;
     let exe = std::env::current_exe().context("cannot find the lntune executable")?;
     let mut out = Vec::new();
     for &m in methods {

@@ -113,6 +113,12 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("lora: `r` must be positive, got 0");
         }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!(
+                "lora: `alpha` must be a finite number above 0, got {}",
+                self.alpha
+            );
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("lora: `dropout` must be in [0, 1), got {}", self.dropout);
         }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::io::gguf::GgufModel;
 use crate::ops::act::Act;
+use crate::util::checks;
 
 // ---------------------------------------------------------------------------------------
 // config.json mirrors
@@ -216,7 +217,75 @@ pub struct LlmConfig {
     pub sliding_window: Option<usize>,
 }
 
+/// The largest sizes a config may give: far above any real model, low enough that no count
+/// or shape derived from them overflows or asks for absurd memory before a weight is read.
+const MAX_LAYERS: usize = 1024;
+const MAX_WIDTH: usize = 1 << 16;
+const MAX_VOCAB: usize = 1 << 22;
+const MAX_HEADS: usize = 1024;
+const MAX_IMAGE_SIDE: usize = 8192;
+
 impl LlmConfig {
+    /// Sizes and numbers a decoder can have; `origin` names the file for messages.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let field = |name: &str| format!("{origin}: field `{name}`");
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                usize::MAX,
+            ),
+        ] {
+            checks::positive(&field(name), v)?;
+            checks::at_most(&field(name), v, max)?;
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            bail!(
+                "{origin}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_heads,
+                self.num_kv_heads
+            );
+        }
+        checks::at_most(
+            &field("num_attention_heads x head_dim"),
+            self.num_heads * self.head_dim,
+            MAX_WIDTH,
+        )?;
+        checks::finite_positive(&field("rms_norm_eps"), self.rms_norm_eps)?;
+        checks::finite_positive(&field("rope_theta"), self.rope.theta)?;
+        match &self.rope.scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => checks::finite_positive(&field("factor"), *factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                checks::finite_positive(&field("factor"), *factor)?;
+                checks::finite_positive(&field("low_freq_factor"), *low_freq_factor)?;
+                checks::finite_positive(&field("high_freq_factor"), *high_freq_factor)?;
+                checks::positive(
+                    &field("original_max_position_embeddings"),
+                    *original_max_position_embeddings,
+                )?;
+                if high_freq_factor <= low_freq_factor {
+                    bail!(
+                        "{origin}: rope scaling `high_freq_factor` must exceed `low_freq_factor`"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The decoder config from a GGUF file's `<arch>.*` metadata.
     pub fn from_gguf(g: &GgufModel) -> Result<Self> {
         let arch_name = g.architecture()?;
@@ -231,6 +300,13 @@ impl LlmConfig {
         let k = |s: &str| format!("{arch_name}.{s}");
         let hidden = g.need_usize(&k("embedding_length"))?;
         let heads = g.need_usize(&k("attention.head_count"))?;
+        if heads == 0 {
+            bail!(
+                "{}: metadata `{}` is 0",
+                g.path.display(),
+                k("attention.head_count")
+            );
+        }
         let kv_heads = g
             .meta_usize(&k("attention.head_count_kv"))?
             .unwrap_or(heads);
@@ -276,7 +352,7 @@ impl LlmConfig {
         }
         let has = |n: &str| g.content.tensor_infos.contains_key(n);
         let qkv_bias = has("blk.0.attn_q.bias");
-        Ok(LlmConfig {
+        let cfg = LlmConfig {
             arch,
             vocab_size: vocab,
             hidden_size: hidden,
@@ -303,7 +379,9 @@ impl LlmConfig {
                 .into_iter()
                 .collect(),
             sliding_window: None,
-        })
+        };
+        cfg.validate(&g.path.display().to_string())?;
+        Ok(cfg)
     }
 }
 
@@ -370,7 +448,7 @@ impl TextConfigFile {
             LlmArch::Qwen2 if self.use_sliding_window.unwrap_or(false) => self.sliding_window,
             _ => None,
         };
-        Ok(LlmConfig {
+        let cfg = LlmConfig {
             arch,
             vocab_size: self.vocab_size.unwrap_or(d.0),
             hidden_size,
@@ -398,7 +476,9 @@ impl TextConfigFile {
                 })
                 .unwrap_or_default(),
             sliding_window,
-        })
+        };
+        cfg.validate(origin)?;
+        Ok(cfg)
     }
 }
 
@@ -498,12 +578,62 @@ impl VisionConfig {
     }
 }
 
+impl VisionConfig {
+    /// Sizes a ViT tower can have; `origin` names the file for messages.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let field = |name: &str| format!("{origin}: field `{name}`");
+        let (heads, mlp, channels, eps) = match self {
+            VisionConfig::Clip(c) => (
+                c.num_heads,
+                c.intermediate_size,
+                c.num_channels,
+                c.layer_norm_eps,
+            ),
+            VisionConfig::Dinov2(c) => {
+                (c.num_heads, c.mlp_hidden, c.num_channels, c.layer_norm_eps)
+            }
+        };
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size(), MAX_WIDTH),
+            ("intermediate_size", mlp, 4 * MAX_WIDTH),
+            ("num_hidden_layers", self.num_layers(), MAX_LAYERS),
+            ("num_attention_heads", heads, MAX_HEADS),
+            ("num_channels", channels, 16),
+            ("patch_size", self.patch_size(), MAX_IMAGE_SIDE),
+            ("image_size", self.image_size(), MAX_IMAGE_SIDE),
+        ] {
+            checks::positive(&field(name), v)?;
+            checks::at_most(&field(name), v, max)?;
+        }
+        if !self.hidden_size().is_multiple_of(heads) {
+            bail!(
+                "{origin}: hidden_size {} is not a multiple of num_attention_heads {heads}",
+                self.hidden_size()
+            );
+        }
+        if self.image_size() < self.patch_size() {
+            bail!(
+                "{origin}: image_size {} is smaller than patch_size {}",
+                self.image_size(),
+                self.patch_size()
+            );
+        }
+        checks::finite_positive(&field("layer_norm_eps"), eps)
+    }
+}
+
 impl VisionConfigFile {
     /// Resolves with the transformers defaults of `model_type` (`default_type` when absent).
     pub fn resolve(&self, default_type: &str, origin: &str) -> Result<VisionConfig> {
+        let cfg = self.resolve_unchecked(default_type, origin)?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn resolve_unchecked(&self, default_type: &str, origin: &str) -> Result<VisionConfig> {
         if let Some(inner) = &self.vision_config {
             // a full CLIPConfig: the tower's config is nested
-            return inner.resolve("clip_vision_model", origin);
+            return inner.resolve_unchecked("clip_vision_model", origin);
         }
         let mt = self.model_type.as_deref().unwrap_or(default_type);
         match mt {
@@ -521,6 +651,12 @@ impl VisionConfigFile {
             "dinov2" => {
                 let hidden = self.hidden_size.unwrap_or(768);
                 let mlp_ratio = self.mlp_ratio.unwrap_or(4.0);
+                checks::within(
+                    &format!("{origin}: field `mlp_ratio`"),
+                    mlp_ratio,
+                    0.0,
+                    64.0,
+                )?;
                 Ok(VisionConfig::Dinov2(Dinov2Config {
                     hidden_size: hidden,
                     num_layers: self.num_hidden_layers.unwrap_or(12),
@@ -602,7 +738,7 @@ impl ProjectorConfig {
         } else if let Some(n) = t.strip_prefix("mlp").and_then(|r| r.strip_suffix("x_gelu")) {
             n.parse::<usize>()
                 .ok()
-                .filter(|&n| n >= 1)
+                .filter(|&n| (1..=16).contains(&n))
                 .with_context(|| format!("{origin}: bad projector type `{t}`"))?
         } else {
             bail!("{origin}: projector type `{t}` is not supported (linear, mlp<N>x_gelu)");

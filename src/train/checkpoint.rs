@@ -1,17 +1,18 @@
 //! Training checkpoints: an adapter directory plus `optimizer.safetensors` (AdamW moments
-//! and the step count) and `state.json` (step, data position, seed), written under a
-//! temporary name and renamed into place.
+//! and the step count), `state.json` (step, data position, seed) and `run_config.json` (the
+//! run's resolved configuration, so that a resume can check it continues the same run),
+//! written under a temporary name and renamed into place as `checkpoints/step-NNNNNN`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::io::store::Store;
 use crate::methods::adapter::{AdapterMeta, write_adapter_files};
-use crate::util::files::{read_json, write_dir_atomically, write_json};
+use crate::util::files::{list_dir, read_json, write_dir_atomically, write_json};
 
 /// Where a run stands, saved with each checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,7 +23,7 @@ pub struct RunState {
     pub seed: u64,
 }
 
-/// Writes a checkpoint directory: adapter files, optimizer moments, run state.
+/// Writes a checkpoint directory: adapter files, optimizer moments, run state, run config.
 pub fn save_checkpoint(
     dir: &Path,
     tensors: &[(String, Tensor)],
@@ -30,6 +31,7 @@ pub fn save_checkpoint(
     optimizer: &std::collections::BTreeMap<String, Tensor>,
     opt_t: usize,
     state: &RunState,
+    run_config: &impl Serialize,
 ) -> Result<()> {
     write_dir_atomically(dir, |tmp| {
         write_adapter_files(tmp, tensors, meta)?;
@@ -39,6 +41,7 @@ pub fn save_checkpoint(
             .collect::<Result<_>>()?;
         map.insert("__t".into(), Tensor::new(&[opt_t as u32], &Device::Cpu)?);
         candle_core::safetensors::save(&map, tmp.join("optimizer.safetensors"))?;
+        write_json(&tmp.join("run_config.json"), run_config)?;
         write_json(&tmp.join("state.json"), state)
     })
 }
@@ -49,34 +52,88 @@ pub fn read_checkpoint(
     device: &Device,
 ) -> Result<(std::collections::BTreeMap<String, Tensor>, usize, RunState)> {
     let state: RunState = read_json(&dir.join("state.json"))?;
+    let file = dir.join("optimizer.safetensors");
     let mut store = Store::new(device);
-    store.add_safetensors(&dir.join("optimizer.safetensors"))?;
+    store.add_safetensors(&file)?;
     let mut moments = std::collections::BTreeMap::new();
-    let mut t = 0;
+    let mut t = None;
     for k in store.keys() {
         let v = store.load_any(&k)?;
         if k == "__t" {
-            t = v.to_vec1::<u32>()?[0] as usize;
+            let steps = v
+                .to_dtype(candle_core::DType::U32)?
+                .flatten_all()?
+                .to_vec1::<u32>()?;
+            let [steps] = steps[..] else {
+                bail!("{}: `__t` must hold one step count", file.display());
+            };
+            t = Some(steps as usize);
         } else {
             moments.insert(k, v);
         }
     }
+    let t = t.with_context(|| format!("{}: missing the step count `__t`", file.display()))?;
     Ok((moments, t, state))
 }
 
-/// The newest `step-*` directory under `run/checkpoints`, or `dir` itself if it is one.
+/// A checkpoint folder's name: `step-` and the step, at least six digits.
+fn is_checkpoint_name(name: &str) -> bool {
+    name.strip_prefix("step-")
+        .is_some_and(|d| d.len() >= 6 && d.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// The files of a complete checkpoint.
+const CHECKPOINT_FILES: [&str; 5] = [
+    "adapter.json",
+    "adapter.safetensors",
+    "optimizer.safetensors",
+    "run_config.json",
+    "state.json",
+];
+
+fn is_complete(dir: &Path) -> bool {
+    CHECKPOINT_FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// The newest complete `checkpoints/step-NNNNNN` of a run directory, or `dir` itself if it
+/// is a checkpoint. Temporary directories of an interrupted write are never resumed from.
 pub fn latest_checkpoint(dir: &Path) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     if dir.join("state.json").exists() {
+        if !is_checkpoint_name(&name) {
+            bail!(
+                "{}: not a checkpoint folder (checkpoints are named step-NNNNNN; this may be an interrupted write)",
+                dir.display()
+            );
+        }
+        if !is_complete(dir) {
+            bail!(
+                "{}: an incomplete checkpoint (it needs {})",
+                dir.display(),
+                CHECKPOINT_FILES.join(", ")
+            );
+        }
         return Ok(dir.to_path_buf());
     }
     let ck = dir.join("checkpoints");
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
-        .with_context(|| format!("{}: no checkpoints to resume from", ck.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("state.json").exists())
-        .collect();
-    steps.sort();
+    if !ck.is_dir() {
+        bail!("{}: no checkpoints to resume from", ck.display());
+    }
+    let steps = list_dir(&ck, |p| {
+        p.file_name()
+            .is_some_and(|n| is_checkpoint_name(&n.to_string_lossy()))
+            && is_complete(p)
+    })?;
+    let step_of = |p: &PathBuf| -> u64 {
+        p.file_name()
+            .and_then(|n| n.to_string_lossy().strip_prefix("step-")?.parse().ok())
+            .unwrap_or(0)
+    };
     steps
-        .pop()
+        .into_iter()
+        .max_by_key(step_of)
         .with_context(|| format!("{}: no complete checkpoint", ck.display()))
 }

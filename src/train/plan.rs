@@ -16,6 +16,7 @@ use crate::methods::MethodConfig;
 use crate::methods::setup::train_flags;
 use crate::model::params::Role;
 use crate::model::spec::ModelSpec;
+use crate::util::checks;
 
 /// Parameter counts of one group.
 #[derive(Debug, Serialize, Default, Clone)]
@@ -50,6 +51,8 @@ pub struct PlanConfig {
 
 /// Counts and a memory estimate for `cfg`.
 pub fn plan(cfg: &PlanConfig) -> Result<Plan> {
+    checks::positive("--batch", cfg.batch)?;
+    checks::positive("--seq", cfg.seq)?;
     let spec = ModelSpec::from_path(&cfg.model)?;
     let method = &cfg.method;
     let mut specs = spec.param_specs();

@@ -10,6 +10,7 @@
 //! out/summary.json      the run's headline numbers
 //! out/grad_stats.jsonl  gradient-variance statistics (with `grad_stats`)
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,16 +37,15 @@ use crate::data::llava::DataSource;
 use crate::data::template::TemplateName;
 use crate::methods::MethodConfig;
 use crate::methods::adapter::{
-    AdapterMeta, FORMAT, adapter_tensors, fingerprint, read_adapter, read_adapter_for,
-    save_adapter, set_tensors,
+    AdapterMeta, FORMAT, adapter_tensors, fingerprint, read_adapter_for, save_adapter, set_tensors,
 };
 use crate::model::mllm::Mllm;
 use crate::util::device::WeightDtype;
-use crate::util::files::{read_json, read_text, write_atomically, write_json};
-use crate::util::median;
+use crate::util::files::{FolderLock, read_json, read_text, write_atomically, write_json};
 use crate::util::plot::{Chart, Series};
 use crate::util::process::peak_rss_mib;
 use crate::util::progress::progress_bar;
+use crate::util::{checks, median};
 
 /// Everything that defines a run. `lntune train --config FILE` reads one (fields left out
 /// keep these defaults, LLaVA's recipe), flags override its fields, and the run writes it to
@@ -162,7 +162,8 @@ impl RunConfig {
         read_json(path)
     }
 
-    /// Checks what the file format cannot: a model, data, positive batch sizes.
+    /// Checks what the file format cannot: a model, data, and every number in its range
+    /// (each error names the flag; the run config's field has the same name with `_`).
     pub fn validate(&self) -> Result<()> {
         if self.model.as_os_str().is_empty() {
             bail!("no model: give --model or `model` in the run config");
@@ -172,6 +173,32 @@ impl RunConfig {
         }
         if self.batch == 0 || self.grad_accum == 0 {
             bail!("--batch and --grad-accum must be positive");
+        }
+        checks::positive("--max-length", self.max_length)?;
+        checks::positive_if_set("--steps", self.steps)?;
+        checks::positive_if_set("--save-every", self.save_every)?;
+        checks::positive_if_set("--image-size", self.image.size)?;
+        if let Some(lr) = self.lr {
+            checks::finite_positive("--lr", lr)?;
+        }
+        if self.steps.is_none() {
+            checks::finite_positive("--epochs", self.epochs)?;
+        }
+        checks::within("--warmup-ratio", self.warmup_ratio, 0.0, 1.0)?;
+        checks::within("--min-lr-ratio", self.min_lr_ratio, 0.0, 1.0)?;
+        if let Some(n) = self.max_grad_norm {
+            checks::finite_positive("--max-grad-norm", n)?;
+        }
+        let o = &self.optim;
+        checks::within("--weight-decay", o.weight_decay, 0.0, 1e6)?;
+        checks::within("optim.beta1", o.beta1, 0.0, 1.0 - f64::EPSILON)?;
+        checks::within("optim.beta2", o.beta2, 0.0, 1.0 - f64::EPSILON)?;
+        checks::finite_positive("optim.eps", o.eps)?;
+        if self.method.method == crate::methods::Method::Lora {
+            self.method.lora.validate()?;
+        }
+        if let Some(gs) = &self.grad_stats {
+            checks::positive("--grad-stats-window", gs.window)?;
         }
         Ok(())
     }
@@ -299,20 +326,43 @@ pub fn eval_loss(
     Ok(sum / n as f64)
 }
 
-/// Runs training to the end (or to the first error). `resume`: a run directory or a
-/// checkpoint directory to continue from. `cache` keeps the tower's features across runs of
-/// one process (the demo's two stages and evaluations).
+/// Where a run writes and how it treats what is there.
+pub struct RunOutput<'a> {
+    /// the run folder (locked for the run: one writer at a time)
+    pub dir: &'a Path,
+    /// a run folder or a checkpoint folder to continue from
+    pub resume: Option<&'a Path>,
+    /// a fresh run replaces a run the folder holds (else it refuses)
+    pub overwrite: bool,
+    pub progress: bool,
+}
+
+/// The files of a run folder (`overwrite` removes exactly these).
+const RUN_FILES: [&str; 7] = [
+    "config.json",
+    "metrics.jsonl",
+    "grad_stats.jsonl",
+    "summary.json",
+    "loss.png",
+    "checkpoints",
+    "adapter",
+];
+
+/// Runs training to the end (or to the first error). `cache` keeps the tower's features
+/// across runs of one process (the demo's two stages and evaluations).
 pub fn train_run(
     cfg: &RunConfig,
-    out: &Path,
-    resume: Option<&Path>,
-    progress: bool,
+    output: &RunOutput,
     cache: &mut FeatureCache,
     device: &Device,
 ) -> Result<RunResult> {
     let t0 = Instant::now();
     cfg.validate()?;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let (out, resume, progress) = (output.dir, output.resume, output.progress);
+    let _lock = FolderLock::acquire(out)?;
+    if resume.is_none() {
+        clear_for_fresh_run(out, output.overwrite)?;
+    }
     let mut model = Mllm::load(&cfg.model, cfg.dtype.dtype(), device)?;
     let base_fp = fingerprint(&mut model)?;
     let init_names = apply_init_adapter(cfg, &mut model, &base_fp)?;
@@ -324,11 +374,16 @@ pub fn train_run(
     let mut trainer = Trainer::new(&mut model, &cfg.method, cfg.trainer_config(total, warmup))?;
     let metrics_path = out.join("metrics.jsonl");
     let (start, mut reports) = match resume {
-        Some(r) => resume_from(r, &metrics_path, &mut model, &mut trainer, device)?,
-        None => {
-            let _ = std::fs::remove_file(&metrics_path);
-            (DataPosition { epoch: 0, index: 0 }, Vec::new())
+        Some(r) => {
+            let from = Resume {
+                dir: r,
+                cfg: &cfg,
+                base_fp: &base_fp,
+                init_names: &init_names,
+            };
+            resume_from(&from, &metrics_path, &mut model, &mut trainer, device)?
         }
+        None => (DataPosition { epoch: 0, index: 0 }, Vec::new()),
     };
     write_json(&out.join("config.json"), &cfg)?;
     let n_total = total_params(&model);
@@ -406,7 +461,7 @@ pub fn train_run(
                 seed: cfg.seed,
             };
             let tensors = adapter_tensors(&mut model, &trainer.setup, &init_names)?;
-            write_checkpoint(out, &trainer, &tensors, &meta, &state)?;
+            write_checkpoint(out, &trainer, &tensors, &meta, &state, &cfg)?;
             plot_loss(&reports, &out.join("loss.png"), &loss_title)?;
         }
     }
@@ -447,6 +502,7 @@ fn write_checkpoint(
     tensors: &[(String, candle_core::Tensor)],
     meta: &AdapterMeta,
     state: &RunState,
+    cfg: &RunConfig,
 ) -> Result<()> {
     let ck = out
         .join("checkpoints")
@@ -456,7 +512,15 @@ fn write_checkpoint(
         step: trainer.step,
         ..meta.clone()
     };
-    save_checkpoint(&ck, tensors, &m, &trainer.opt.state, trainer.opt.t, state)
+    save_checkpoint(
+        &ck,
+        tensors,
+        &m,
+        &trainer.opt.state,
+        trainer.opt.t,
+        state,
+        cfg,
+    )
 }
 
 /// Sets the init adapter's tensors (checked against the base); returns their names, which
@@ -469,23 +533,157 @@ fn apply_init_adapter(cfg: &RunConfig, model: &mut Mllm, base_fp: &str) -> Resul
     set_tensors(model, &store, &dir.join("adapter.safetensors"))
 }
 
-/// Restores the newest checkpoint of `from` into the model and trainer, and keeps the
-/// metrics of the steps up to it (those after it are redone). Returns the data position and
-/// the kept step reports.
+/// A fresh run starts in a folder without another run's files: it refuses one that holds
+/// a run, unless `overwrite`, which removes the run's files (and only those).
+fn clear_for_fresh_run(out: &Path, overwrite: bool) -> Result<()> {
+    let found: Vec<&str> = RUN_FILES
+        .iter()
+        .copied()
+        .filter(|f| out.join(f).exists())
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        bail!(
+            "{}: holds a training run ({}); continue it with --resume, replace it with --overwrite, or choose another --out",
+            out.display(),
+            found.join(", ")
+        );
+    }
+    for f in found {
+        let p = out.join(f);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        }
+        .with_context(|| format!("{}: cannot remove", p.display()))?;
+    }
+    Ok(())
+}
+
+/// What a resume must match: the run being continued.
+struct Resume<'a> {
+    /// the run or checkpoint folder given with --resume
+    dir: &'a Path,
+    /// this run's resolved config
+    cfg: &'a RunConfig,
+    base_fp: &'a str,
+    /// tensors the init adapter set (every adapter of the run stores them too)
+    init_names: &'a [String],
+}
+
+/// Settings a resumed run may change: they decide how long it runs and what it records,
+/// not the math of the steps already taken (a new total of steps reshapes the schedule
+/// from here on).
+const RESUME_MAY_CHANGE: [&str; 8] = [
+    "model",
+    "steps",
+    "epochs",
+    "save_every",
+    "recompute",
+    "cache_features",
+    "grad_stats",
+    "val_data",
+];
+
+/// Restores the newest checkpoint of `from.dir` into the model and trainer, after checking
+/// that it belongs to this run: the same base model (fingerprint), every setting that
+/// changes the math equal (those that may change are printed), exactly the run's trainable
+/// tensors with moments of their shapes. Keeps the metrics of the steps up to it (those
+/// after it are redone). Returns the data position and the kept step reports.
 fn resume_from(
-    from: &Path,
+    from: &Resume,
     metrics_path: &Path,
     model: &mut Mllm,
     trainer: &mut Trainer,
     device: &Device,
 ) -> Result<(DataPosition, Vec<StepReport>)> {
-    let ck = latest_checkpoint(from)?;
-    let (_, store) = read_adapter(&ck)?;
+    let ck = latest_checkpoint(from.dir)?;
+    check_same_run(&ck, from.cfg)?;
+    let (_, store) = read_adapter_for(&ck, from.base_fp)?;
+    let trainable: BTreeMap<String, usize> = trainer
+        .setup
+        .trainable_specs()
+        .map(|s| (s.name.clone(), s.numel()))
+        .collect();
+    for name in store.keys() {
+        if !trainable.contains_key(&name) && !from.init_names.contains(&name) {
+            bail!(
+                "{}: tensor `{name}` is not trained by this run's method",
+                ck.join("adapter.safetensors").display()
+            );
+        }
+    }
     set_tensors(model, &store, &ck.join("adapter.safetensors"))?;
     let (moments, t, state) = read_checkpoint(&ck, device)?;
+    for (name, m) in &moments {
+        match trainable.get(name) {
+            Some(&n) if m.dims() == [2, n] => {}
+            Some(&n) => bail!(
+                "{}: the moments of `{name}` have shape {:?}, expected [2, {n}]",
+                ck.join("optimizer.safetensors").display(),
+                m.dims()
+            ),
+            None => bail!(
+                "{}: moments of `{name}`, which this run does not train",
+                ck.join("optimizer.safetensors").display()
+            ),
+        }
+    }
     trainer.opt.state = moments;
     trainer.opt.t = t;
     trainer.step = state.step;
+    let reports = keep_metrics_up_to(metrics_path, state.step)?;
+    eprintln!("resuming from {} (step {})", ck.display(), state.step);
+    Ok((
+        DataPosition {
+            epoch: state.epoch,
+            index: state.index,
+        },
+        reports,
+    ))
+}
+
+/// Compares the checkpoint's `run_config.json` with this run's config, field by field.
+fn check_same_run(ck: &Path, cfg: &RunConfig) -> Result<()> {
+    let path = ck.join("run_config.json");
+    let then: serde_json::Value = read_json(&path)?;
+    let now = serde_json::to_value(cfg)?;
+    let (Some(then), Some(now)) = (then.as_object(), now.as_object()) else {
+        bail!("{}: not a run config", path.display());
+    };
+    let mut differ = Vec::new();
+    let mut changed = Vec::new();
+    for (k, v) in now {
+        let old = then.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        if &old == v {
+            continue;
+        }
+        let line = format!("`{k}` was {old}, now {v}");
+        if RESUME_MAY_CHANGE.contains(&k.as_str()) {
+            changed.push(line);
+        } else {
+            differ.push(line);
+        }
+    }
+    if !differ.is_empty() {
+        bail!(
+            "{}: this checkpoint belongs to another run: {}",
+            ck.display(),
+            differ.join("; ")
+        );
+    }
+    for c in changed {
+        eprintln!("resume: {c}");
+    }
+    Ok(())
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `step` (rewritten atomically) and returns their
+/// reports.
+fn keep_metrics_up_to(metrics_path: &Path, step: usize) -> Result<Vec<StepReport>> {
     let mut reports = Vec::new();
     if let Ok(text) = std::fs::read_to_string(metrics_path) {
         let kept: Vec<&str> = text
@@ -494,7 +692,7 @@ fn resume_from(
                 serde_json::from_str::<serde_json::Value>(l)
                     .ok()
                     .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| (s as usize) <= state.step)
+                    .is_some_and(|s| (s as usize) <= step)
             })
             .collect();
         for l in &kept {
@@ -510,14 +708,7 @@ fn resume_from(
                 .as_bytes(),
         )?;
     }
-    eprintln!("resuming from {} (step {})", ck.display(), state.step);
-    Ok((
-        DataPosition {
-            epoch: state.epoch,
-            index: state.index,
-        },
-        reports,
-    ))
+    Ok(reports)
 }
 
 /// Every parameter of the model, the frozen tower included.

@@ -20,6 +20,7 @@ use crate::model::batch::Batch;
 use crate::model::load::LlavaSpec;
 use crate::model::mllm::Mllm;
 use crate::model::presets::preset;
+use crate::util::checks;
 use crate::util::device::WeightDtype;
 use crate::util::process;
 use crate::util::rng::Rng;
@@ -44,6 +45,17 @@ pub struct TimingConfig {
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub recompute: Recompute,
+}
+
+impl TimingConfig {
+    /// Every number in its range (each error names the flag).
+    pub fn validate(&self) -> Result<()> {
+        checks::positive("--batch", self.batch)?;
+        checks::positive("--seq", self.seq)?;
+        checks::positive("--steps", self.steps)?;
+        checks::positive("--lora-r", self.lora_r)?;
+        checks::finite_positive("--lora-alpha", self.lora_alpha)
+    }
 }
 
 /// The peer harness's batch: `<bos>` + P image tokens + text ids U[3, image id); labels on
@@ -125,6 +137,7 @@ pub fn timing_method(m: Method, args: &TimingConfig) -> MethodConfig {
 /// Times `cfg.steps` training steps (after `cfg.warmup` untimed ones) of one method on a
 /// random model of the preset, in this process.
 pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> Result<StepTiming> {
+    cfg.validate()?;
     let (args, m) = (cfg, cfg.method);
     let spec = preset(&args.preset)?;
     let mut model = Mllm::random_llava(&spec, args.dtype.dtype(), dev, 0)?;

@@ -123,6 +123,61 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     Ok(())
 }
 
+/// One writer per output folder: an exclusive lock on `<dir>/.lntune.lock`, held until the
+/// value is dropped or the process ends (also by a kill: the operating system releases
+/// it). The file names the holder (process id and command) for the message a second
+/// writer gets.
+pub struct FolderLock {
+    _file: std::fs::File,
+}
+
+impl FolderLock {
+    /// Takes the lock of `dir` (created if needed); another process holding it is an error
+    /// that names the folder and the holder.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let path = dir.join(".lntune.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        if let Err(e) = file.try_lock() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            match e {
+                std::fs::TryLockError::WouldBlock => anyhow::bail!(
+                    "{}: another lntune process is writing here ({}); wait for it or choose another output folder",
+                    dir.display(),
+                    if holder.is_empty() {
+                        "unknown process"
+                    } else {
+                        holder
+                    }
+                ),
+                std::fs::TryLockError::Error(e) => {
+                    return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
+                }
+            }
+        }
+        let me = format!(
+            "pid {}: {}",
+            std::process::id(),
+            std::env::args().collect::<Vec<_>>().join(" ")
+        );
+        file.set_len(0)?;
+        file.rewind()?;
+        file.write_all(me.as_bytes())?;
+        file.flush()?;
+        Ok(Self { _file: file })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +202,22 @@ mod tests {
         std::fs::write(&l, "{\"x\": 1}\n\n{oops}\n").unwrap();
         let e = read_jsonl::<Value>(&l).unwrap_err().to_string();
         assert!(e.contains("b.jsonl: line 3: malformed JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_folder_has_one_writer_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let first = FolderLock::acquire(d.path()).unwrap();
+        // a second lock of the same folder (here through another file handle, as another
+        // process would) is refused and names the holder
+        let err = FolderLock::acquire(d.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("another lntune process")
+                && err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(first);
+        assert!(FolderLock::acquire(d.path()).is_ok());
     }
 
     #[test]

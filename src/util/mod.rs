@@ -2,6 +2,7 @@
 //! atomic writes), progress bars, process facts, plots, the deterministic RNG, and a few
 //! number and name helpers.
 
+pub mod checks;
 pub mod device;
 pub mod files;
 pub mod plot;

@@ -24,7 +24,8 @@ use crate::analyze::gradvar::gradvar;
 use crate::analyze::similarity::{SimilarityConfig, SimilarityReport, similarity};
 use crate::data::llava::{DataSource, load_mixture};
 use crate::methods::Method;
-use crate::util::files::{read_text, write_atomically};
+use crate::util::checks;
+use crate::util::files::{FolderLock, read_text, write_atomically};
 use crate::util::process::machine_description;
 use crate::util::progress::progress_bar;
 pub use arms::parse_data_types;
@@ -41,8 +42,18 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
     if cfg.methods.is_empty() {
         bail!("--methods is empty");
     }
-    std::fs::create_dir_all(&cfg.out)
-        .with_context(|| format!("{}: cannot create", cfg.out.display()))?;
+    checks::positive_if_set("--steps", cfg.steps)?;
+    checks::positive("--max-length", cfg.max_length)?;
+    checks::positive("--data-type-samples", cfg.data_type_samples)?;
+    checks::positive("--similarity-samples", cfg.similarity_samples)?;
+    if cfg.lr_sweep {
+        checks::positive("--val-samples", cfg.val_samples)?;
+        for &f in &cfg.sweep_factors {
+            checks::finite_positive("--sweep-factors", f)?;
+        }
+    }
+    cfg.eval.validate()?;
+    let _lock = FolderLock::acquire(&cfg.out)?;
     let (train, val) = sweep_split(cfg)?;
     let mut sweep_arms = method_arms(cfg, &train, &val);
     let ablations = ablation_arms(cfg)?;

@@ -148,8 +148,12 @@ impl Runner<'_> {
             dir.display().to_string(),
             "--quiet".into(),
         ];
+        // the comparison owns the arm's folder: a run with a checkpoint continues, anything
+        // else (a run cut before its first checkpoint) starts over
         if dir.join("checkpoints").is_dir() {
             args.extend(["--resume".into(), dir.display().to_string()]);
+        } else {
+            args.push("--overwrite".into());
         }
         self.child(&args, &dir.join("train.log"))?;
         // a finished arm needs no resume point (full finetuning's are gigabytes)

@@ -32,8 +32,9 @@ use crate::io::assets::{cache_dir, ensure_demo_assets};
 use crate::methods::adapter::load_model;
 use crate::methods::{Method, MethodConfig};
 use crate::model::mllm::Mllm;
-use crate::train::run::{RunConfig, RunResult, train_run};
-use crate::util::files::{write_atomically, write_json};
+use crate::train::run::{RunConfig, RunOutput, RunResult, train_run};
+use crate::util::checks;
+use crate::util::files::{FolderLock, write_atomically, write_json};
 use report::{DemoReport, mean_last, report_markdown};
 
 /// The demo's settings (`lntune demo` flags).
@@ -103,6 +104,16 @@ impl Sizes {
     }
 }
 
+impl Sizes {
+    fn validate(&self) -> Result<()> {
+        checks::positive("--train-images", self.n_train)?;
+        checks::positive("--test-images", self.n_test)?;
+        checks::positive("--stage1-steps", self.stage1_steps)?;
+        checks::positive("--stage2-steps", self.stage2_steps)?;
+        checks::positive("--eval-images", self.eval_small)
+    }
+}
+
 /// The stage-2 learning rate: the given one, else 5e-4 for the norm methods (and the
 /// projector alone), else the method's default.
 fn stage2_lr(cfg: &DemoConfig) -> f64 {
@@ -168,13 +179,17 @@ pub fn run_demo(cfg: &DemoConfig, device: &Device) -> Result<()> {
     let t_all = Instant::now();
     let mut secs = BTreeMap::new();
     let sizes = Sizes::of(cfg);
+    sizes.validate()?;
+    if let Some(lr) = cfg.lr {
+        checks::finite_positive("--lr", lr)?;
+    }
     let (size, pool) = (cfg.image_size, cfg.pool);
     anyhow::ensure!(
-        pool > 0 && size.is_multiple_of(14) && (size / 14).is_multiple_of(pool),
+        size > 0 && pool > 0 && size.is_multiple_of(14) && (size / 14).is_multiple_of(pool),
         "--image-size {size} with --pool {pool}: the side must be a multiple of 14 px whose patch grid (side/14) is a multiple of --pool"
     );
     let out = &cfg.out;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let _lock = FolderLock::acquire(out)?;
     let progress = cfg.progress;
     let Built {
         data,
@@ -214,7 +229,13 @@ pub fn run_demo(cfg: &DemoConfig, device: &Device) -> Result<()> {
         sizes.stage1_steps,
         None,
     );
-    let r1 = train_run(&c1, &out.join("stage1"), None, progress, &mut cache, device)?;
+    // the demo owns its folder: each rerun replaces its stages
+    let r1 = train_run(
+        &c1,
+        &fresh(&out.join("stage1"), progress),
+        &mut cache,
+        device,
+    )?;
     secs.insert("stage 1".to_string(), t.elapsed().as_secs_f64());
     let t = Instant::now();
     let m1 = load_model(&model_dir, Some(&r1.adapter_dir), DType::F32, device)?;
@@ -241,7 +262,12 @@ pub fn run_demo(cfg: &DemoConfig, device: &Device) -> Result<()> {
         sizes.stage2_steps,
         Some(r1.adapter_dir.clone()),
     );
-    let r2 = train_run(&c2, &out.join("stage2"), None, progress, &mut cache, device)?;
+    let r2 = train_run(
+        &c2,
+        &fresh(&out.join("stage2"), progress),
+        &mut cache,
+        device,
+    )?;
     secs.insert("stage 2".to_string(), t.elapsed().as_secs_f64());
     let t = Instant::now();
     let m2 = load_model(&model_dir, Some(&r2.adapter_dir), DType::F32, device)?;
@@ -366,6 +392,16 @@ fn build(
         pre,
         cache,
     })
+}
+
+/// A stage's run into `dir`, replacing what an earlier demo left there.
+fn fresh(dir: &Path, progress: bool) -> RunOutput<'_> {
+    RunOutput {
+        dir,
+        resume: None,
+        overwrite: true,
+        progress,
+    }
 }
 
 /// Stage 2's data: the conversations cut into one-round samples (for the same tokens,

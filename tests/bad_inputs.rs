@@ -1,0 +1,481 @@
+//! Bad inputs by class, table-driven: every case runs the `lntune` binary and must exit 1
+//! with a one-line `error: …` that names the flag, field or file, and never panic.
+
+use crate::common::*;
+
+/// Runs `lntune args` and checks the failure: exit code 1, no panic, and the last stderr
+/// line an `error:` that contains every one of `wants`.
+fn refused(args: &[String], wants: &[&str]) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    assert!(last.starts_with("error: "), "{args:?}: {err}");
+    for w in wants {
+        assert!(last.contains(w), "{args:?}: `{w}` not in `{last}`");
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn numeric_flags_out_of_range_are_named() {
+    let t = TinyRun::new();
+    let model = t.path("model").display().to_string();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let images = t.path("data/images").display().to_string();
+    let out = t.path("run").display().to_string();
+    let train = |extra: &[&str]| {
+        let mut a = strings(&[
+            "train", "--model", &model, "--data", &data, "--images", &images, "--out", &out,
+            "--quiet",
+        ]);
+        a.extend(strings(extra));
+        a
+    };
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (train(&["--batch", "0"]), vec!["--batch"]),
+        (train(&["--grad-accum", "0"]), vec!["--grad-accum"]),
+        (
+            train(&["--save-every", "0"]),
+            vec!["--save-every must be positive"],
+        ),
+        (train(&["--steps", "0"]), vec!["--steps must be positive"]),
+        (train(&["--max-length", "0"]), vec!["--max-length"]),
+        (train(&["--image-size", "0"]), vec!["--image-size"]),
+        (train(&["--lr", "NaN"]), vec!["--lr", "NaN"]),
+        (train(&["--lr=-0.001"]), vec!["--lr"]),
+        (train(&["--lr", "inf"]), vec!["--lr"]),
+        (train(&["--epochs", "NaN"]), vec!["--epochs"]),
+        (train(&["--epochs", "0"]), vec!["--epochs"]),
+        (train(&["--max-grad-norm", "NaN"]), vec!["--max-grad-norm"]),
+        (train(&["--max-grad-norm=-1"]), vec!["--max-grad-norm"]),
+        (train(&["--warmup-ratio", "1.5"]), vec!["--warmup-ratio"]),
+        (train(&["--min-lr-ratio=-0.1"]), vec!["--min-lr-ratio"]),
+        (train(&["--weight-decay", "NaN"]), vec!["--weight-decay"]),
+        (train(&["--method", "lora", "--lora-r", "0"]), vec!["`r`"]),
+        (
+            train(&["--method", "lora", "--lora-alpha", "inf"]),
+            vec!["`alpha`"],
+        ),
+        (
+            train(&["--method", "lora", "--lora-dropout", "1"]),
+            vec!["`dropout`"],
+        ),
+        (
+            train(&["--log-grad-stats", "--grad-stats-window", "0"]),
+            vec!["--grad-stats-window"],
+        ),
+        (train(&["--stage", "3"]), vec!["--stage"]),
+        (
+            strings(&[
+                "eval",
+                "--model",
+                &model,
+                "--bench",
+                "shapes",
+                "--data",
+                &t.path("data").display().to_string(),
+                "--out",
+                &t.path("ev").display().to_string(),
+                "--batch",
+                "0",
+            ]),
+            vec!["--batch must be positive"],
+        ),
+        (
+            strings(&[
+                "eval",
+                "--model",
+                &model,
+                "--bench",
+                "shapes",
+                "--data",
+                &t.path("data").display().to_string(),
+                "--out",
+                &t.path("ev").display().to_string(),
+                "--max-new-tokens",
+                "0",
+            ]),
+            vec!["--max-new-tokens"],
+        ),
+        (
+            strings(&[
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "hi",
+                "--temperature",
+                "NaN",
+            ]),
+            vec!["--temperature"],
+        ),
+        (
+            strings(&[
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "0",
+            ]),
+            vec!["--max-new-tokens"],
+        ),
+        (
+            strings(&["bench", "--preset", "tiny", "--steps", "0"]),
+            vec!["--steps must be positive"],
+        ),
+        (
+            strings(&["bench", "--preset", "tiny", "--batch", "0"]),
+            vec!["--batch"],
+        ),
+        (
+            strings(&["bench", "--preset", "tiny", "--seq", "0"]),
+            vec!["--seq"],
+        ),
+        (
+            strings(&["plan", "--model", &model, "--batch", "0"]),
+            vec!["--batch"],
+        ),
+        (
+            strings(&["plan", "--model", &model, "--seq", "0"]),
+            vec!["--seq"],
+        ),
+        (
+            strings(&[
+                "demo",
+                "--image-size",
+                "0",
+                "--out",
+                &t.path("d").display().to_string(),
+            ]),
+            vec!["--image-size 0"],
+        ),
+        (
+            strings(&[
+                "demo",
+                "--train-images",
+                "0",
+                "--out",
+                &t.path("d").display().to_string(),
+            ]),
+            vec!["--train-images"],
+        ),
+        (
+            strings(&[
+                "demo",
+                "--stage2-steps",
+                "0",
+                "--out",
+                &t.path("d").display().to_string(),
+            ]),
+            vec!["--stage2-steps"],
+        ),
+    ];
+    for (args, wants) in &cases {
+        refused(args, wants);
+    }
+    // nothing was trained: no run files were left behind by a refused run
+    assert!(!t.path("run/config.json").exists());
+}
+
+/// A copy of the tiny model whose config.json has `edit` applied.
+fn model_with(t: &TinyRun, name: &str, edit: impl Fn(&mut serde_json::Value)) -> String {
+    let dir = t.path(name);
+    copy_dir(&t.path("model"), &dir);
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+    dir.display().to_string()
+}
+
+#[test]
+fn config_sizes_that_cannot_be_are_named() {
+    let t = TinyRun::new();
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, Vec<&str>)> = vec![
+        (
+            "vision-heads-0",
+            Box::new(|v| v["vision_config"]["num_attention_heads"] = 0.into()),
+            vec!["num_attention_heads"],
+        ),
+        (
+            "vision-patch-0",
+            Box::new(|v| v["vision_config"]["patch_size"] = 0.into()),
+            vec!["patch_size"],
+        ),
+        (
+            "vision-heads-not-dividing",
+            Box::new(|v| v["vision_config"]["num_attention_heads"] = 3.into()),
+            vec!["hidden_size 64", "num_attention_heads 3"],
+        ),
+        (
+            "text-heads-0",
+            Box::new(|v| v["text_config"]["num_attention_heads"] = 0.into()),
+            vec!["num_attention_heads"],
+        ),
+        (
+            "text-layers-absurd",
+            Box::new(|v| v["text_config"]["num_hidden_layers"] = 1_000_000_000u64.into()),
+            vec!["num_hidden_layers", "at most 1024"],
+        ),
+        (
+            "text-vocab-0",
+            Box::new(|v| v["text_config"]["vocab_size"] = 0.into()),
+            vec!["vocab_size"],
+        ),
+        (
+            "text-eps-negative",
+            Box::new(|v| v["text_config"]["rms_norm_eps"] = (-1.0).into()),
+            vec!["rms_norm_eps"],
+        ),
+    ];
+    for (name, edit, wants) in cases {
+        let m = model_with(&t, name, edit);
+        // plan reads configs alone; train loads the model
+        for cmd in [
+            strings(&["plan", "--model", &m]),
+            strings(&[
+                "train",
+                "--model",
+                &m,
+                "--data",
+                &t.path("data/conversation_train.json").display().to_string(),
+                "--out",
+                &t.path(&format!("run-{name}")).display().to_string(),
+                "--quiet",
+            ]),
+        ] {
+            let mut w = wants.clone();
+            w.push("config.json");
+            refused(&cmd, &w);
+        }
+    }
+}
+
+#[test]
+fn gguf_metadata_and_offsets_that_cannot_be_are_named() {
+    let t = TinyRun::new();
+    let path = t.path("bad.gguf");
+    let base = |heads: u32| {
+        vec![
+            ("general.architecture", GgufValue::Str("llama".into())),
+            ("llama.embedding_length", GgufValue::U32(8)),
+            ("llama.attention.head_count", GgufValue::U32(heads)),
+            ("llama.feed_forward_length", GgufValue::U32(16)),
+            ("llama.block_count", GgufValue::U32(1)),
+            ("llama.vocab_size", GgufValue::U32(4)),
+        ]
+    };
+    write_gguf(&path, &base(0), &[]);
+    let p = path.display().to_string();
+    refused(&strings(&["plan", "--model", &p]), &["head_count", "is 0"]);
+    // a tensor whose data lies past the end of the file
+    let tensor = GgufTensor {
+        name: "token_embd.weight".into(),
+        dims: vec![4, 8],
+        ggml_type: GGML_F32,
+        data: f32_bytes(&[0.0; 32]),
+    };
+    write_gguf(&path, &base(2), &[tensor]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() - 64);
+    std::fs::write(&path, &bytes).unwrap();
+    refused(
+        &strings(&["generate", "--model", &p, "--prompt", "hi"]),
+        &["bad.gguf"],
+    );
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_the_run_is_refused() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "4", "--save-every", "2"]);
+    assert!(ok, "{err}");
+    let ck = t.path("a/checkpoints/step-000002");
+    let resume_args = |out: &str| {
+        let mut a = strings(&[
+            "train",
+            "--model",
+            &t.path("model").display().to_string(),
+            "--data",
+            &data,
+            "--images",
+            &t.path("data/images").display().to_string(),
+            "--batch",
+            "2",
+            "--template",
+            "chatml",
+            "--max-length",
+            "256",
+            "--quiet",
+            "--steps",
+            "4",
+            "--out",
+            out,
+            "--resume",
+        ]);
+        a.push(ck.display().to_string());
+        a
+    };
+    let out = t.path("b").display().to_string();
+    // a moment tensor of the wrong shape
+    let opt = ck.join("optimizer.safetensors");
+    let original = std::fs::read(&opt).unwrap();
+    let mut moments = load_all(&opt);
+    let name = moments.keys().find(|k| *k != "__t").unwrap().clone();
+    moments.insert(
+        name.clone(),
+        candle_core::Tensor::zeros((2, 3), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
+    );
+    save_all(&moments, &opt);
+    refused(
+        &resume_args(&out),
+        &["optimizer.safetensors", &name, "expected [2,"],
+    );
+    std::fs::write(&opt, &original).unwrap();
+    // a tensor the run's method does not train
+    let ad = ck.join("adapter.safetensors");
+    let original = std::fs::read(&ad).unwrap();
+    let mut tensors = load_all(&ad);
+    tensors.insert(
+        "language_model.model.layers.0.self_attn.q_proj.weight".into(),
+        candle_core::Tensor::zeros(
+            (128, 128),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    save_all(&tensors, &ad);
+    refused(
+        &resume_args(&out),
+        &["q_proj.weight", "not trained by this run"],
+    );
+    std::fs::write(&ad, &original).unwrap();
+    // a temporary directory of an interrupted write is never a checkpoint
+    let tmp = t.path("a/checkpoints/.step-000004.tmp-1");
+    copy_dir(&ck, &tmp);
+    let mut a = resume_args(&out);
+    *a.last_mut().unwrap() = tmp.display().to_string();
+    refused(&a, &["not a checkpoint folder"]);
+    // ... and resuming the run folder picks step 2, not the temporary copy
+    let mut a = resume_args(&out);
+    *a.last_mut().unwrap() = t.path("a").display().to_string();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(&a)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("step-000002"), "{err}");
+}
+
+#[test]
+fn resume_checks_it_continues_the_same_run() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "4", "--save-every", "2"]);
+    assert!(ok, "{err}");
+    let a = t.path("a").display().to_string();
+    // another method: refused, naming the field
+    let (ok, err) = t.train(
+        "a",
+        &[
+            "--data",
+            &data,
+            "--steps",
+            "4",
+            "--resume",
+            &a,
+            "--method",
+            "ln-simple",
+        ],
+    );
+    assert!(
+        !ok && err.contains("belongs to another run") && err.contains("`method`"),
+        "{err}"
+    );
+    // another seed: refused
+    let (ok, err) = t.train(
+        "a",
+        &[
+            "--data", &data, "--steps", "4", "--resume", &a, "--seed", "5",
+        ],
+    );
+    assert!(!ok && err.contains("`seed`"), "{err}");
+    // more steps: allowed, and said
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "6", "--resume", &a]);
+    assert!(ok && err.contains("resume: `steps` was 4, now 6"), "{err}");
+    assert_eq!(metrics(&t.path("a/metrics.jsonl")).len(), 6);
+}
+
+#[test]
+fn a_fresh_run_does_not_mix_with_an_older_one() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "4", "--save-every", "2"]);
+    assert!(ok, "{err}");
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "2"]);
+    assert!(
+        !ok && err.contains("holds a training run") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert!(
+        t.path("a/checkpoints/step-000002").is_dir(),
+        "the old run is untouched"
+    );
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "2", "--overwrite"]);
+    assert!(ok, "{err}");
+    // the old run's checkpoints are gone with it; the new run's files are its own
+    assert!(!t.path("a/checkpoints").exists());
+    assert_eq!(metrics(&t.path("a/metrics.jsonl")).len(), 2);
+}
+
+#[test]
+fn two_writers_of_one_folder_are_refused() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let out = t.path("a");
+    std::fs::create_dir_all(&out).unwrap();
+    // hold the folder's lock as a running lntune would, from another process
+    let holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(out.join(".lntune.lock"))
+        .args(["sleep", "30"])
+        .spawn();
+    let Ok(mut holder) = holder else {
+        eprintln!("skipped: the `flock` command is not available");
+        return;
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "2"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        !ok && err.contains("another lntune process is writing here"),
+        "{err}"
+    );
+    assert!(
+        !out.join("config.json").exists(),
+        "the refused run wrote nothing"
+    );
+    // once the holder is gone, the folder is free again
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "2"]);
+    assert!(ok, "{err}");
+}
