@@ -17,7 +17,7 @@ use super::MethodConfig;
 use super::setup::{TrainSetup, setup};
 use crate::io::store::Store;
 use crate::model::mllm::Mllm;
-use crate::util::files::{read_json, write_dir_atomically, write_json};
+use crate::util::files::{read_json, recover_dir, write_dir_atomically, write_json};
 
 pub const FORMAT: &str = "lntune-adapter/1";
 
@@ -111,6 +111,8 @@ pub fn save_adapter(dir: &Path, tensors: &[(String, Tensor)], meta: &AdapterMeta
 
 /// Reads an adapter: its metadata and tensors.
 pub fn read_adapter(dir: &Path) -> Result<(AdapterMeta, Store)> {
+    // an adapter replaced by a process that was killed half-way comes back whole first
+    recover_dir(dir)?;
     let jp = dir.join("adapter.json");
     let meta: AdapterMeta = read_json(&jp)?;
     if meta.format != FORMAT {

@@ -69,12 +69,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("{}: cannot create", parent.display()))?;
     }
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension()
-            .map(|e| e.to_string_lossy().to_string())
-            .unwrap_or_default()
-    ));
+    // a name of this process's own, so that two writers never share a temporary file
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
@@ -96,9 +96,14 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     write_atomically(path, s.as_bytes())
 }
 
-/// Replaces the directory `dir`: `fill` populates a temporary sibling, which then takes
-/// `dir`'s place (the old one, if any, is moved aside first and removed after).
+/// Replaces the directory `dir`: `fill` populates a temporary sibling `.<name>.tmp-<pid>`,
+/// which is renamed `.<name>.new-<pid>` once complete; then the old `dir` (if any) moves
+/// aside to `.<name>.old-<pid>`, the new one takes its place, and the old one is removed.
+/// A process killed between those renames leaves `dir` missing but a complete `.new` or
+/// `.old` sibling, which `recover_dir` puts back (the new one if there is one); the
+/// `.tmp` folder of an interrupted fill is never trusted.
 pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    recover_dir(dir)?;
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)
         .with_context(|| format!("{}: cannot create", parent.display()))?;
@@ -107,18 +112,62 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         .context("directory has no name")?
         .to_string_lossy()
         .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let pid = std::process::id();
+    let tmp = parent.join(format!(".{name}.tmp-{pid}"));
+    let new = parent.join(format!(".{name}.new-{pid}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    fill(&tmp)?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &new).with_context(|| format!("{}: cannot rename", new.display()))?;
     if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        let old = parent.join(format!(".{name}.old-{pid}"));
         std::fs::rename(dir, &old)
             .with_context(|| format!("{}: cannot move aside", dir.display()))?;
-        std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
+        std::fs::rename(&new, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
+        std::fs::rename(&new, dir).with_context(|| format!("{}: cannot rename", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// After a kill in the middle of `write_dir_atomically`: when `dir` is missing, the
+/// complete new version (`.<name>.new-*`) or else the previous one (`.<name>.old-*`)
+/// takes its place. Leftover `.new`/`.old` siblings of a present `dir` are removed.
+pub fn recover_dir(dir: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Ok(());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    if !parent.is_dir() {
+        return Ok(());
+    }
+    let name = name.to_string_lossy();
+    let siblings = |kind: &str| {
+        let prefix = format!(".{name}.{kind}-");
+        list_dir(parent, |p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+    };
+    let (new, old) = (siblings("new")?, siblings("old")?);
+    if !dir.exists()
+        && let Some(keep) = new.last().or(old.last())
+    {
+        std::fs::rename(keep, dir).with_context(|| {
+            format!("{}: cannot restore from {}", dir.display(), keep.display())
+        })?;
+    }
+    for p in new.iter().chain(&old).filter(|p| p.exists()) {
+        let _ = std::fs::remove_dir_all(p);
     }
     Ok(())
 }
@@ -236,12 +285,26 @@ mod tests {
         assert!(err.to_string().contains("disk full"));
         assert!(dir.join("g").is_file());
         // nothing but the two results is left in the folder
-        let mut names: Vec<String> = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .filter(|n| !n.starts_with(".adapter.tmp"))
-            .collect();
-        names.sort();
-        assert_eq!(names, ["adapter", "sub"]);
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(), ["adapter", "sub"]);
+        // a kill between the renames: the old version moved aside, the new one complete
+        std::fs::rename(&dir, d.path().join(".adapter.old-7")).unwrap();
+        std::fs::create_dir(d.path().join(".adapter.new-7")).unwrap();
+        std::fs::write(d.path().join(".adapter.new-7/h"), "3").unwrap();
+        std::fs::create_dir(d.path().join(".adapter.tmp-8")).unwrap();
+        recover_dir(&dir).unwrap();
+        assert!(dir.join("h").is_file() && !dir.join("g").exists());
+        // ... or killed before the new one was complete: the old one comes back
+        std::fs::rename(&dir, d.path().join(".adapter.old-9")).unwrap();
+        recover_dir(&dir).unwrap();
+        assert!(dir.join("h").is_file());
+        assert_eq!(names(), [".adapter.tmp-8", "adapter", "sub"]);
     }
 }
