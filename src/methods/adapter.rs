@@ -32,6 +32,10 @@ pub struct AdapterMeta {
     pub tensors: Vec<String>,
     /// optimizer steps behind these values
     pub step: usize,
+    /// tensors stored because the run started from them (its init adapter), beyond the
+    /// method's trainable set
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_tensors: Vec<String>,
 }
 
 /// A hash of the base model: every decoder/projector parameter's name and shape, the vision
@@ -122,8 +126,22 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterMeta, Store)> {
             meta.format
         );
     }
+    let file = dir.join("adapter.safetensors");
     let mut store = Store::new(&Device::Cpu);
-    store.add_safetensors(&dir.join("adapter.safetensors"))?;
+    store.add_safetensors(&file)?;
+    for name in store.keys() {
+        let values = store
+            .load_any(&name)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if let Some(bad) = values.iter().find(|x| !x.is_finite()) {
+            bail!(
+                "{}: tensor `{name}` holds {bad}; an adapter must hold finite values",
+                file.display()
+            );
+        }
+    }
     Ok((meta, store))
 }
 
@@ -152,6 +170,27 @@ pub fn apply_adapter(
 ) -> Result<(AdapterMeta, TrainSetup, Vec<String>)> {
     let (meta, store) = read_adapter_for(dir, &fingerprint(model)?)?;
     let setup = setup(model, &meta.method, 0)?;
+    // exactly the method's trainable tensors (and those the run started from)
+    let file = dir.join("adapter.safetensors");
+    let stored = store.keys();
+    for name in &stored {
+        let trained = setup.trainable_specs().any(|s| &s.name == name);
+        if !trained && !meta.init_tensors.contains(name) {
+            bail!(
+                "{}: tensor `{name}` is not trained by the adapter's method `{}`",
+                file.display(),
+                meta.method.method.name()
+            );
+        }
+    }
+    if let Some(missing) = setup.trainable_specs().find(|s| !stored.contains(&s.name)) {
+        bail!(
+            "{}: misses `{}`, which the adapter's method `{}` trains",
+            file.display(),
+            missing.name,
+            meta.method.method.name()
+        );
+    }
     let names = set_tensors(model, &store, &dir.join("adapter.safetensors"))?;
     Ok((meta, setup, names))
 }

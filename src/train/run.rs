@@ -98,6 +98,9 @@ pub struct RunConfig {
     pub cache_features: bool,
     /// batch examples of similar length together (LLaVA's group_by_modality_length)
     pub group_by_length: bool,
+    /// accept absolute image paths and paths with `..` in the data (else a sample whose
+    /// image path leaves `images` is skipped and counted)
+    pub allow_any_image_path: bool,
     /// record gradient-variance statistics in grad_stats.jsonl
     pub grad_stats: Option<GradStatsConfig>,
 }
@@ -130,6 +133,7 @@ impl Default for RunConfig {
             image: ImageProcessing::default(),
             cache_features: true,
             group_by_length: true,
+            allow_any_image_path: false,
             grad_stats: None,
         }
     }
@@ -233,6 +237,7 @@ impl RunConfig {
             preprocess,
             max_length: self.max_length,
             seed: self.seed,
+            allow_any_image_path: self.allow_any_image_path,
         }
     }
 
@@ -434,6 +439,7 @@ pub fn train_run(
         base_source: cfg.model.display().to_string(),
         tensors: vec![],
         step: 0,
+        init_tensors: init_names.clone(),
     };
     let loss_title = format!("{} loss", cfg.method.method.name());
     while trainer.step < total {

@@ -50,6 +50,18 @@ fn json_error(e: serde_json::Error, at: &str) -> anyhow::Error {
     }
 }
 
+/// `rel` under `root` when it is a relative path that stays inside it (no root, drive,
+/// or `..` component); None otherwise. Data files name images this way, and a path that
+/// climbs out would let a data file read any file the user can.
+pub fn inside(root: &Path, rel: &str) -> Option<PathBuf> {
+    use std::path::Component;
+    let p = Path::new(rel);
+    let ok = !rel.is_empty()
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    ok.then(|| root.join(p))
+}
+
 /// The entries of the folder `dir` that `keep` accepts, sorted by path.
 pub fn list_dir(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -251,6 +263,16 @@ mod tests {
         std::fs::write(&l, "{\"x\": 1}\n\n{oops}\n").unwrap();
         let e = read_jsonl::<Value>(&l).unwrap_err().to_string();
         assert!(e.contains("b.jsonl: line 3: malformed JSON"), "{e}");
+    }
+
+    #[test]
+    fn paths_inside_a_root() {
+        let r = Path::new("/data/images");
+        assert_eq!(inside(r, "a/b.png"), Some(r.join("a/b.png")));
+        assert_eq!(inside(r, "./b.png"), Some(r.join("./b.png")));
+        for bad in ["../secret", "a/../../b", "/etc/passwd", ""] {
+            assert_eq!(inside(r, bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -10,9 +10,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::item::{Item, Truth, array_of, existing, str_of, u64_of, write_result_rows};
+use super::item::{Item, Truth, array_of, image_in, str_of, u64_of, write_result_rows};
 use crate::eval::metrics::{bleu, cider_d, ptb_tokenize};
-use crate::util::files::read_json;
+use crate::util::files::{inside, read_json};
 
 /// Caption items: one per image of `split` (Karpathy JSON) or every image (COCO-style JSON).
 pub fn load(file: &Path, images: &Path, split: &str) -> Result<Vec<Item>> {
@@ -36,7 +36,7 @@ pub fn load(file: &Path, images: &Path, split: &str) -> Result<Vec<Item>> {
                 .with_context(|| format!("{}: {at}: image {id} has no captions", file.display()))?;
             items.push(Item {
                 id: format!("caption/{id}"),
-                image: existing(images.join(str_of(im, "file_name", file, &at)?), file, &at)?,
+                image: image_in(images, str_of(im, "file_name", file, &at)?, file, &at)?,
                 question: String::new(),
                 truth: Truth::Caption { image_id: id, refs },
             });
@@ -53,10 +53,13 @@ pub fn load(file: &Path, images: &Path, split: &str) -> Result<Vec<Item>> {
                 None => u64_of(im, "imgid", file, &at)?,
             };
             let name = str_of(im, "filename", file, &at)?;
-            let image = match im.get("filepath").and_then(|p| p.as_str()) {
-                Some(dir) if images.join(dir).join(name).is_file() => images.join(dir).join(name),
-                _ => existing(images.join(name), file, &at)?,
-            };
+            // Karpathy's `filepath` (`val2014`) when the images keep COCO's folders
+            let in_folder = im
+                .get("filepath")
+                .and_then(|p| p.as_str())
+                .map(|dir| format!("{dir}/{name}"))
+                .filter(|rel| inside(images, rel).is_some_and(|p| p.is_file()));
+            let image = image_in(images, in_folder.as_deref().unwrap_or(name), file, &at)?;
             let refs = array_of(im, "sentences", file)?
                 .iter()
                 .map(|s| str_of(s, "raw", file, &at).map(String::from))
@@ -76,7 +79,7 @@ pub fn load(file: &Path, images: &Path, split: &str) -> Result<Vec<Item>> {
 }
 
 /// images scored are those of the results (as pycocoevalcap's `params['image_id']`).
-pub fn read_results(pred: &Path, annotations: &Path) -> Result<(Vec<Item>, Vec<String>)> {
+pub fn read_results(pred: &Path, annotations: &Path) -> Result<(Vec<Item>, Vec<String>, String)> {
     let a: Value = read_json(annotations)?;
     let mut refs: HashMap<u64, Vec<String>> = HashMap::new();
     for (i, x) in array_of(&a, "annotations", annotations)?.iter().enumerate() {
@@ -119,7 +122,14 @@ pub fn read_results(pred: &Path, annotations: &Path) -> Result<(Vec<Item>, Vec<S
         });
         preds.push(str_of(r, "caption", pred, &at)?.to_string());
     }
-    Ok((items, preds))
+    // pycocoevalcap scores the images of the results (an annotations file holds a whole
+    // split): only an image captioned twice is refused, above
+    let coverage = format!(
+        "{} of {} images with references captioned",
+        items.len(),
+        refs.len()
+    );
+    Ok((items, preds, coverage))
 }
 
 /// CIDEr-D and BLEU as pycocoevalcap prints them.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::util::files::write_atomically;
+use crate::util::files::{inside, write_atomically};
 
 /// A benchmark's ground truth for one item.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +95,19 @@ pub fn id_text(v: &Value) -> String {
     }
 }
 
+/// The image `rel` of a benchmark file, which must be a relative path inside `images` and
+/// exist; errors name the benchmark file and the place in it.
+pub fn image_in(images: &Path, rel: &str, file: &Path, at: &str) -> Result<PathBuf> {
+    let path = inside(images, rel).with_context(|| {
+        format!(
+            "{}: {at}: image path `{rel}` leaves the image folder {} (it must be relative, without `..`)",
+            file.display(),
+            images.display()
+        )
+    })?;
+    existing(path, file, at)
+}
+
 /// `path` if it is a file, else an error naming the benchmark file and the place in it.
 pub fn existing(path: PathBuf, file: &Path, at: &str) -> Result<PathBuf> {
     if path.is_file() {
@@ -106,6 +119,31 @@ pub fn existing(path: PathBuf, file: &Path, at: &str) -> Result<PathBuf> {
             path.display()
         )
     }
+}
+
+/// Checks what a results file answers: every item at most once, and, unless `partial`,
+/// every one of the `expected` questions (a partial set scores only what it answers, and
+/// the caller prints the coverage this returns).
+pub fn check_coverage(
+    pred: &Path,
+    items: &[Item],
+    expected: usize,
+    partial: bool,
+) -> Result<String> {
+    let mut seen = std::collections::HashSet::new();
+    for it in items {
+        if !seen.insert(it.id.as_str()) {
+            bail!("{}: `{}` is answered twice", pred.display(), it.id);
+        }
+    }
+    if seen.len() < expected && !partial {
+        bail!(
+            "{}: answers {} of {expected} questions; score a partial set with --partial",
+            pred.display(),
+            seen.len()
+        );
+    }
+    Ok(format!("{} of {expected} questions answered", seen.len()))
 }
 
 /// Writes `rows` as one JSON array to `dir/name`, the results-file form of VQAv2 and COCO

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::item::{Item, Truth, existing, str_of};
+use super::item::{Item, Truth, check_coverage, image_in, str_of};
 use crate::data::template::SHORT_ANSWER;
 use crate::eval::metrics::{MmeScore, mme_eval_type, mme_subtask, mme_totals};
 use crate::util::files::{list_dir, read_jsonl, read_text, write_atomically};
@@ -154,7 +154,7 @@ pub fn load_jsonl(file: &Path, images: &Path, gt_root: Option<&Path>) -> Result<
             *k += 1;
             Ok(Item {
                 id: format!("mme/{subtask}/{image_name}/{}", *k - 1),
-                image: existing(images.join(rel), file, &at)?,
+                image: image_in(images, rel, file, &at)?,
                 question,
                 truth: Truth::Mme {
                     subtask,
@@ -167,7 +167,7 @@ pub fn load_jsonl(file: &Path, images: &Path, gt_root: Option<&Path>) -> Result<
 }
 
 /// truth<TAB>prediction` (the format of MME's `eval_tool/Your_Results`).
-pub fn read_results(dir: &Path) -> Result<(Vec<Item>, Vec<String>)> {
+pub fn read_results(dir: &Path) -> Result<(Vec<Item>, Vec<String>, String)> {
     let files = list_dir(dir, is_txt)?;
     if files.is_empty() {
         bail!("{}: no <subtask>.txt result files", dir.display());
@@ -210,7 +210,9 @@ pub fn read_results(dir: &Path) -> Result<(Vec<Item>, Vec<String>)> {
             preds.push(cols[3].to_string());
         }
     }
-    Ok((items, preds))
+    // the result files are the whole set: an item twice is the only thing to refuse
+    let coverage = check_coverage(dir, &items, items.len(), false)?;
+    Ok((items, preds, coverage))
 }
 
 /// Per-subtask scores and the totals.

@@ -117,21 +117,23 @@ pub fn load_items(files: &BenchFiles, limit: Option<usize>, seed: u64) -> Result
 }
 
 /// A predictions file in a benchmark's official result format, with its ground truth:
-/// the items answered and the answers.
+/// the items answered, the answers, and how many of the questions they cover (a set that
+/// misses questions is refused unless `partial`; an item answered twice always).
 pub fn read_results(
     bench: BenchName,
     pred: &Path,
     gt: Option<&Path>,
     questions: Option<&Path>,
-) -> Result<(Vec<Item>, Vec<String>)> {
+    partial: bool,
+) -> Result<(Vec<Item>, Vec<String>, String)> {
     let gt = || gt.with_context(|| format!("--bench {} needs --gt", bench.name()));
     match bench {
         BenchName::Vqav2 => {
             let q = questions
                 .context("--bench vqav2 needs --questions (the official questions JSON)")?;
-            vqav2::read_results(pred, q, gt()?)
+            vqav2::read_results(pred, q, gt()?, partial)
         }
-        BenchName::Pope => pope::read_results(pred, gt()?),
+        BenchName::Pope => pope::read_results(pred, gt()?, partial),
         BenchName::Mme => mme::read_results(pred),
         BenchName::Coco | BenchName::Flickr => captions::read_results(pred, gt()?),
         BenchName::Shapes => {

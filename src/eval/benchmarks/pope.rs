@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::item::{Item, Truth, existing, field, id_text, str_of};
+use super::item::{Item, Truth, check_coverage, field, id_text, image_in, str_of};
 use crate::eval::metrics::{PopeMetrics, pope_metrics, pope_parse};
 use crate::util::files::{list_dir, read_jsonl, write_atomically};
 
@@ -67,7 +67,7 @@ pub fn load(file: &Path, images: &Path) -> Result<Vec<Item>> {
             }
             Ok(Item {
                 id: format!("pope/{split}/{}", id_text(&qid)),
-                image: existing(images.join(str_of(r, "image", file, &at)?), file, &at)?,
+                image: image_in(images, str_of(r, "image", file, &at)?, file, &at)?,
                 question: str_of(r, "text", file, &at)?.to_string(),
                 truth: Truth::Pope {
                     split: split.clone(),
@@ -80,7 +80,11 @@ pub fn load(file: &Path, images: &Path) -> Result<Vec<Item>> {
 }
 
 /// POPE answers (JSONL `question_id`, `text`) against a label file (`question_id`, `label`).
-pub fn read_results(pred: &Path, labels: &Path) -> Result<(Vec<Item>, Vec<String>)> {
+pub fn read_results(
+    pred: &Path,
+    labels: &Path,
+    partial: bool,
+) -> Result<(Vec<Item>, Vec<String>, String)> {
     let split = split_of(labels);
     let mut by_id: HashMap<String, String> = HashMap::new();
     for (i, r) in read_jsonl::<Value>(labels)?.iter().enumerate() {
@@ -115,7 +119,8 @@ pub fn read_results(pred: &Path, labels: &Path) -> Result<(Vec<Item>, Vec<String
         });
         preds.push(str_of(r, "text", pred, &at)?.to_string());
     }
-    Ok((items, preds))
+    let coverage = check_coverage(pred, &items, by_id.len(), partial)?;
+    Ok((items, preds, coverage))
 }
 
 /// The metrics of answered POPE items per split (empty without any).

@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::item::{Item, Truth, array_of, existing, str_of, u64_of, write_result_rows};
+use super::item::{
+    Item, Truth, array_of, check_coverage, image_in, str_of, u64_of, write_result_rows,
+};
 use crate::eval::metrics::{evalai_process, vqa_accuracy};
 use crate::util::files::read_json;
 
@@ -72,7 +74,7 @@ pub fn load(questions: &Path, annotations: &Path, images: &Path) -> Result<Vec<I
         let qid = u64_of(row, "question_id", questions, &at)?;
         let question = str_of(row, "question", questions, &at)?.to_string();
         let image = match row.get("image").and_then(|x| x.as_str()) {
-            Some(name) => existing(images.join(name), questions, &at)?,
+            Some(name) => image_in(images, name, questions, &at)?,
             None => {
                 let id = u64_of(row, "image_id", questions, &at)?;
                 let candidates = [
@@ -110,7 +112,8 @@ pub fn read_results(
     pred: &Path,
     questions: &Path,
     annotations: &Path,
-) -> Result<(Vec<Item>, Vec<String>)> {
+    partial: bool,
+) -> Result<(Vec<Item>, Vec<String>, String)> {
     let q: Value = read_json(questions)?;
     let known: std::collections::HashSet<u64> = array_of(&q, "questions", questions)?
         .iter()
@@ -143,7 +146,8 @@ pub fn read_results(
         });
         preds.push(str_of(r, "answer", pred, &at)?.to_string());
     }
-    Ok((items, preds))
+    let coverage = check_coverage(pred, &items, known.len(), partial)?;
+    Ok((items, preds, coverage))
 }
 
 /// A model's raw answer as it is submitted: through the EvalAI answer processor.
