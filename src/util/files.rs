@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sha2::Digest;
 
 /// The whole file as text.
 pub fn read_text(path: &Path) -> Result<String> {
@@ -60,6 +61,25 @@ pub fn inside(root: &Path, rel: &str) -> Option<PathBuf> {
         && p.components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     ok.then(|| root.join(p))
+}
+
+/// The sha256 of a file's bytes, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("{}: read error", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The entries of the folder `dir` that `keep` accepts, sorted by path.
