@@ -43,11 +43,43 @@ pub fn load_rgb(path: &Path, alpha: AlphaMode) -> Result<RgbImage> {
     decode_rgb(&bytes, alpha).with_context(|| format!("{}: cannot decode image", path.display()))
 }
 
-/// Decodes an in-memory PNG/JPEG into RGB.
+/// PIL's `Image.MAX_IMAGE_PIXELS`: the most pixels a decoded image, or a canvas the
+/// preprocessing builds (LLaVA's padded square, a resized image kept whole), may have.
+pub const DEFAULT_MAX_IMAGE_PIXELS: usize = 89_478_485;
+
+/// The pixel limit: `LNTUNE_MAX_IMAGE_PIXELS` when set (a positive count), else
+/// `DEFAULT_MAX_IMAGE_PIXELS`. Memory per image stays below about 4 bytes per pixel of it.
+pub fn max_image_pixels() -> usize {
+    std::env::var("LNTUNE_MAX_IMAGE_PIXELS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(DEFAULT_MAX_IMAGE_PIXELS)
+}
+
+/// Refuses `w` x `h` pixels of `what` over the pixel limit.
+fn check_pixels(what: &str, w: usize, h: usize) -> Result<()> {
+    let limit = max_image_pixels();
+    match w.checked_mul(h) {
+        Some(n) if n <= limit => Ok(()),
+        _ => bail!(
+            "{what} of {w}x{h} pixels is over the limit of {limit} pixels (LNTUNE_MAX_IMAGE_PIXELS)"
+        ),
+    }
+}
+
+/// Decodes an in-memory PNG/JPEG into RGB. The header's size is checked against the pixel
+/// limit before anything is decoded.
 pub fn decode_rgb(bytes: &[u8], alpha: AlphaMode) -> Result<RgbImage> {
-    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()?
-        .decode()?;
+    let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format();
+    let (w, h) = reader()?.into_dimensions()?;
+    check_pixels("the image", w as usize, h as usize)?;
+    let mut limits = image::Limits::default();
+    // RGBA at 16 bits per sample, the most a decoder holds per pixel
+    limits.max_alloc = Some(8 * max_image_pixels() as u64 + (1 << 20));
+    let mut r = reader()?;
+    r.limits(limits);
+    let img = r.decode()?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let has_alpha = img.color().has_alpha();
     if !has_alpha {
@@ -103,17 +135,22 @@ fn bicubic(x: f64) -> f64 {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output pixel: first input index, tap count, and 22-bit fixed-point weights
-/// (`precompute_coeffs` + `normalize_coeffs_8bpc`).
-fn coeffs(in_size: usize, out_size: usize) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
+/// Per output pixel of `start..start + count` (of `out_size`): first input index, tap
+/// count, and 22-bit fixed-point weights (`precompute_coeffs` + `normalize_coeffs_8bpc`).
+fn coeffs(
+    in_size: usize,
+    out_size: usize,
+    start: usize,
+    count: usize,
+) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut kk = vec![0i32; out_size * ksize];
+    let mut bounds = Vec::with_capacity(count);
+    let mut kk = vec![0i32; count * ksize];
     let mut w = vec![0f64; ksize];
-    for xx in 0..out_size {
+    for (i, xx) in (start..start + count).enumerate() {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // (int) casts truncate toward zero; negatives are clamped to 0 right after
@@ -127,7 +164,7 @@ fn coeffs(in_size: usize, out_size: usize) -> (Vec<(usize, usize)>, Vec<i32>, us
         for x in 0..xmax {
             let v = if ww != 0.0 { w[x] / ww } else { w[x] };
             let f = v * (1u64 << PRECISION_BITS) as f64;
-            kk[xx * ksize + x] = if v < 0.0 {
+            kk[i * ksize + x] = if v < 0.0 {
                 (-0.5 + f) as i32
             } else {
                 (0.5 + f) as i32
@@ -150,52 +187,78 @@ fn clip8(v: i32) -> u8 {
 
 /// `PIL.Image.resize((w, h), Image.BICUBIC)` on an 8-bit RGB image, bit-exact.
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    let mut cur = img.clone();
-    if out_w != cur.width {
-        let (bounds, kk, ksize) = coeffs(cur.width, out_w);
-        let mut data = vec![0u8; out_w * cur.height * 3];
-        for y in 0..cur.height {
-            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
-            for (xx, &(xmin, n)) in bounds.iter().enumerate() {
-                let k = &kk[xx * ksize..xx * ksize + n];
+    resize_bicubic_window(img, out_w, out_h, (0, 0, out_w, out_h))
+}
+
+/// The window `(x0, y0, w, h)` of `resize_bicubic(img, out_w, out_h)`, computed without the
+/// rest: the horizontal pass (as Pillow, first) runs only on the input rows the window's
+/// vertical taps read, and both passes only for the window's columns and rows. Each
+/// pixel's arithmetic is Pillow's, so the window equals the crop of the whole resize.
+pub fn resize_bicubic_window(
+    img: &RgbImage,
+    out_w: usize,
+    out_h: usize,
+    (x0, y0, cw, ch): (usize, usize, usize, usize),
+) -> RgbImage {
+    let vertical = (out_h != img.height).then(|| coeffs(img.height, out_h, y0, ch));
+    // the input rows the vertical pass reads (the window's rows without one)
+    let (r0, r1) = match &vertical {
+        Some((bounds, _, _)) => (
+            bounds.iter().map(|b| b.0).min().unwrap_or(0),
+            bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0),
+        ),
+        None => (y0, y0 + ch),
+    };
+    // horizontal pass: rows r0..r1, output columns x0..x0 + cw
+    let mut mid = vec![0u8; cw * (r1 - r0) * 3];
+    if out_w != img.width {
+        let (bounds, kk, ksize) = coeffs(img.width, out_w, x0, cw);
+        for y in r0..r1 {
+            let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
+            for (i, &(xmin, n)) in bounds.iter().enumerate() {
+                let k = &kk[i * ksize..i * ksize + n];
                 for c in 0..3 {
                     let mut ss: i32 = 1 << (PRECISION_BITS - 1);
                     for (x, kv) in k.iter().enumerate() {
                         ss += row[(xmin + x) * 3 + c] as i32 * kv;
                     }
-                    data[(y * out_w + xx) * 3 + c] = clip8(ss);
+                    mid[((y - r0) * cw + i) * 3 + c] = clip8(ss);
                 }
             }
         }
-        cur = RgbImage {
-            width: out_w,
-            height: cur.height,
-            data,
-        };
+    } else {
+        for y in r0..r1 {
+            let src = (y * img.width + x0) * 3;
+            mid[(y - r0) * cw * 3..(y - r0 + 1) * cw * 3]
+                .copy_from_slice(&img.data[src..src + cw * 3]);
+        }
     }
-    if out_h != cur.height {
-        let (bounds, kk, ksize) = coeffs(cur.height, out_h);
-        let w = cur.width;
-        let mut data = vec![0u8; w * out_h * 3];
-        for (yy, &(ymin, n)) in bounds.iter().enumerate() {
-            let k = &kk[yy * ksize..yy * ksize + n];
-            for x in 0..w {
-                for c in 0..3 {
-                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                    for (y, kv) in k.iter().enumerate() {
-                        ss += cur.data[((ymin + y) * w + x) * 3 + c] as i32 * kv;
-                    }
-                    data[(yy * w + x) * 3 + c] = clip8(ss);
+    let Some((bounds, kk, ksize)) = vertical else {
+        return RgbImage {
+            width: cw,
+            height: ch,
+            data: mid,
+        };
+    };
+    // vertical pass: the window's rows from the horizontally resized rows
+    let mut data = vec![0u8; cw * ch * 3];
+    for (i, &(ymin, n)) in bounds.iter().enumerate() {
+        let k = &kk[i * ksize..i * ksize + n];
+        for x in 0..cw {
+            for c in 0..3 {
+                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                for (y, kv) in k.iter().enumerate() {
+                    ss += mid[((ymin - r0 + y) * cw + x) * 3 + c] as i32 * kv;
                 }
+                data[(i * cw + x) * 3 + c] = clip8(ss);
             }
         }
-        cur = RgbImage {
-            width: w,
-            height: out_h,
-            data,
-        };
     }
-    cur
+    RgbImage {
+        width: cw,
+        height: ch,
+        data,
+    }
 }
 
 /// transformers `get_resize_output_image_size(default_to_square=False)`: the short side
@@ -365,19 +428,37 @@ impl Preprocess {
 
     /// The uint8 image after pad / resize / crop, before rescale and normalize.
     pub fn resized(&self, img: &RgbImage) -> Result<RgbImage> {
-        let mut img = if self.pad_to_square {
-            expand_to_square(img, self.pad_color())
+        let padded;
+        let img = if self.pad_to_square {
+            let side = img.width.max(img.height);
+            check_pixels("the padded square canvas", side, side)?;
+            padded = expand_to_square(img, self.pad_color());
+            &padded
         } else {
-            img.clone()
+            img
         };
-        if let Some(s) = self.shortest_edge {
-            let (w, h) = shortest_edge_size(img.width, img.height, s);
-            img = resize_bicubic(&img, w, h);
+        let Some(s) = self.shortest_edge else {
+            return match self.crop {
+                Some((cw, ch)) => center_crop(img, cw, ch),
+                None => Ok(img.clone()),
+            };
+        };
+        let (w, h) = shortest_edge_size(img.width, img.height, s);
+        match self.crop {
+            // the crop window of the resize, computed alone (transformers resizes the whole
+            // image, then crops; each kept pixel is the same)
+            Some((cw, ch)) if cw <= w && ch <= h => Ok(resize_bicubic_window(
+                img,
+                w,
+                h,
+                ((w - cw) / 2, (h - ch) / 2, cw, ch),
+            )),
+            Some((cw, ch)) => bail!("center crop {cw}x{ch} is larger than the image {w}x{h}"),
+            None => {
+                check_pixels("the resized image", w, h)?;
+                Ok(resize_bicubic(img, w, h))
+            }
         }
-        if let Some((cw, ch)) = self.crop {
-            img = center_crop(&img, cw, ch)?;
-        }
-        Ok(img)
     }
 
     /// Pixel values CHW f32: `(u8 · (1/255)) ` rounded to f32, then `(x − mean) / std` in f32.
@@ -389,6 +470,7 @@ impl Preprocess {
     /// Loads and preprocesses a file.
     pub fn load(&self, path: &Path) -> Result<(Vec<f32>, usize, usize)> {
         self.pixel_values(&load_rgb(path, self.alpha)?)
+            .with_context(|| format!("{}: cannot preprocess", path.display()))
     }
 }
 
@@ -408,6 +490,103 @@ pub fn normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deterministic test image of `w` x `h` with varied pixels.
+    fn pattern(w: usize, h: usize) -> RgbImage {
+        let data = (0..w * h * 3)
+            .map(|i| ((i * 37 + (i / 7) * 11) % 251) as u8)
+            .collect();
+        RgbImage {
+            width: w,
+            height: h,
+            data,
+        }
+    }
+
+    #[test]
+    fn a_resize_window_equals_the_crop_of_the_whole_resize() {
+        // downscale, upscale, one axis only, both; windows at corners and the center
+        for (w, h, ow, oh) in [
+            (37, 23, 16, 11),
+            (9, 13, 40, 33),
+            (30, 20, 30, 9),
+            (30, 20, 11, 20),
+            (64, 64, 64, 64),
+        ] {
+            let img = pattern(w, h);
+            let full = resize_bicubic(&img, ow, oh);
+            for (x0, y0, cw, ch) in [
+                (0, 0, ow, oh),
+                (0, 0, ow / 2, oh / 2),
+                ((ow - ow / 3) / 2, (oh - oh / 3) / 2, ow / 3, oh / 3),
+                (ow - 3, oh - 2, 3, 2),
+            ] {
+                let win = resize_bicubic_window(&img, ow, oh, (x0, y0, cw, ch));
+                let crop = center_crop_at(&full, x0, y0, cw, ch);
+                assert_eq!(
+                    win.data, crop,
+                    "{w}x{h} -> {ow}x{oh}, window {x0},{y0} {cw}x{ch}"
+                );
+            }
+        }
+    }
+
+    fn center_crop_at(img: &RgbImage, x0: usize, y0: usize, cw: usize, ch: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        for y in y0..y0 + ch {
+            v.extend_from_slice(&img.data[(y * img.width + x0) * 3..(y * img.width + x0 + cw) * 3]);
+        }
+        v
+    }
+
+    #[test]
+    fn memory_follows_the_output_not_the_input_claims() {
+        // a 1 x 60000 strip: CLIP's resize + crop computes only the 224 x 224 window (the
+        // whole resize would be 224 x 13,440,000); LLaVA's pad needs a 60000² canvas and is
+        // refused by the pixel limit
+        let strip = pattern(1, 60000);
+        let clip = Preprocess::clip(224);
+        let out = clip.resized(&strip).unwrap();
+        assert_eq!((out.width, out.height), (224, 224));
+        let err = Preprocess::clip_pad(224)
+            .resized(&strip)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("60000x60000") && err.contains("LNTUNE_MAX_IMAGE_PIXELS"),
+            "{err}"
+        );
+        // a decoder is never asked for more than the limit: the header says 20000 x 20000
+        use image::ImageEncoder;
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(&[0u8; 3], 1, 1, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        // patch the IHDR width and height (bytes 16..24) to claim 20000 x 20000
+        png[16..20].copy_from_slice(&20000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&20000u32.to_be_bytes());
+        // the chunk's CRC-32 over its type and data (bytes 12..29), bit by bit
+        let mut crc = !0u32;
+        for &b in &png[12..29] {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        png[29..33].copy_from_slice(&(!crc).to_be_bytes());
+        let err = format!(
+            "{:#}",
+            decode_rgb(&png, AlphaMode::CompositeWhite).unwrap_err()
+        );
+        assert!(
+            err.contains("20000x20000") && err.contains("over the limit"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn sizes_and_crops_by_hand() {
