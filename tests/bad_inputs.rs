@@ -719,3 +719,91 @@ fn an_eval_resume_checks_what_its_answers_depend_on() {
     std::fs::write(&img, bytes).unwrap();
     refused(&eval(), &["eval.json", "`items_digest`"]);
 }
+
+/// A sample with 100,000 rounds costs what its first `max_length` rounds cost: the rest
+/// can never be kept, so it is dropped before rendering, and masking is linear. The
+/// example equals the one made from the cut sample, and counts as truncated.
+#[test]
+fn many_turns_cost_what_fits() {
+    use lntune::data::dataset::ExampleBuilder;
+    use lntune::data::llava::{Sample, Turn};
+    use lntune::data::template::{Template, TemplateName};
+    let tokenizer = tiny_tokenizer();
+    let template = Template::new(TemplateName::Chatml, Some(&tokenizer)).unwrap();
+    let builder = ExampleBuilder {
+        template: &template,
+        tokenizer: &tokenizer,
+        image_token_id: 511,
+        tokens_per_image: 4,
+        max_length: 64,
+        image_root: None,
+        allow_any_image_path: false,
+        add_special: true,
+    };
+    let turn = |from: &str, value: &str| Turn {
+        from: from.into(),
+        value: value.into(),
+    };
+    let mut conv = Vec::new();
+    for k in 0..100_000 {
+        conv.push(turn(
+            "human",
+            if k == 0 { "what is red" } else { "and blue" },
+        ));
+        conv.push(turn("gpt", "a color"));
+    }
+    let sample = |conversations: Vec<Turn>| Sample {
+        id: "long".into(),
+        image: None,
+        conversations,
+    };
+    let (long, report) = builder.examples(&[sample(conv.clone())]);
+    let (cut, _) = builder.examples(&[sample(conv[..2 * 64].to_vec())]);
+    assert_eq!(report.truncated, 1);
+    assert_eq!(long[0].tokens.input_ids, cut[0].tokens.input_ids);
+    assert_eq!(long[0].tokens.labels, cut[0].tokens.labels);
+    assert_eq!(long[0].tokens.input_ids.len(), 64);
+}
+
+/// Prompts are held to the model's context (the tiny model's is 256 tokens): a prompt that
+/// leaves no room is refused, a chat drops its oldest rounds to fit.
+#[test]
+fn prompts_fit_the_context() {
+    let t = TinyRun::new();
+    let model = t.path("model").display().to_string();
+    let long = "red ".repeat(2000);
+    refused(
+        &strings(&["generate", "--model", &model, "--prompt", &long]),
+        &["model's context of 256 tokens"],
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(["chat", "--model", &model, "--max-new-tokens", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        for k in 0..40 {
+            writeln!(
+                stdin,
+                "question number {k}: what color is the square in the picture"
+            )
+            .unwrap();
+        }
+        // one question that cannot fit at all: an error, and the chat goes on
+        writeln!(stdin, "{long}").unwrap();
+        writeln!(stdin, "/quit").unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("older round(s) dropped to fit the model's context"),
+        "{err}"
+    );
+    assert!(err.contains("error: the prompt takes"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -324,6 +324,13 @@ fn official_layouts(t: &TinyRun) -> std::path::PathBuf {
 #[test]
 fn every_benchmark_layout_and_protocol() {
     let t = tiny_with_adapter();
+    // the authors' protocol puts three demonstrations before each question: 406 tokens,
+    // beyond the tiny model's 256-token context, which prompts must fit; give it room
+    let cfg = t.path("model/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["text_config"]["max_position_embeddings"] = 1024.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
     let root = official_layouts(&t);
     let model = p(&t.path("model"));
     let run = |bench: &str, data: &Path, extra: &[&str], out: &str| -> serde_json::Value {

@@ -146,6 +146,15 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         }
         // the image goes with the first user turn, as in LLaVA's data
         turns.push(user_turn(line, image.is_some() && turns.is_empty()));
+        match s.fit_to_context(&mut turns) {
+            Ok(0) => {}
+            Ok(n) => eprintln!("({n} older round(s) dropped to fit the model's context)"),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                turns.pop();
+                continue;
+            }
+        }
         let reply = s.reply(&turns, image.as_ref(), &mut out)?;
         writeln!(out)?;
         turns.push(Turn {

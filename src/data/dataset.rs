@@ -142,10 +142,28 @@ impl ExampleBuilder<'_> {
             }
             images.push(p);
         }
+        // every round renders to at least one token: rounds past `max_length` can never be
+        // kept, so they are dropped before the (otherwise length-proportional) work
+        let system = s.conversations.first().is_some_and(|t| t.from == "system");
+        let keep = usize::from(system) + 2 * self.max_length;
+        let conversations = &s.conversations[..s.conversations.len().min(keep)];
+        let dropped = conversations.len() < s.conversations.len();
+        if dropped
+            && conversations
+                .iter()
+                .map(|t| t.value.matches(IMAGE_PLACEHOLDER).count())
+                .sum::<usize>()
+                != image_names.len()
+        {
+            return Err((
+                "too long",
+                format!("an image comes after --max-length {}", self.max_length),
+            ));
+        }
         let turns = if self.template.name == TemplateName::Plain || image_names.len() != 1 {
-            s.conversations.clone()
+            conversations.to_vec()
         } else {
-            move_image_first(&s.conversations)
+            move_image_first(conversations)
         };
         let rendered = self
             .template
@@ -162,8 +180,11 @@ impl ExampleBuilder<'_> {
         if tokens.labels.iter().all(|&l| l < 0) {
             return Err(("no trained token", "nothing to learn from".into()));
         }
-        let trunc = truncate(&mut tokens, self.max_length, self.image_token_id)
+        let mut trunc = truncate(&mut tokens, self.max_length, self.image_token_id)
             .map_err(|e| ("too long", e.to_string()))?;
+        if dropped {
+            trunc = Truncation::Truncated;
+        }
         Ok((
             Example {
                 id: s.id_string(),

@@ -371,6 +371,11 @@ pub fn tokenize(
     let mut labels = Vec::new();
     let mut base = 0usize;
     let mut n_images = 0;
+    // tokens come in text order: one pass over the trained spans (sorted by start) decides
+    // every token, so masking is linear in the conversation's length
+    let mut targets = r.targets.clone();
+    targets.sort_by_key(|t| t.start);
+    let mut next = 0usize;
     for (i, piece) in r.text.split(IMAGE_PLACEHOLDER).enumerate() {
         if i > 0 {
             ids.extend(std::iter::repeat_n(image_token_id, tokens_per_image));
@@ -381,7 +386,10 @@ pub fn tokenize(
         let (pids, offsets) = tools.encode_with_offsets(piece, add_special && i == 0)?;
         for (id, (s, e)) in pids.into_iter().zip(offsets) {
             let at = base + s;
-            let trained = e > s && r.targets.iter().any(|t| t.contains(&at));
+            while next < targets.len() && targets[next].end <= at {
+                next += 1;
+            }
+            let trained = e > s && targets.get(next).is_some_and(|t| t.contains(&at));
             ids.push(id);
             labels.push(if trained { id as i64 } else { IGNORE_INDEX });
         }

@@ -94,13 +94,8 @@ impl ChatSession {
         Ok(v.tower.features(&t, &v.select)?.get(0)?)
     }
 
-    /// Answers the conversation's last human turn, streaming the text to `sink`.
-    pub fn reply(
-        &self,
-        turns: &[Turn],
-        image: Option<&Tensor>,
-        sink: &mut dyn Write,
-    ) -> Result<String> {
+    /// The prompt's token ids for `turns` (image tokens expanded).
+    fn prompt_ids(&self, turns: &[Turn]) -> Result<Vec<u32>> {
         let tools = self
             .model
             .tokenizer
@@ -118,7 +113,47 @@ impl ChatSession {
             }
             _ => (u32::MAX, 0),
         };
-        let ids = tokenize(&r, tools, image_token, per_image, true)?.input_ids;
+        Ok(tokenize(&r, tools, image_token, per_image, true)?.input_ids)
+    }
+
+    /// Drops the oldest rounds of a chat history, after the first (which shows the image),
+    /// until the prompt leaves room for at least one new token in the model's context
+    /// (`max_position_embeddings`); returns how many rounds went. A history that does not
+    /// fit even as its first round and its last question is an error.
+    pub fn fit_to_context(&self, turns: &mut Vec<Turn>) -> Result<usize> {
+        let context = self.model.llm.cfg.max_position_embeddings;
+        let mut dropped = 0;
+        loop {
+            let n = self.prompt_ids(turns)?.len();
+            if n < context {
+                return Ok(dropped);
+            }
+            // [first question, its answer, (question, answer)..., last question]
+            if turns.len() < 5 {
+                bail!(
+                    "the prompt takes {n} tokens, at least the model's context of {context} (max_position_embeddings); shorten it"
+                );
+            }
+            turns.drain(2..4);
+            dropped += 1;
+        }
+    }
+
+    /// Answers the conversation's last human turn, streaming the text to `sink`. The
+    /// prompt must fit the model's context (see `fit_to_context` for chats); the answer
+    /// stops at the context's end.
+    pub fn reply(
+        &self,
+        turns: &[Turn],
+        image: Option<&Tensor>,
+        sink: &mut dyn Write,
+    ) -> Result<String> {
+        let tools = self
+            .model
+            .tokenizer
+            .as_ref()
+            .context("the model has no tokenizer")?;
+        let ids = self.prompt_ids(turns)?;
         let prompt = Prompt {
             ids,
             images: image.into_iter().cloned().collect(),

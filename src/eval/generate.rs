@@ -126,6 +126,15 @@ pub fn generate(
     if t == 0 {
         bail!("empty prompt");
     }
+    // the context policy: a prompt must fit the model's context, and generation stops at
+    // its end (as if an EOS came there)
+    let context = llm.cfg.max_position_embeddings;
+    if t >= context {
+        bail!(
+            "a prompt of {t} tokens leaves no room in the model's context of {context} tokens (max_position_embeddings)"
+        );
+    }
+    let max_new_tokens = cfg.max_new_tokens.min(context - t);
     let pad = tools.eos_id.unwrap_or(0);
     // left padding
     let mut ids = Vec::with_capacity(b);
@@ -173,7 +182,7 @@ pub fn generate(
         .enumerate()
         .map(|(i, p)| Rng::new(p.seed.unwrap_or(cfg.seed ^ ((i as u64) << 16))))
         .collect();
-    for _ in 0..cfg.max_new_tokens {
+    for _ in 0..max_new_tokens {
         let logits = llm.logits(&last)?.squeeze(1)?; // (B, V)
         let rows = logits.to_vec2::<f32>()?;
         let mut step_ids = Vec::with_capacity(b);
