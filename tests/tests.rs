@@ -1,5 +1,6 @@
 //! One integration-test binary (fewer links on a 2-core machine).
 
+mod alloc_cap;
 mod bad_inputs;
 mod common;
 mod compare_cli;
@@ -10,6 +11,7 @@ mod layering;
 mod loading_errors;
 mod metrics;
 mod model_fixtures;
+mod mutations;
 mod preprocess;
 mod real_weights;
 mod shapes;
