@@ -336,8 +336,17 @@ impl TinyRun {
 
     /// `lntune train` on the tiny model; returns (success, stderr).
     pub fn train(&self, out: &str, extra: &[&str]) -> (bool, String) {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
-            .arg("train")
+        let o = self.train_command(out, extra).output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    }
+
+    /// The `lntune train` command on the tiny model, not started.
+    pub fn train_command(&self, out: &str, extra: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"));
+        c.arg("train")
             .arg("--model")
             .arg(self.path("model"))
             .arg("--images")
@@ -353,13 +362,8 @@ impl TinyRun {
                 "--max-length",
                 "256",
             ])
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-        )
+            .args(extra);
+        c
     }
 }
 

@@ -7,6 +7,7 @@ mod compare_cli;
 mod eval_cli;
 mod generation;
 mod gguf;
+mod kills;
 mod layering;
 mod loading_errors;
 mod metrics;

@@ -199,7 +199,11 @@ pub fn ensure_demo_assets(cache: &Path, assets: Option<&Path>) -> Result<DemoAss
         crate::util::files::write_dir_atomically(&dinov2_dir, |tmp| {
             let map: std::collections::HashMap<String, candle_core::Tensor> =
                 tensors.into_iter().collect();
-            candle_core::safetensors::save(&map, tmp.join("model.safetensors"))?;
+            {
+                let path = tmp.join("model.safetensors");
+                candle_core::safetensors::save(&map, &path)
+                    .with_context(|| format!("{}: cannot write", path.display()))?;
+            }
             crate::util::files::write_json(&tmp.join("config.json"), &config)
         })?;
     }

@@ -104,7 +104,11 @@ pub(crate) fn write_adapter_files(
     meta: &AdapterMeta,
 ) -> Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    candle_core::safetensors::save(&map, dir.join("adapter.safetensors"))?;
+    {
+        let path = dir.join("adapter.safetensors");
+        candle_core::safetensors::save(&map, &path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
     write_json(&dir.join("adapter.json"), meta)
 }
 

@@ -40,7 +40,11 @@ pub fn save_checkpoint(
             .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
         map.insert("__t".into(), Tensor::new(&[opt_t as u32], &Device::Cpu)?);
-        candle_core::safetensors::save(&map, tmp.join("optimizer.safetensors"))?;
+        {
+            let path = tmp.join("optimizer.safetensors");
+            candle_core::safetensors::save(&map, &path)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+        }
         write_json(&tmp.join("run_config.json"), run_config)?;
         write_json(&tmp.join("state.json"), state)
     })

@@ -836,7 +836,8 @@ fn train_step(
                 trainer.gradients_detailed(model, &batches, Some(&log.names))?;
             let whole = grads.flatten(&log.names, 1.0)?;
             let line = log.recorder.record(trainer.step + 1, &whole, &micro);
-            writeln!(log.file, "{}", serde_json::to_string(&line)?)?;
+            writeln!(log.file, "{}", serde_json::to_string(&line)?)
+                .context("grad_stats.jsonl: cannot append")?;
             trainer.apply(model, grads, loss, tokens)?
         }
     };
@@ -846,8 +847,10 @@ fn train_step(
         "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
         "tokens": real_tokens, "padded_tokens": padded_tokens, "tokens_per_s": real_tokens as f64 / dt, "step_s": dt,
     });
-    writeln!(metrics, "{line}")?;
-    metrics.flush()?;
+    // a failed write (a full disk) stops the run; a cut last line is dropped on resume
+    writeln!(metrics, "{line}")
+        .and_then(|_| metrics.flush())
+        .context("metrics.jsonl: cannot append")?;
     Ok((r, real_tokens as f64 / dt))
 }
 

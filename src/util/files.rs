@@ -106,6 +106,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .with_context(|| format!("{}: not a file path", path.display()))?
         .to_string_lossy();
+    remove_stale_temps(path)?;
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path)
@@ -144,6 +145,7 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         .context("directory has no name")?
         .to_string_lossy()
         .to_string();
+    remove_stale_temps(dir)?;
     let pid = std::process::id();
     let tmp = parent.join(format!(".{name}.tmp-{pid}"));
     let new = parent.join(format!(".{name}.new-{pid}"));
@@ -182,12 +184,16 @@ pub fn recover_dir(dir: &Path) -> Result<()> {
         return Ok(());
     }
     let name = name.to_string_lossy();
+    // only what a process that has ended left: a live writer's are its own business
     let siblings = |kind: &str| {
         let prefix = format!(".{name}.{kind}-");
         list_dir(parent, |p| {
             p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+                && p.file_name().is_some_and(|n| {
+                    n.to_string_lossy()
+                        .strip_prefix(&prefix)
+                        .is_some_and(writer_gone)
+                })
         })
     };
     let (new, old) = (siblings("new")?, siblings("old")?);
@@ -200,6 +206,51 @@ pub fn recover_dir(dir: &Path) -> Result<()> {
     }
     for p in new.iter().chain(&old).filter(|p| p.exists()) {
         let _ = std::fs::remove_dir_all(p);
+    }
+    Ok(())
+}
+
+/// Whether the process whose id ends a temporary name (`.x.tmp-<pid>`) has ended. Where
+/// `/proc` cannot say, it counts as ended (the folder lock keeps writers apart there).
+fn writer_gone(pid: &str) -> bool {
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    if pid == std::process::id() {
+        return false;
+    }
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || !proc.join(pid.to_string()).exists()
+}
+
+/// Removes the temporary siblings (`.<name>.tmp-<pid>`, file or folder) that writers of
+/// `path` killed before they finished left behind.
+fn remove_stale_temps(path: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    if !parent.is_dir() {
+        return Ok(());
+    }
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let stale = list_dir(parent, |p| {
+        p.file_name().is_some_and(|n| {
+            n.to_string_lossy()
+                .strip_prefix(&prefix)
+                .is_some_and(writer_gone)
+        })
+    })?;
+    for p in stale {
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
     }
     Ok(())
 }
@@ -337,16 +388,38 @@ mod tests {
         };
         assert_eq!(names(), ["adapter", "sub"]);
         // a kill between the renames: the old version moved aside, the new one complete
-        std::fs::rename(&dir, d.path().join(".adapter.old-7")).unwrap();
-        std::fs::create_dir(d.path().join(".adapter.new-7")).unwrap();
-        std::fs::write(d.path().join(".adapter.new-7/h"), "3").unwrap();
-        std::fs::create_dir(d.path().join(".adapter.tmp-8")).unwrap();
+        // (process ids above the kernel's largest are never alive)
+        let gone = |kind: &str, n: u32| d.path().join(format!(".adapter.{kind}-{}", 4_194_304 + n));
+        std::fs::rename(&dir, gone("old", 7)).unwrap();
+        std::fs::create_dir(gone("new", 7)).unwrap();
+        std::fs::write(gone("new", 7).join("h"), "3").unwrap();
+        std::fs::create_dir(gone("tmp", 8)).unwrap();
         recover_dir(&dir).unwrap();
         assert!(dir.join("h").is_file() && !dir.join("g").exists());
         // ... or killed before the new one was complete: the old one comes back
-        std::fs::rename(&dir, d.path().join(".adapter.old-9")).unwrap();
+        std::fs::rename(&dir, gone("old", 9)).unwrap();
         recover_dir(&dir).unwrap();
         assert!(dir.join("h").is_file());
-        assert_eq!(names(), [".adapter.tmp-8", "adapter", "sub"]);
+        let tmp8 = format!(".adapter.tmp-{}", 4_194_304 + 8);
+        assert_eq!(names(), [tmp8.as_str(), "adapter", "sub"]);
+        // what a live writer (here: this process) has under way is left alone
+        let mine = |kind: &str| {
+            d.path()
+                .join(format!(".adapter.{kind}-{}", std::process::id()))
+        };
+        std::fs::create_dir(mine("new")).unwrap();
+        recover_dir(&dir).unwrap();
+        assert!(mine("new").is_dir());
+        std::fs::remove_dir(mine("new")).unwrap();
+        // the next write removes the temporary folders and files of ended writers
+        std::fs::write(d.path().join("sub/.x.json.tmp-4194399"), "{").unwrap();
+        write_dir_atomically(&dir, |t| write_atomically(&t.join("i"), b"4")).unwrap();
+        write_json(&f, &serde_json::json!({"a": 3})).unwrap();
+        assert_eq!(names(), ["adapter", "sub"]);
+        assert_eq!(
+            std::fs::read_dir(d.path().join("sub")).unwrap().count(),
+            1,
+            "only x.json"
+        );
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::features::FeatureCache;
@@ -100,7 +100,11 @@ pub fn write_projector(dir: &Path, seed: u64, mean: &[f32], std: &[f32]) -> Resu
         "input_std".into(),
         Tensor::from_slice(std, VISION_DIM, &dev)?,
     );
-    candle_core::safetensors::save(&t, dir.join("projector.safetensors"))?;
+    {
+        let path = dir.join("projector.safetensors");
+        candle_core::safetensors::save(&t, &path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
     Ok(())
 }
 
