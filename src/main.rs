@@ -7,6 +7,10 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = lntune::cli::Cli::parse();
     if let Some(n) = cli.threads {
+        if !(1..=1024).contains(&n) {
+            eprintln!("error: --threads must be between 1 and 1024, got {n}");
+            return ExitCode::from(1);
+        }
         // candle's CPU kernels and gemm read the rayon thread count; set it before any
         // kernel runs (nothing else is running yet).
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };

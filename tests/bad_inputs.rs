@@ -53,6 +53,19 @@ fn numeric_flags_out_of_range_are_named() {
         (train(&["--steps", "0"]), vec!["--steps must be positive"]),
         (train(&["--max-length", "0"]), vec!["--max-length"]),
         (train(&["--image-size", "0"]), vec!["--image-size"]),
+        // sizes that would claim memory: checked against the model
+        (
+            train(&["--image-size", "100000"]),
+            vec!["--image-size 100000", "CLIP tower"],
+        ),
+        (
+            train(&["--image-size", "100000", "--image-processor", "dinov2"]),
+            vec!["--image-size 100000", "CLIP tower"],
+        ),
+        (
+            train(&["--method", "lora", "--lora-r", "100000000"]),
+            vec!["`r` = 100000000", "at most"],
+        ),
         (train(&["--lr", "NaN"]), vec!["--lr", "NaN"]),
         (train(&["--lr=-0.001"]), vec!["--lr"]),
         (train(&["--lr", "inf"]), vec!["--lr"]),
@@ -136,6 +149,41 @@ fn numeric_flags_out_of_range_are_named() {
         (
             strings(&["bench", "--preset", "tiny", "--steps", "0"]),
             vec!["--steps must be positive"],
+        ),
+        (
+            strings(&["bench", "--preset", "tiny", "--seq", "100000"]),
+            vec!["--seq 100000", "context of 256"],
+        ),
+        (
+            strings(&["bench", "--preset", "tiny", "--batch", "100000000"]),
+            vec!["--batch 100000000", "more than this machine's"],
+        ),
+        (
+            strings(&[
+                "plan",
+                "--model",
+                &fixture("tiny-llava").display().to_string(),
+                "--batch",
+                "100000000000",
+                "--seq",
+                "1000000000000",
+            ]),
+            vec![
+                "--batch 100000000000 x --seq 1000000000000",
+                "beyond any machine",
+            ],
+        ),
+        (
+            strings(&["data", "shapes", "--out", &out, "--size", "1000000"]),
+            vec!["--size 1000000", "over the limit"],
+        ),
+        (
+            strings(&["--threads", "0", "bench", "--preset", "tiny"]),
+            vec!["--threads"],
+        ),
+        (
+            strings(&["--threads", "100000", "bench", "--preset", "tiny"]),
+            vec!["--threads"],
         ),
         (
             strings(&["bench", "--preset", "tiny", "--batch", "0"]),
@@ -538,6 +586,66 @@ fn scorers_refuse_duplicate_and_missing_answers() {
         o.status.success() && out.contains(&format!("3 of {} questions answered", ids.len())),
         "{out}"
     );
+
+    // MME: two questions per image, scored as a pair
+    let mme = t.path("mme");
+    std::fs::create_dir_all(&mme).unwrap();
+    let mme_score = |extra: &[&str]| {
+        let mut a = strings(&[
+            "score",
+            "--bench",
+            "mme",
+            "--pred",
+            &mme.display().to_string(),
+            "--out",
+            &t.path("mme.json").display().to_string(),
+        ]);
+        a.extend(strings(extra));
+        a
+    };
+    let pairs = "a.png\tIs there a dog?\tYes\tYes\na.png\tIs there a cat?\tNo\tNo\n\
+                 b.png\tIs there a dog?\tYes\tNo\nb.png\tIs there a cat?\tNo\tNo\n";
+    std::fs::write(mme.join("existence.txt"), pairs).unwrap();
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(mme_score(&[]))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // a line twice
+    std::fs::write(
+        mme.join("existence.txt"),
+        format!("{pairs}a.png\tIs there a dog?\tYes\tNo\n"),
+    )
+    .unwrap();
+    refused(&mme_score(&[]), &["existence.txt", "answered twice"]);
+    refused(&mme_score(&["--partial"]), &["answered twice"]);
+    // an image with one question: its pair is incomplete; --partial leaves it out
+    std::fs::write(
+        mme.join("existence.txt"),
+        format!("{pairs}c.png\tIs there a dog?\tYes\tYes\n"),
+    )
+    .unwrap();
+    refused(
+        &mme_score(&[]),
+        &["image `c.png` has 1 question", "--partial"],
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(mme_score(&["--partial"]))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && out.contains("2 images with both questions, 1 answers of incomplete pairs left out"),
+        "{out}"
+    );
+    let full: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("mme.json")).unwrap()).unwrap();
+    assert_eq!(full["mme"]["questions"], 4);
 }
 
 #[test]
@@ -806,4 +914,30 @@ fn prompts_fit_the_context() {
     );
     assert!(err.contains("error: the prompt takes"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn an_image_size_is_bounded_by_the_models_context() {
+    use lntune::data::image::ImageProcessing;
+    let model = lntune::model::mllm::Mllm::load(
+        &fixture("tiny-dinov2-llama"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let with = |size| ImageProcessing {
+        processor: None,
+        size: Some(size),
+    };
+    // context 128: 154 px = an 11x11 grid = 121 tokens fits, 168 px = 144 tokens does not
+    assert!(with(154).preprocess(&model).is_ok());
+    let err = with(168).preprocess(&model).unwrap_err().to_string();
+    assert!(
+        err.contains("--image-size 168") && err.contains("144 tokens") && err.contains("128"),
+        "{err}"
+    );
+    let err = with(100_000).preprocess(&model).unwrap_err().to_string();
+    assert!(err.contains("--image-size 100000"), "{err}");
+    let err = with(5).preprocess(&model).unwrap_err().to_string();
+    assert!(err.contains("smaller than one patch"), "{err}");
 }

@@ -213,7 +213,7 @@ fn model_similarity(
     cache: &mut FeatureCache,
     device: &Device,
 ) -> Result<LayerSimilarity> {
-    let pre = cfg.image.preprocess(model);
+    let pre = cfg.image.preprocess(model)?;
     let template = cfg
         .template
         .unwrap_or_else(|| TemplateName::default_for(model.tokenizer.as_ref()));

@@ -38,6 +38,14 @@ pub fn run(args: DataArgs) -> Result<()> {
     if args.size < 48 {
         bail!("--size {} is too small (at least 48 px)", args.size);
     }
+    // images lntune itself could not read back are not written
+    let limit = crate::data::image::max_image_pixels();
+    if args.size.saturating_mul(args.size) > limit {
+        bail!(
+            "--size {}: images of {0}x{0} pixels are over the limit of {limit} pixels (LNTUNE_MAX_IMAGE_PIXELS)",
+            args.size
+        );
+    }
     let cfg = ShapesConfig {
         seed: args.seed,
         train: args.train,

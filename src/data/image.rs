@@ -358,8 +358,42 @@ pub struct ImageProcessing {
 
 impl ImageProcessing {
     /// The preprocessing for `model`: CLIP at the tower's size for CLIP towers, DINOv2's for
-    /// DINOv2 towers, unless a processor or size was chosen.
-    pub fn preprocess(&self, model: &Mllm) -> Preprocess {
+    /// DINOv2 towers, unless a processor or size was chosen. A chosen size must be positive,
+    /// and an image of it must fit the language model's context as image tokens (that
+    /// bounds the tower's work too).
+    pub fn preprocess(&self, model: &Mllm) -> Result<Preprocess> {
+        if let Some(s) = self.size {
+            if s == 0 {
+                bail!("--image-size must be positive, got 0");
+            }
+            if let Some(v) = &model.vision {
+                let cfg = v.tower.config();
+                if matches!(v.tower, VisionTower::Clip(_)) && s != cfg.image_size() {
+                    bail!(
+                        "--image-size {s}: a CLIP tower takes images of its own size, {} (its position table is not interpolated)",
+                        cfg.image_size()
+                    );
+                }
+                if s < cfg.patch_size() {
+                    bail!(
+                        "--image-size {s} is smaller than one patch of the tower ({} pixels)",
+                        cfg.patch_size()
+                    );
+                }
+            }
+            let context = model.llm.cfg.max_position_embeddings;
+            if let Some(tokens) = model.tokens_per_image(s, s)
+                && tokens >= context
+            {
+                bail!(
+                    "--image-size {s}: an image would take {tokens} tokens, not less than the model's context of {context} (max_position_embeddings)"
+                );
+            }
+        }
+        Ok(self.preprocess_unchecked(model))
+    }
+
+    fn preprocess_unchecked(&self, model: &Mllm) -> Preprocess {
         let tower_size = model.vision.as_ref().map(|v| v.tower.config().image_size());
         let kind = match (self.processor, model.vision.as_ref().map(|v| &v.tower)) {
             (Some(k), _) => k,
@@ -439,7 +473,10 @@ impl Preprocess {
         };
         let Some(s) = self.shortest_edge else {
             return match self.crop {
-                Some((cw, ch)) => center_crop(img, cw, ch),
+                Some((cw, ch)) => {
+                    check_pixels("the center crop", cw, ch)?;
+                    center_crop(img, cw, ch)
+                }
                 None => Ok(img.clone()),
             };
         };
@@ -447,12 +484,15 @@ impl Preprocess {
         match self.crop {
             // the crop window of the resize, computed alone (transformers resizes the whole
             // image, then crops; each kept pixel is the same)
-            Some((cw, ch)) if cw <= w && ch <= h => Ok(resize_bicubic_window(
-                img,
-                w,
-                h,
-                ((w - cw) / 2, (h - ch) / 2, cw, ch),
-            )),
+            Some((cw, ch)) if cw <= w && ch <= h => {
+                check_pixels("the center crop", cw, ch)?;
+                Ok(resize_bicubic_window(
+                    img,
+                    w,
+                    h,
+                    ((w - cw) / 2, (h - ch) / 2, cw, ch),
+                ))
+            }
             Some((cw, ch)) => bail!("center crop {cw}x{ch} is larger than the image {w}x{h}"),
             None => {
                 check_pixels("the resized image", w, h)?;

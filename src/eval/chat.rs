@@ -65,7 +65,10 @@ impl ChatSession {
                 .unwrap_or_else(|| TemplateName::default_for(Some(tools))),
             Some(tools),
         )?;
-        let preprocess = model.vision.as_ref().map(|_| a.image.preprocess(&model));
+        let preprocess = match model.vision {
+            Some(_) => Some(a.image.preprocess(&model)?),
+            None => None,
+        };
         let mut generation = GenConfig::greedy(a.max_new_tokens);
         generation.temperature = a.temperature;
         generation.top_k = a.top_k;

@@ -132,7 +132,7 @@ pub fn evaluate(
         .template
         .unwrap_or_else(|| TemplateName::default_for(Some(tokenizer)));
     let template = Template::new(template_name, Some(tokenizer))?;
-    let preprocess = cfg.image.preprocess(&model);
+    let preprocess = cfg.image.preprocess(&model)?;
     let eos: Vec<u32> = tokenizer.eos_id.into_iter().collect();
     let answerer = |n: usize| {
         let mut g = protocol_generation(cfg.protocol, n, cfg.seed);

@@ -47,10 +47,17 @@ pub fn time_methods(
             .wait_with_output()
             .context("benchmark child process")?;
         if !output.status.success() {
+            // the child's own one-line error, or what its stderr ended with
+            let err = String::from_utf8_lossy(&output.stderr);
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
             bail!(
                 "bench {}: {}",
                 m.name(),
-                String::from_utf8_lossy(&output.stderr).trim()
+                last.strip_prefix("error: ").unwrap_or(last).trim()
             );
         }
         let line = String::from_utf8_lossy(&output.stdout);

@@ -242,6 +242,16 @@ impl MethodConfig {
                 if s.name.ends_with(".weight") && self.lora.targets_role(s.role) {
                     let stem = s.name.trim_end_matches(".weight");
                     let (o, i) = (s.shape[0], s.shape[1]);
+                    // a rank above a side adds nothing a full-rank update lacks, and would
+                    // let a number claim any amount of memory
+                    if self.lora.r > o.min(i) {
+                        bail!(
+                            "lora: `r` = {} is above the rank of {} ({o}x{i}); at most {}",
+                            self.lora.r,
+                            s.name,
+                            o.min(i)
+                        );
+                    }
                     for (suffix, shape, role) in [
                         ("lora_A", [self.lora.r, i], Role::LoraA),
                         ("lora_B", [o, self.lora.r], Role::LoraB),

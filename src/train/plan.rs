@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::DType;
 use serde::Serialize;
 
 use super::{DEFAULT_ACTIVATION_BUDGET, Recompute};
 use crate::methods::MethodConfig;
 use crate::methods::setup::train_flags;
+use crate::model::config::LlmConfig;
 use crate::model::params::Role;
 use crate::model::spec::ModelSpec;
 use crate::util::checks;
@@ -49,11 +50,47 @@ pub struct PlanConfig {
     pub recompute: Recompute,
 }
 
+/// The most bytes any memory figure of a plan may reach (1 EiB): beyond it a batch shape
+/// describes no machine, and the memory model's arithmetic would overflow.
+const MAX_PLANNED_BYTES: f64 = (1u64 << 60) as f64;
+
+/// Bounds, in bytes, of the activations one training step of a `b`×`t` batch holds on
+/// `cfg`: the least any policy keeps (the residual stream and one block's output), and
+/// the most the memory model can give (every layer keeping everything, attention
+/// probabilities included, plus the head's logits and their gradient on every token).
+pub fn step_activation_bounds(cfg: &LlmConfig, b: usize, t: usize) -> (f64, f64) {
+    let (b, t) = (b as f64, t as f64);
+    let c = cfg.hidden_size as f64;
+    let per_token = (2 * cfg.hidden_size
+        + 2 * cfg.num_heads * cfg.head_dim
+        + 2 * cfg.num_kv_heads * cfg.head_dim
+        + 3 * cfg.intermediate_size) as f64;
+    let least = 4.0 * b * t * 2.0 * c;
+    let most = 4.0 * b * cfg.num_layers as f64 * (per_token * t + cfg.num_heads as f64 * t * t)
+        + 8.0 * b * t * cfg.vocab_size as f64;
+    (least, most)
+}
+
+/// Refuses a batch shape whose memory model goes past `MAX_PLANNED_BYTES`.
+pub fn check_batch_shape(cfg: &LlmConfig, b: usize, t: usize) -> Result<()> {
+    checks::positive("--batch", b)?;
+    checks::positive("--seq", t)?;
+    let (_, most) = step_activation_bounds(cfg, b, t);
+    if most > MAX_PLANNED_BYTES {
+        bail!(
+            "--batch {b} x --seq {t}: the memory model of one step reaches {:.1e} bytes, beyond any machine (at most 2^60)",
+            most
+        );
+    }
+    Ok(())
+}
+
 /// Counts and a memory estimate for `cfg`.
 pub fn plan(cfg: &PlanConfig) -> Result<Plan> {
     checks::positive("--batch", cfg.batch)?;
     checks::positive("--seq", cfg.seq)?;
     let spec = ModelSpec::from_path(&cfg.model)?;
+    check_batch_shape(&spec.llm, cfg.batch, cfg.seq)?;
     let method = &cfg.method;
     let mut specs = spec.param_specs();
     let flags = method.apply(&mut specs)?;

@@ -372,7 +372,7 @@ pub fn train_run(
     let base_fp = fingerprint(&mut model)?;
     let init_names = apply_init_adapter(cfg, &mut model, &base_fp)?;
     let cfg = cfg.resolved(&model);
-    let preprocess = cfg.image.preprocess(&model);
+    let preprocess = cfg.image.preprocess(&model)?;
     let (examples, report) = load_examples(&model, &cfg.example_spec(&cfg.data, &preprocess))?;
     eprintln!("data: {}", report.summary());
     let (total, warmup) = cfg.step_counts(examples.len());

@@ -12,6 +12,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
+use super::plan::{check_batch_shape, step_activation_bounds};
 use super::schedule::Schedule;
 use super::trainer::{Trainer, TrainerConfig};
 use super::{DEFAULT_ACTIVATION_BUDGET, Recompute};
@@ -140,6 +141,27 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
     cfg.validate()?;
     let (args, m) = (cfg, cfg.method);
     let spec = preset(&args.preset)?;
+    check_batch_shape(&spec.text, args.batch, args.seq)?;
+    let context = spec.text.max_position_embeddings;
+    if args.seq > context {
+        bail!(
+            "--seq {} is longer than the preset's context of {context} tokens",
+            args.seq
+        );
+    }
+    // refused before anything is allocated: what the step must hold at least
+    let (least, _) = step_activation_bounds(&spec.text, args.batch, args.seq);
+    if let Some(total) = process::total_memory_bytes()
+        && least > total as f64
+    {
+        bail!(
+            "--batch {} x --seq {}: one step needs at least {:.1} GiB of activations, more than this machine's {:.1} GiB",
+            args.batch,
+            args.seq,
+            least / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+    }
     let mut model = Mllm::random_llava(&spec, args.dtype.dtype(), dev, 0)?;
     let method = timing_method(m, args);
     let total_steps = args.warmup + args.steps;

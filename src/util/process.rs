@@ -15,6 +15,19 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), where it can be read.
+pub fn total_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
 /// Busy CPU seconds of the whole machine, from /proc/stat.
 pub fn machine_busy_s() -> f64 {
     let Ok(s) = std::fs::read_to_string("/proc/stat") else {

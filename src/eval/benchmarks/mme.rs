@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::item::{Item, Truth, check_coverage, image_in, str_of};
+use super::item::{Item, Truth, image_in, str_of};
 use crate::data::template::SHORT_ANSWER;
 use crate::eval::metrics::{MmeScore, mme_eval_type, mme_subtask, mme_totals};
 use crate::util::files::{list_dir, read_jsonl, read_text, write_atomically};
@@ -166,23 +166,34 @@ pub fn load_jsonl(file: &Path, images: &Path, gt_root: Option<&Path>) -> Result<
         .collect()
 }
 
-/// truth<TAB>prediction` (the format of MME's `eval_tool/Your_Results`).
-pub fn read_results(dir: &Path) -> Result<(Vec<Item>, Vec<String>, String)> {
+/// Reads an MME results folder: one `<subtask>.txt` per subtask, lines of
+/// `image<TAB>question<TAB>ground truth<TAB>prediction` (the format of MME's
+/// `eval_tool/Your_Results`). MME asks two questions per image and its acc+ scores them as
+/// a pair, so an image must have exactly two distinct questions; with `partial`, images
+/// that do not are left out of the scores (and counted in the coverage).
+pub fn read_results(dir: &Path, partial: bool) -> Result<(Vec<Item>, Vec<String>, String)> {
     let files = list_dir(dir, is_txt)?;
     if files.is_empty() {
         bail!("{}: no <subtask>.txt result files", dir.display());
     }
     let mut items = Vec::new();
     let mut preds = Vec::new();
+    let (mut images, mut left_out) = (0usize, 0usize);
+    for f in &files {
+        let subtask = f.file_stem().unwrap_or_default().to_string_lossy();
+        if mme_eval_type(&subtask).is_none() {
+            bail!("{}: `{subtask}` is not an MME subtask", f.display());
+        }
+    }
     for f in files {
         let subtask = f
             .file_stem()
             .unwrap_or_default()
             .to_string_lossy()
             .to_string();
-        if mme_eval_type(&subtask).is_none() {
-            bail!("{}: `{subtask}` is not an MME subtask", f.display());
-        }
+        // each image's lines, in the order images first appear
+        let mut order: Vec<String> = Vec::new();
+        let mut by_image: BTreeMap<String, Vec<(Item, String)>> = BTreeMap::new();
         for (k, line) in read_text(&f)?
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -197,21 +208,61 @@ pub fn read_results(dir: &Path) -> Result<(Vec<Item>, Vec<String>, String)> {
                     cols.len()
                 );
             }
-            items.push(Item {
-                id: format!("mme/{subtask}/{}/{k}", cols[0]),
-                image: PathBuf::new(),
-                question: cols[1].to_string(),
-                truth: Truth::Mme {
-                    subtask: subtask.clone(),
-                    image_name: cols[0].to_string(),
-                    answer: cols[2].trim().to_string(),
-                },
+            let image = cols[0].to_string();
+            let lines = by_image.entry(image.clone()).or_insert_with(|| {
+                order.push(image.clone());
+                Vec::new()
             });
-            preds.push(cols[3].to_string());
+            if lines.iter().any(|(it, _)| it.question == cols[1]) {
+                bail!(
+                    "{}: line {}: image `{image}` with question `{}` is answered twice",
+                    f.display(),
+                    k + 1,
+                    cols[1]
+                );
+            }
+            lines.push((
+                Item {
+                    id: format!("mme/{subtask}/{image}/{}", cols[1]),
+                    image: PathBuf::new(),
+                    question: cols[1].to_string(),
+                    truth: Truth::Mme {
+                        subtask: subtask.clone(),
+                        image_name: image.clone(),
+                        answer: cols[2].trim().to_string(),
+                    },
+                },
+                cols[3].to_string(),
+            ));
+        }
+        for image in order {
+            let lines = by_image.remove(&image).unwrap_or_default();
+            if lines.len() != 2 {
+                if !partial {
+                    bail!(
+                        "{}: image `{image}` has {} question(s); MME asks two per image and acc+ needs both (score the complete pairs alone with --partial)",
+                        f.display(),
+                        lines.len()
+                    );
+                }
+                left_out += lines.len();
+                continue;
+            }
+            images += 1;
+            for (it, p) in lines {
+                items.push(it);
+                preds.push(p);
+            }
         }
     }
-    // the result files are the whole set: an item twice is the only thing to refuse
-    let coverage = check_coverage(dir, &items, items.len(), false)?;
+    let coverage = format!(
+        "{images} images with both questions{}",
+        if left_out > 0 {
+            format!(", {left_out} answers of incomplete pairs left out")
+        } else {
+            String::new()
+        }
+    );
     Ok((items, preds, coverage))
 }
 

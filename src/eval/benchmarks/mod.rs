@@ -134,7 +134,7 @@ pub fn read_results(
             vqav2::read_results(pred, q, gt()?, partial)
         }
         BenchName::Pope => pope::read_results(pred, gt()?, partial),
-        BenchName::Mme => mme::read_results(pred),
+        BenchName::Mme => mme::read_results(pred, partial),
         BenchName::Coco | BenchName::Flickr => captions::read_results(pred, gt()?),
         BenchName::Shapes => {
             bail!("--bench shapes: score each part with its own format (vqav2, pope, mme, coco)")
