@@ -941,3 +941,48 @@ fn an_image_size_is_bounded_by_the_models_context() {
     let err = with(5).preprocess(&model).unwrap_err().to_string();
     assert!(err.contains("smaller than one patch"), "{err}");
 }
+
+#[test]
+fn inputs_that_are_not_regular_files_are_refused() {
+    let t = TinyRun::new();
+    let model = t.path("model").display().to_string();
+    let images = t.path("data/images").display().to_string();
+    let fifo = t.path("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut inputs = vec!["/dev/zero".to_string()];
+    if made {
+        inputs.push(fifo.display().to_string());
+    } else {
+        eprintln!("note: no `mkfifo`; the FIFO case is not tried");
+    }
+    for input in &inputs {
+        // a FIFO with no writer would block a read for ever; /dev/zero would fill memory
+        refused(
+            &strings(&[
+                "train",
+                "--model",
+                &model,
+                "--data",
+                input,
+                "--images",
+                &images,
+                "--out",
+                &t.path("run").display().to_string(),
+            ]),
+            &[input, "not a regular file"],
+        );
+        refused(
+            &strings(&[
+                "generate", "--model", &model, "--image", input, "--prompt", "hi",
+            ]),
+            &[input, "not a regular file"],
+        );
+        refused(
+            &strings(&["plan", "--model", input]),
+            &[input, "not a regular file"],
+        );
+    }
+}

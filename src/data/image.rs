@@ -38,8 +38,7 @@ pub enum AlphaMode {
 /// Decodes PNG/JPEG at `path` into RGB. Grayscale is replicated, palettes expanded, 16-bit
 /// samples reduced to 8 bits as PIL does (high byte).
 pub fn load_rgb(path: &Path, alpha: AlphaMode) -> Result<RgbImage> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("{}: cannot read image", path.display()))?;
+    let bytes = crate::util::files::read_bytes(path).context("cannot read image")?;
     decode_rgb(&bytes, alpha).with_context(|| format!("{}: cannot decode image", path.display()))
 }
 

@@ -30,8 +30,7 @@ impl Predictions {
         let mut answers = HashMap::new();
         let mut keep = 0u64;
         if path.exists() {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
+            let text = crate::util::files::read_text(path)?;
             let mut offset = 0usize;
             let lines: Vec<&str> = text.split_inclusive('\n').collect();
             for (i, line) in lines.iter().enumerate() {

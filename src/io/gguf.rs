@@ -145,6 +145,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 impl GgufModel {
     pub fn open(path: &Path) -> Result<Self> {
+        crate::util::files::regular_file(path)?;
         let mut file =
             File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let content = Content::read(&mut file)

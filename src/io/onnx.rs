@@ -186,8 +186,7 @@ fn parse_tensor(b: &[u8]) -> Result<Option<(String, Initializer)>> {
 
 impl OnnxGraph {
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let bytes = crate::util::files::read_bytes(path)?;
         Self::parse(&bytes).with_context(|| format!("{}: not a valid ONNX model", path.display()))
     }
 

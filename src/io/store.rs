@@ -59,6 +59,7 @@ impl Store {
     /// Memory-maps a safetensors file and registers all its tensors. The header is
     /// validated against the file size, so a truncated file is an error here.
     pub fn add_safetensors(&mut self, path: &Path) -> Result<()> {
+        crate::util::files::regular_file(path)?;
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: the mapping is read-only; a file changed underneath us while a model is
         // loaded would give wrong numbers but no memory unsafety beyond what memmap2 documents.

@@ -178,6 +178,7 @@ impl ChatTokenizer {
         if !tj.exists() {
             return Ok(None);
         }
+        crate::util::files::regular_file(&tj)?;
         let tokenizer = Tokenizer::from_file(&tj)
             .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tj.display()))?;
         let mut tools = Self {

@@ -31,6 +31,12 @@ impl ModelSource {
             }
             bail!("{}: not a model directory or .gguf file", path.display());
         }
+        if path.exists() && !path.is_dir() {
+            bail!(
+                "{}: not a regular file (nor a model directory)",
+                path.display()
+            );
+        }
         if !path.is_dir() {
             bail!("{}: no such model directory or file", path.display());
         }

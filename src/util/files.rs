@@ -12,7 +12,28 @@ use sha2::Digest;
 
 /// The whole file as text.
 pub fn read_text(path: &Path) -> Result<String> {
+    regular_file(path)?;
     std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// A file's bytes (a regular file only, see `regular_file`).
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    regular_file(path)?;
+    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// Refuses what is not a regular file (after symlinks): a FIFO would block a read for
+/// ever and a device like /dev/zero would fill memory, whatever lntune was told it is.
+pub fn regular_file(path: &Path) -> Result<()> {
+    let m = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if !m.is_file() {
+        anyhow::bail!(
+            "{}: not a regular file{}",
+            path.display(),
+            if m.is_dir() { " (a directory)" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// A JSON file parsed into `T`. Syntax errors say "malformed JSON" with the position; a
@@ -66,6 +87,7 @@ pub fn inside(root: &Path, rel: &str) -> Option<PathBuf> {
 /// The sha256 of a file's bytes, as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
+    regular_file(path)?;
     let mut f =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut h = sha2::Sha256::new();
