@@ -12,6 +12,7 @@ use crate::analyze::similarity::{SimilarityConfig, similarity};
 use crate::data::llava::DataSource;
 use crate::data::template::TemplateName;
 use crate::util::device::WeightDtype;
+use crate::util::files::FolderLock;
 use crate::util::named_path;
 
 #[derive(Args, Debug)]
@@ -97,12 +98,14 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
                 image: a.image.processing(),
                 out: a.out.clone(),
             };
+            let _lock = FolderLock::acquire(&a.out)?;
             let r = similarity(&cfg, &a.device.device.device()?)?;
             print!("{}", r.markdown());
             println!("heatmaps and similarity.json in {}", a.out.display());
         }
         Analysis::Gradvar(a) => {
             let runs: Vec<(String, PathBuf)> = a.run.iter().map(|s| named_path(s)).collect();
+            let _lock = FolderLock::acquire(&a.out)?;
             let rows = gradvar(&runs, &a.out)?;
             print!("{}", gradvar_markdown(&rows));
             println!("plots and gradvar.json in {}", a.out.display());

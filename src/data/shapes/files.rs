@@ -71,6 +71,7 @@ pub fn read_level(dir: &Path) -> Result<Level> {
 
 /// Writes the whole benchmark under `out`. Same config, same bytes.
 pub fn generate(cfg: &ShapesConfig, out: &Path) -> Result<ShapesSummary> {
+    let _lock = crate::util::files::FolderLock::acquire(out)?;
     let mut rng = Rng::new(cfg.seed);
     let mut summary = ShapesSummary::default();
     let train = write_scenes(cfg, out, "train", cfg.train, &mut rng)?;
