@@ -13,7 +13,7 @@ use super::config::LlmConfig;
 use super::{Linear, RmsNorm, merge_heads, split_heads};
 use crate::io::store::Weights;
 use crate::ops::act::silu_mul_forward;
-use crate::ops::attention::{attention_forward, causal_padding_mask};
+use crate::ops::attention::{attention_inference, causal_padding_mask};
 use crate::ops::embedding::embedding_forward;
 use crate::ops::linear::linear_forward;
 use crate::ops::rope::{rope_cos_sin, rope_forward};
@@ -212,7 +212,7 @@ impl Llama {
             None => (k, v),
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let (att, _) = attention_forward(&q, &k, &v, Some(&inp.mask), scale, self.matmul_dtype())?;
+        let att = attention_inference(&q, &k, &v, Some(&inp.mask), scale, self.matmul_dtype())?;
         let x = (x + blk.self_attn.o_proj.forward(&merge_heads(&att)?)?)?;
         // MLP branch
         let xn = blk.post_attention_layernorm.forward(&x)?;
