@@ -345,3 +345,59 @@ fn run_config_files_keep_defaults_and_name_unknown_fields() {
     let (ok, err) = run(&file, "r3");
     assert!(!ok && err.contains("no model"), "{err}");
 }
+
+#[test]
+fn bench_profile_splits_a_step_by_op_kind() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args([
+            "--threads",
+            "1",
+            "bench",
+            "--preset",
+            "tiny",
+            "--method",
+            "lora",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--profile",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let p = &r["profile"];
+    let rows = p["rows"].as_array().unwrap();
+    let get = |k: &str| rows.iter().find(|x| x["kind"] == k).unwrap().clone();
+    // LoRA trains factors of every linear: every matmul kind ran and counted its work
+    for k in [
+        "matmul forward",
+        "matmul dX",
+        "matmul dW (trainable)",
+        "attention",
+    ] {
+        let x = get(k);
+        assert!(
+            x["seconds"].as_f64().unwrap() > 0.0 && x["gflop"].as_f64().unwrap() > 0.0,
+            "{k}: {x}"
+        );
+    }
+    for k in ["norms", "elementwise", "loss", "optimizer"] {
+        assert!(get(k)["seconds"].as_f64().unwrap() > 0.0, "{k}");
+    }
+    // the kinds and the rest add up to the mean timed step
+    let sum: f64 = rows
+        .iter()
+        .map(|x| x["seconds"].as_f64().unwrap())
+        .sum::<f64>()
+        + p["other_s"].as_f64().unwrap();
+    let median = r["median_step_s"].as_f64().unwrap();
+    assert!(
+        sum > 0.5 * median && sum < 2.0 * median,
+        "{sum} vs {median}"
+    );
+    assert!(p["peak_gflops"].as_f64().unwrap() > 0.0);
+}

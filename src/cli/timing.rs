@@ -10,7 +10,7 @@ use super::args::DeviceArgs;
 use crate::jobs::timing::time_methods;
 use crate::methods::Method;
 use crate::train::Recompute;
-use crate::train::timing::{StepTiming, TimingConfig, time_steps};
+use crate::train::timing::{StepProfile, StepTiming, TimingConfig, time_steps};
 use crate::util::device::WeightDtype;
 
 #[derive(Args, Debug, Clone)]
@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// What the forward keeps for the backward
     #[arg(long, value_enum, default_value = "auto")]
     pub recompute: Recompute,
+    /// Also print where a timed step's time goes, per op kind, with the matmuls' GFLOP/s
+    /// against this machine's measured matmul peak
+    #[arg(long)]
+    pub profile: bool,
     /// Print JSON lines instead of the table
     #[arg(long)]
     pub json: bool,
@@ -99,6 +103,7 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
         lora_r: args.lora_r,
         lora_alpha: args.lora_alpha,
         recompute: args.recompute,
+        profile: args.profile,
     };
     if !args.json {
         println!(
@@ -124,7 +129,7 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             "recompute"
         );
     }
-    time_methods(&base, &methods, threads, device, |r: &StepTiming| {
+    let results = time_methods(&base, &methods, threads, device, |r: &StepTiming| {
         if args.json {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
         } else {
@@ -145,5 +150,56 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             );
         }
     })?;
+    if !args.json {
+        for r in &results {
+            if let Some(p) = &r.profile {
+                print_profile(r, p);
+            }
+        }
+    }
     Ok(())
+}
+
+/// Where one method's timed step went: seconds and share per op kind, the matmuls'
+/// GFLOP/s and their share of the measured peak.
+fn print_profile(r: &StepTiming, p: &StepProfile) {
+    let step: f64 = p.rows.iter().map(|x| x.seconds).sum::<f64>() + p.other_s;
+    println!(
+        "\nprofile: {} ({}), mean step {:.3} s; matmul peak measured here: {:.0} GFLOP/s ({}, 1024^3)",
+        r.method, r.dtype, step, p.peak_gflops, p.peak_dtype
+    );
+    println!(
+        "  {:<24} {:>9} {:>7} {:>9} {:>10} {:>7}",
+        "op kind", "s/step", "share", "GFLOP", "GFLOP/s", "% peak"
+    );
+    for x in &p.rows {
+        let rate = if x.gflop > 0.0 && x.seconds > 0.0 {
+            x.gflop / x.seconds
+        } else {
+            f64::NAN
+        };
+        let (rate_s, peak_s) = if rate.is_finite() {
+            (
+                format!("{rate:.1}"),
+                format!("{:.0}%", 100.0 * rate / p.peak_gflops),
+            )
+        } else {
+            ("-".into(), "-".into())
+        };
+        println!(
+            "  {:<24} {:>9.4} {:>6.1}% {:>9.2} {:>10} {:>7}",
+            x.kind,
+            x.seconds,
+            100.0 * x.seconds / step,
+            x.gflop,
+            rate_s,
+            peak_s
+        );
+    }
+    println!(
+        "  {:<24} {:>9.4} {:>6.1}%",
+        "other",
+        p.other_s,
+        100.0 * p.other_s / step
+    );
 }

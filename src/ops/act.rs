@@ -1,6 +1,8 @@
 //! Activations: SiLU-gated MLP product, GELU (erf and tanh), quick-GELU.
 
 use candle_core::{Result, Tensor};
+
+use crate::util::profile::{Kind, span};
 use serde::Deserialize;
 
 /// The activation names used in HF configs (`hidden_act`, `projector_hidden_act`).
@@ -28,6 +30,7 @@ pub enum Act {
 
 /// Elementwise activation, f32 in and out.
 pub fn act_forward(x: &Tensor, act: Act) -> Result<Tensor> {
+    let _span = span(Kind::Elementwise);
     match act {
         Act::GeluErf => x.gelu_erf(),
         Act::GeluTanh => x.gelu(),
@@ -39,6 +42,7 @@ pub fn act_forward(x: &Tensor, act: Act) -> Result<Tensor> {
 
 /// SwiGLU product of the LLaMA MLP: silu(gate) ⊙ up.
 pub fn silu_mul_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let _span = span(Kind::Elementwise);
     gate.silu()? * up
 }
 
@@ -49,6 +53,7 @@ pub fn silu_mul_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// - quick-GELU: σ(1.702x) + 1.702x·σ(1 − σ)
 /// - SiLU: σ(x)(1 + x(1 − σ(x)))
 pub fn act_backward(dy: &Tensor, x: &Tensor, act: Act) -> Result<Tensor> {
+    let _span = span(Kind::Elementwise);
     let d = match act {
         Act::GeluErf => {
             let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
@@ -89,6 +94,7 @@ fn silu_grad(x: &Tensor) -> Result<Tensor> {
 /// h = silu(gate) ⊙ up: dgate = dh ⊙ up ⊙ silu'(gate), dup = dh ⊙ silu(gate).
 /// One fused pass on the CPU (f32), composed tensor ops elsewhere.
 pub fn silu_mul_backward(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+    let _span = span(Kind::Elementwise);
     let all_f32 = [dh, gate, up]
         .iter()
         .all(|t| t.dtype() == candle_core::DType::F32);

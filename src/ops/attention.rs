@@ -7,6 +7,8 @@
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
+use crate::util::profile::{Kind, matmul_flops, span_flops};
+
 /// Additive mask value for blocked keys: transformers uses the dtype minimum, so a row with
 /// no allowed key becomes a uniform distribution instead of NaN.
 pub const MASKED: f32 = f32::MIN;
@@ -31,6 +33,12 @@ pub fn attention_forward(
     mm_dtype: DType,
 ) -> Result<(Tensor, AttentionCtx)> {
     let (b, nh, t, hd) = q.dims4()?;
+    let s = k.dim(2)?;
+    // q·kᵀ and p·v per head
+    let _span = span_flops(
+        Kind::Attention,
+        2 * (b * nh) as u64 * matmul_flops(t, hd, s),
+    );
     let nkv = k.dim(1)?;
     if nh % nkv != 0 {
         candle_core::bail!("attention: {nh} query heads are not a multiple of {nkv} KV heads");
@@ -258,6 +266,13 @@ pub fn attention_backward(
     mm_dtype: DType,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, nh, t, hd) = dout.dims4()?;
+    let s = ctx.k.dim(2)?;
+    let recompute = if ctx.probs.is_none() { 1 } else { 0 };
+    // dV, dP, dQ, dK per head (and q·kᵀ again when the probabilities were dropped)
+    let _span = span_flops(
+        Kind::Attention,
+        (4 + recompute) * (b * nh) as u64 * matmul_flops(t, hd, s),
+    );
     let nkv = ctx.k.dim(1)?;
     let probs = match &ctx.probs {
         Some(p) => p.clone(),

@@ -4,11 +4,13 @@ use candle_core::{DType, Result, Tensor};
 
 /// ids (N) u32, table (V, C) -> (N, C), half precision widened to f32.
 pub fn embedding_forward(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    let _span = crate::util::profile::span(crate::util::profile::Kind::Elementwise);
     super::widen(table.index_select(ids, 0)?)
 }
 
 /// dy (N, C), ids (N) -> dtable (V, C): row v = Σ of dy rows whose id is v.
 pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    let _span = crate::util::profile::span(crate::util::profile::Kind::Elementwise);
     let c = dy.dim(1)?;
     Tensor::zeros((vocab, c), dy.dtype(), dy.device())?.index_add(ids, dy, 0)
 }

@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor};
 
 use super::{matmul_in, rows2};
+use crate::util::profile::{Kind, matmul_flops, span_flops};
 
 /// x (.., IC), w (OC, IC) f32/bf16, b (OC) -> y (.., OC) in x's dtype.
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -15,7 +16,9 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
             w.dims()
         );
     }
-    let y = matmul_in(&rows2(x)?, &w.t()?, w.dtype())?; // (N, OC)
+    let x2 = rows2(x)?;
+    let _span = span_flops(Kind::MatmulForward, matmul_flops(x2.dim(0)?, ic, oc));
+    let y = matmul_in(&x2, &w.t()?, w.dtype())?; // (N, OC)
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -43,13 +46,19 @@ pub fn linear_backward(
     need_db: bool,
 ) -> Result<LinearGrads> {
     let dy2 = rows2(dy)?; // (N, OC)
+    let (n, (oc, ic)) = (dy2.dim(0)?, w.dims2()?);
     let dx = if need_dx {
+        let _span = span_flops(Kind::MatmulDx, matmul_flops(n, oc, ic));
         let mut dims = dy.dims().to_vec();
-        *dims.last_mut().expect("non-empty") = w.dim(1)?;
+        *dims.last_mut().expect("non-empty") = ic;
         Some(matmul_in(&dy2, w, w.dtype())?.reshape(dims)?)
     } else {
         None
     };
+    let _span = span_flops(
+        Kind::MatmulDw,
+        if need_dw { matmul_flops(oc, n, ic) } else { 0 },
+    );
     let dw = if need_dw {
         Some(dy2.t()?.matmul(&rows2(x)?)?) // (OC, IC)
     } else {
@@ -71,6 +80,12 @@ pub fn lora_forward(
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
     let base = linear_forward(x, w, b)?;
+    let (r, ic) = a.dims2()?;
+    let n = base.elem_count() / bm.dim(0)?;
+    let _span = span_flops(
+        Kind::MatmulForward,
+        matmul_flops(n, ic, r) + matmul_flops(n, r, bm.dim(0)?),
+    );
     let xa = rows2(x_in)?.matmul(&a.t()?)?; // (N, R)
     let delta = (xa.matmul(&bm.t()?)? * scale)?.reshape(base.shape())?;
     Ok(((base + delta)?, xa))
@@ -98,9 +113,23 @@ pub fn lora_backward(
     need_dx: bool,
 ) -> Result<LoraGrads> {
     let dy2 = rows2(dy)?; // (N, OC)
+    let (n, (oc, r), ic) = (dy2.dim(0)?, bm.dims2()?, a.dim(1)?);
+    let dw_span = span_flops(
+        Kind::MatmulDw,
+        matmul_flops(oc, n, r) + matmul_flops(n, oc, r) + matmul_flops(r, n, ic),
+    );
     let db = (dy2.t()?.matmul(xa)? * scale)?; // (OC, R)
     let dxa = (dy2.matmul(bm)? * scale)?; // (N, R)
     let da = dxa.t()?.matmul(&rows2(x_in)?)?; // (R, IC)
+    drop(dw_span);
+    let _span = span_flops(
+        Kind::MatmulDx,
+        if need_dx {
+            matmul_flops(n, oc, ic) + matmul_flops(n, r, ic)
+        } else {
+            0
+        },
+    );
     let (dx_base, dx_lora) = if need_dx {
         let mut dims = dy.dims().to_vec();
         *dims.last_mut().expect("non-empty") = w.dim(1)?;

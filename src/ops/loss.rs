@@ -20,6 +20,7 @@ pub fn cross_entropy_forward(
     logits: &Tensor,
     targets: &[i64],
 ) -> Result<(Tensor, CrossEntropyCtx)> {
+    let _span = crate::util::profile::span(crate::util::profile::Kind::Loss);
     let (n, v) = logits.dims2()?;
     if targets.len() != n {
         candle_core::bail!(
@@ -72,6 +73,7 @@ pub fn cross_entropy_forward(
 /// d loss / d logits for the scored rows: (softmax − onehot(target)) / M, (M, V). The rows
 /// are `ctx.rows` of the forward's logits; unscored rows have zero gradient.
 pub fn cross_entropy_backward(ctx: &CrossEntropyCtx) -> Result<Tensor> {
+    let _span = crate::util::profile::span(crate::util::profile::Kind::Loss);
     let (m, v) = ctx.probs.dims2()?;
     let onehot = Tensor::zeros((m, v), ctx.probs.dtype(), ctx.probs.device())?.scatter_add(
         &ctx.targets.unsqueeze(1)?,

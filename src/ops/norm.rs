@@ -2,6 +2,8 @@
 
 use candle_core::{D, Result, Tensor};
 
+use crate::util::profile::{Kind, span};
+
 /// What the RMSNorm backward needs: the input and 1/rms per row.
 pub struct RmsNormCtx {
     pub x: Tensor,    // (.., C)
@@ -10,6 +12,7 @@ pub struct RmsNormCtx {
 
 /// y = w ⊙ x · rsqrt(mean(x²) + eps). x (.., C), w (C).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormCtx)> {
+    let _span = span(Kind::Norm);
     let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // (.., 1)
     let y = x.broadcast_mul(&rstd)?.broadcast_mul(w)?;
     Ok((y, RmsNormCtx { x: x.clone(), rstd }))
@@ -22,6 +25,7 @@ pub fn rmsnorm_backward(
     w: &Tensor,
     need_dw: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let _span = span(Kind::Norm);
     let xhat = ctx.x.broadcast_mul(&ctx.rstd)?;
     let g = dy.broadcast_mul(w)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
@@ -47,6 +51,7 @@ pub fn layernorm_forward(
     b: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, LayerNormCtx)> {
+    let _span = span(Kind::Norm);
     let mean = x.mean_keepdim(D::Minus1)?; // (.., 1)
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -62,6 +67,7 @@ pub fn layernorm_backward(
     ctx: &LayerNormCtx,
     w: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let _span = span(Kind::Norm);
     let g = dy.broadcast_mul(w)?;
     let mean_g = g.mean_keepdim(D::Minus1)?;
     let proj = (&g * &ctx.xhat)?.mean_keepdim(D::Minus1)?;

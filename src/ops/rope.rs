@@ -52,6 +52,7 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
 }
 
 fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f64) -> Result<Tensor> {
+    let _span = crate::util::profile::span(crate::util::profile::Kind::Elementwise);
     let hd = x.dim(D::Minus1)?;
     let half = hd / 2;
     let (cos, sin) = (cos.to_dtype(x.dtype())?, (sin.to_dtype(x.dtype())? * sign)?);

@@ -818,6 +818,7 @@ fn train_step(
     device: &Device,
 ) -> Result<(StepReport, f64)> {
     let ts = Instant::now();
+    let data_span = crate::util::profile::span(crate::util::profile::Kind::Data);
     let mut batches = Vec::with_capacity(micro.len());
     let mut real_tokens = 0usize;
     let mut padded_tokens = 0usize;
@@ -829,6 +830,7 @@ fn train_step(
         real_tokens += hb.attention_mask.iter().flatten().filter(|&&m| m).count();
         batches.push(b);
     }
+    drop(data_span);
     let mut r = match grad_stats {
         None => trainer.step(model, &batches)?,
         Some(log) => {

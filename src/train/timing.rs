@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
@@ -24,6 +24,7 @@ use crate::model::presets::preset;
 use crate::util::checks;
 use crate::util::device::WeightDtype;
 use crate::util::process;
+use crate::util::profile::{self, ProfileRow};
 use crate::util::rng::Rng;
 
 /// What one timing measures.
@@ -46,6 +47,9 @@ pub struct TimingConfig {
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub recompute: Recompute,
+    /// time each op kind over the timed steps (`bench --profile`)
+    #[serde(default)]
+    pub profile: bool,
 }
 
 impl TimingConfig {
@@ -121,6 +125,34 @@ pub struct StepTiming {
     pub other_cpu_share: f64,
     pub loss_first: f64,
     pub loss_last: f64,
+    /// with `profile`: where a timed step's time went
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+}
+
+/// Seconds and GFLOP per timed step by op kind, and the matmul peak measured on this
+/// machine (large square products in the step's matmul dtype, same threads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepProfile {
+    pub rows: Vec<ProfileRow>,
+    /// the step's wall time minus the kinds' sum (residual adds, reshapes, bookkeeping)
+    pub other_s: f64,
+    pub peak_gflops: f64,
+    pub peak_dtype: String,
+}
+
+/// GFLOP/s of `n`×`n` by `n`×`n` products in `dtype`: the best of a few runs.
+pub fn matmul_peak_gflops(n: usize, dtype: DType, dev: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        let _ = c.dims();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(profile::matmul_flops(n, n, n) as f64 * 1e-9 / best)
 }
 
 /// The trainable set of a method as the peer harness defines it (or lntune's default).
@@ -200,11 +232,13 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
             .map(|s| s.numel())
             .sum::<usize>()
         + model.vision_param_count();
+    profile::enable(args.profile);
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let (mut busy0, mut own0, mut wall0) = (0.0, 0.0, Instant::now());
     for i in 0..total_steps {
         if i == args.warmup {
+            profile::reset();
             busy0 = process::machine_busy_s();
             own0 = process::own_cpu_s();
             wall0 = Instant::now();
@@ -223,6 +257,29 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted[sorted.len() / 2];
+    let step_profile = if args.profile {
+        let totals = profile::totals();
+        profile::enable(false);
+        let n = args.steps as f64;
+        let rows: Vec<ProfileRow> = totals
+            .into_iter()
+            .map(|r| ProfileRow {
+                seconds: r.seconds / n,
+                gflop: r.gflop / n,
+                ..r
+            })
+            .collect();
+        let mean_step = times.iter().sum::<f64>() / n;
+        let mm_dtype = model.llm.matmul_dtype();
+        Some(StepProfile {
+            other_s: mean_step - rows.iter().map(|r| r.seconds).sum::<f64>(),
+            rows,
+            peak_gflops: matmul_peak_gflops(1024, mm_dtype, dev)?,
+            peak_dtype: format!("{mm_dtype:?}").to_lowercase(),
+        })
+    } else {
+        None
+    };
     Ok(StepTiming {
         method: m.name().into(),
         preset: args.preset.clone(),
@@ -255,6 +312,7 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
         other_cpu_share: (others / (ncpu * wall)).clamp(0.0, 1.0),
         loss_first: losses[0],
         loss_last: *losses.last().expect("steps > 0"),
+        profile: step_profile,
     })
 }
 

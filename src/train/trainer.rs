@@ -121,6 +121,7 @@ impl Trainer {
                 self.step
             );
         }
+        let span = crate::util::profile::span(crate::util::profile::Kind::Optimizer);
         let grad_norm = grads.global_norm()?;
         if !grad_norm.is_finite() {
             bail!(
@@ -133,6 +134,7 @@ impl Trainer {
         }
         let lr = self.cfg.schedule.lr_at(self.step);
         self.opt.step(model, &grads, lr)?;
+        drop(span);
         let report = StepReport {
             step: self.step,
             loss,

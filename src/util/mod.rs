@@ -7,6 +7,7 @@ pub mod device;
 pub mod files;
 pub mod plot;
 pub mod process;
+pub mod profile;
 pub mod progress;
 pub mod rng;
 
