@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::step::Grads;
@@ -46,6 +47,9 @@ pub struct AdamW {
     /// per tensor: (2, numel) f32, row 0 = m (first moment), row 1 = v (second moment)
     pub state: BTreeMap<String, Tensor>,
 }
+
+/// Elements per parallel chunk of the fused updates.
+const CHUNK: usize = 1 << 16;
 
 /// m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², in place on the packed (2, n) state.
 struct MomentsUpdate {
@@ -101,10 +105,16 @@ impl InplaceOp2 for MomentsUpdate {
         let mv = f32_slice_mut(s1, l1, "state")?;
         let (m, v) = mv.split_at_mut(g.len());
         let (b1, b2) = (self.beta1, self.beta2);
-        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-        }
+        // elementwise, so chunks on the rayon threads give the same bits
+        m.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|((m, v), g)| {
+                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                }
+            });
         Ok(())
     }
 }
@@ -124,10 +134,15 @@ impl InplaceOp2 for ParamUpdate {
         let mv = f32_slice(s2, l2, "state")?;
         let p = f32_slice_mut(s1, l1, "parameter")?;
         let (m, v) = mv.split_at(p.len());
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            *p *= self.decay;
-            *p -= self.step_size * m / (v.sqrt() / self.bc2_sqrt + self.eps);
-        }
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK))
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    *p *= self.decay;
+                    *p -= self.step_size * m / (v.sqrt() / self.bc2_sqrt + self.eps);
+                }
+            });
         Ok(())
     }
 }

@@ -34,6 +34,31 @@ use crate::util::rng::Rng;
 #[derive(Default)]
 pub struct Grads(pub HashMap<String, Tensor>);
 
+/// Σ x² of a tensor in f64. On the CPU, f32 values are summed in fixed chunks (each in
+/// order, then the chunk sums in order), so the result does not depend on the thread count
+/// and no f64 copy of the tensor is made.
+fn sum_of_squares(g: &Tensor) -> Result<f64> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    if g.device().is_cpu() && g.dtype() == DType::F32 {
+        let g = g.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            let partial: Vec<f64> = v[a..b]
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            return Ok(partial.iter().sum());
+        }
+    }
+    Ok(g.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
 impl Grads {
     pub fn add(&mut self, name: String, g: Tensor) -> Result<()> {
         match self.0.remove(&name) {
@@ -81,11 +106,7 @@ impl Grads {
         names.sort();
         let mut s = 0f64;
         for g in names.into_iter().map(|n| &self.0[n]) {
-            s += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            s += sum_of_squares(g)?;
         }
         Ok(s.sqrt())
     }

@@ -162,7 +162,8 @@ mod tests {
             .iter()
             .find(|r| r.kind == "matmul dW (trainable)")
             .unwrap();
-        assert!(dw.seconds >= 0.002 && dw.gflop == 48e-9, "{dw:?}");
+        // (other tests running at the same time may add their own spans)
+        assert!(dw.seconds >= 0.002 && dw.gflop >= 48e-9, "{dw:?}");
         enable(false);
     }
 }
