@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{matmul_in, rows2};
+use super::{matmul_in, mm, rows2};
 use crate::util::profile::{Kind, matmul_flops, span_flops};
 
 /// x (.., IC), w (OC, IC) f32/bf16, b (OC) -> y (.., OC) in x's dtype.
@@ -60,7 +60,7 @@ pub fn linear_backward(
         if need_dw { matmul_flops(oc, n, ic) } else { 0 },
     );
     let dw = if need_dw {
-        Some(dy2.t()?.matmul(&rows2(x)?)?) // (OC, IC)
+        Some(mm(&dy2.t()?, &rows2(x)?)?) // (OC, IC)
     } else {
         None
     };
@@ -86,8 +86,8 @@ pub fn lora_forward(
         Kind::MatmulForward,
         matmul_flops(n, ic, r) + matmul_flops(n, r, bm.dim(0)?),
     );
-    let xa = rows2(x_in)?.matmul(&a.t()?)?; // (N, R)
-    let delta = (xa.matmul(&bm.t()?)? * scale)?.reshape(base.shape())?;
+    let xa = mm(&rows2(x_in)?, &a.t()?)?; // (N, R)
+    let delta = (mm(&xa, &bm.t()?)? * scale)?.reshape(base.shape())?;
     Ok(((base + delta)?, xa))
 }
 
@@ -118,9 +118,9 @@ pub fn lora_backward(
         Kind::MatmulDw,
         matmul_flops(oc, n, r) + matmul_flops(n, oc, r) + matmul_flops(r, n, ic),
     );
-    let db = (dy2.t()?.matmul(xa)? * scale)?; // (OC, R)
-    let dxa = (dy2.matmul(bm)? * scale)?; // (N, R)
-    let da = dxa.t()?.matmul(&rows2(x_in)?)?; // (R, IC)
+    let db = (mm(&dy2.t()?, xa)? * scale)?; // (OC, R)
+    let dxa = (mm(&dy2, bm)? * scale)?; // (N, R)
+    let da = mm(&dxa.t()?, &rows2(x_in)?)?; // (R, IC)
     drop(dw_span);
     let _span = span_flops(
         Kind::MatmulDx,
@@ -135,7 +135,7 @@ pub fn lora_backward(
         *dims.last_mut().expect("non-empty") = w.dim(1)?;
         (
             Some(matmul_in(&dy2, w, w.dtype())?.reshape(dims)?),
-            Some(dxa.matmul(a)?),
+            Some(mm(&dxa, a)?),
         )
     } else {
         (None, None)

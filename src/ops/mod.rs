@@ -17,6 +17,8 @@
 
 pub mod act;
 pub mod attention;
+#[cfg(feature = "openblas")]
+pub mod blas;
 pub mod cpu;
 pub mod embedding;
 pub mod linear;
@@ -29,25 +31,61 @@ pub mod gradcheck;
 
 use candle_core::{DType, Result, Tensor};
 
-/// `a @ b` computed in `dtype` (bf16 for bf16 weights), returned in `a`'s dtype.
+/// `a @ b` computed in `dtype` (bf16 for bf16 weights), returned in `a`'s dtype. On the
+/// CPU a bf16 product is computed in f32 (bf16 operands widened, exactly): the gemm crate's
+/// bf16 kernels run at about half its f32 speed on CPUs with AVX-512, so the bf16 storage
+/// saves memory and the f32 product is the faster one (`lntune bench --profile`).
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    let dtype = compute_dtype(dtype, a.device());
     let out = a.dtype();
-    let a = if a.dtype() == dtype {
-        a.clone()
-    } else {
-        a.to_dtype(dtype)?
+    let (a, b) = (
+        to_dtype_in_place_order(a, dtype)?,
+        to_dtype_in_place_order(b, dtype)?,
+    );
+    #[cfg(feature = "openblas")]
+    let y = match blas::sgemm(&a, &b)? {
+        Some(y) => y,
+        None => a.matmul(&b)?,
     };
-    let b = if b.dtype() == dtype {
-        b.clone()
-    } else {
-        b.to_dtype(dtype)?
-    };
+    #[cfg(not(feature = "openblas"))]
     let y = a.matmul(&b)?;
     if y.dtype() == out {
         Ok(y)
     } else {
         y.to_dtype(out)
     }
+}
+
+/// The dtype a product asked for in `dtype` is computed in on `device` (see `matmul_in`).
+pub fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType {
+    if dtype == DType::BF16 && device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// `t` in `dtype`. A transposed view of a contiguous matrix (a linear's `w.t()`) is
+/// converted as the contiguous matrix and transposed back: a strided conversion is
+/// several times slower.
+fn to_dtype_in_place_order(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    if t.rank() == 2 && !t.is_contiguous() && t.t()?.is_contiguous() {
+        return to_dtype_in_place_order(&t.t()?, dtype)?.t();
+    }
+    if dtype == DType::F32
+        && let Some(w) = cpu::widen_bf16(t)?
+    {
+        return Ok(w);
+    }
+    t.to_dtype(dtype)
+}
+
+/// `a @ b` in the operands' dtype (the `openblas` feature's sgemm for 2-D f32 on the CPU).
+pub fn mm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_in(a, b, a.dtype())
 }
 
 /// Widens half-precision tensors to f32; f32 and f64 pass through.

@@ -270,7 +270,7 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
             })
             .collect();
         let mean_step = times.iter().sum::<f64>() / n;
-        let mm_dtype = model.llm.matmul_dtype();
+        let mm_dtype = crate::ops::compute_dtype(model.llm.matmul_dtype(), dev);
         Some(StepProfile {
             other_s: mean_step - rows.iter().map(|r| r.seconds).sum::<f64>(),
             rows,
