@@ -7,7 +7,8 @@
 //! Conventions:
 //! - Activations (the residual stream, norms, softmax, loss, gradients) are f32 (f64 in the
 //!   finite-difference tests). A frozen matmul weight may be bf16: the matmul then runs in
-//!   bf16 and its result is widened back.
+//!   bf16 on devices with fast bf16 kernels and in f32 from the widened weight on the CPU
+//!   (see `matmul_in`); its result is f32 either way.
 //! - A forward returns its output and, where the backward needs more than the op's inputs,
 //!   a context struct naming what it keeps.
 //! - A backward takes dY and returns fresh gradients (nothing is accumulated into caller
