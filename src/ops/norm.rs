@@ -1,6 +1,7 @@
 //! RMSNorm (LLaMA) and LayerNorm (CLIP, DINOv2) over the last dim, f32.
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{CpuStorage, D, DType, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 use crate::util::profile::{Kind, span};
 
@@ -13,6 +14,9 @@ pub struct RmsNormCtx {
 /// y = w ⊙ x · rsqrt(mean(x²) + eps). x (.., C), w (C).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormCtx)> {
     let _span = span(Kind::Norm);
+    if let Some(r) = rmsnorm_forward_cpu(x, w, eps)? {
+        return Ok(r);
+    }
     let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // (.., 1)
     let y = x.broadcast_mul(&rstd)?.broadcast_mul(w)?;
     Ok((y, RmsNormCtx { x: x.clone(), rstd }))
@@ -26,6 +30,9 @@ pub fn rmsnorm_backward(
     need_dw: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let _span = span(Kind::Norm);
+    if let Some(r) = rmsnorm_backward_cpu(dy, ctx, w, need_dw)? {
+        return Ok(r);
+    }
     let xhat = ctx.x.broadcast_mul(&ctx.rstd)?;
     let g = dy.broadcast_mul(w)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
@@ -36,6 +43,112 @@ pub fn rmsnorm_backward(
         None
     };
     Ok((dx, dw))
+}
+
+/// The f32 data of a contiguous CPU f32 tensor, copied out (`None` otherwise).
+fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
+    if !(t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
+        return None;
+    }
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(v[a..b].to_vec()),
+        _ => None,
+    }
+}
+
+/// Rows per parallel task of the fused norm kernels.
+const NORM_ROWS: usize = 64;
+
+/// Fused CPU forward (one pass per row, on the rayon threads): the same formula as the
+/// composed ops, f32 throughout, the row's mean of squares summed in order.
+fn rmsnorm_forward_cpu(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<(Tensor, RmsNormCtx)>> {
+    let (Some(xv), Some(wv)) = (cpu_f32(x), cpu_f32(w)) else {
+        return Ok(None);
+    };
+    let c = wv.len();
+    if c == 0 || x.dim(D::Minus1)? != c {
+        return Ok(None);
+    }
+    let rows = xv.len() / c;
+    let mut y = vec![0f32; xv.len()];
+    let mut rstd = vec![0f32; rows];
+    let eps = eps as f32;
+    y.par_chunks_mut(NORM_ROWS * c)
+        .zip(rstd.par_chunks_mut(NORM_ROWS))
+        .zip(xv.par_chunks(NORM_ROWS * c))
+        .for_each(|((y, r), x)| {
+            for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                *r = 1.0 / (ms + eps).sqrt();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(&wv) {
+                    *y = x * *r * w;
+                }
+            }
+        });
+    let mut rdims = x.dims().to_vec();
+    *rdims.last_mut().expect("rank >= 1") = 1;
+    let y = Tensor::from_vec(y, x.shape(), x.device())?;
+    let rstd = Tensor::from_vec(rstd, rdims, x.device())?;
+    Ok(Some((y, RmsNormCtx { x: x.clone(), rstd })))
+}
+
+/// Fused CPU backward: per row dx = rstd·(g − x̂·mean(g ⊙ x̂)); dw summed over rows per
+/// block of `NORM_ROWS` rows, then over the blocks in order (deterministic).
+fn rmsnorm_backward_cpu(
+    dy: &Tensor,
+    ctx: &RmsNormCtx,
+    w: &Tensor,
+    need_dw: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    let (Some(dyv), Some(xv), Some(rv), Some(wv)) =
+        (cpu_f32(dy), cpu_f32(&ctx.x), cpu_f32(&ctx.rstd), cpu_f32(w))
+    else {
+        return Ok(None);
+    };
+    let c = wv.len();
+    if c == 0 || dyv.len() != xv.len() || xv.len() != rv.len() * c {
+        return Ok(None);
+    }
+    let mut dx = vec![0f32; xv.len()];
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(NORM_ROWS * c)
+        .zip(dyv.par_chunks(NORM_ROWS * c))
+        .zip(xv.par_chunks(NORM_ROWS * c))
+        .zip(rv.par_chunks(NORM_ROWS))
+        .map(|(((dx, dy), x), r)| {
+            let mut dw = if need_dw { vec![0f32; c] } else { Vec::new() };
+            for (((dx, dy), x), &r) in dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r) {
+                let proj = dy
+                    .iter()
+                    .zip(x)
+                    .zip(&wv)
+                    .map(|((&d, &x), &w)| d * w * (x * r))
+                    .sum::<f32>()
+                    / c as f32;
+                for (i, dx) in dx.iter_mut().enumerate() {
+                    let xhat = x[i] * r;
+                    *dx = (dy[i] * wv[i] - xhat * proj) * r;
+                    if need_dw {
+                        dw[i] += dy[i] * xhat;
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    let dw = if need_dw {
+        let mut total = vec![0f32; c];
+        for p in &partial {
+            for (t, v) in total.iter_mut().zip(p) {
+                *t += v;
+            }
+        }
+        Some(Tensor::from_vec(total, c, w.device())?)
+    } else {
+        None
+    };
+    Ok(Some((Tensor::from_vec(dx, dy.shape(), dy.device())?, dw)))
 }
 
 /// What the LayerNorm backward needs: the normalized input and 1/std per row.
@@ -95,6 +208,46 @@ mod tests {
         let r = 1.0 / (12.5f32 + 1e-6).sqrt();
         assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![3. * r, 8. * r]]);
         assert_eq!(ctx.rstd.to_vec2::<f32>().unwrap(), vec![vec![r]]);
+    }
+
+    #[test]
+    fn fused_rmsnorm_equals_the_composed_ops() {
+        let dev = Device::Cpu;
+        let f = |shape: &[usize], seed| {
+            crate::util::rng::Rng::new(seed)
+                .normal_tensor(shape, 2.0, DType::F32, &dev)
+                .unwrap()
+        };
+        // more rows than one parallel block, so that dw sums several blocks
+        let (x, w, dy) = (f(&[3, 50, 24], 1), f(&[24], 2), f(&[3, 50, 24], 3));
+        let (y, ctx) = rmsnorm_forward(&x, &w, 1e-5).unwrap();
+        let rstd = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let y_ref = x.broadcast_mul(&rstd).unwrap().broadcast_mul(&w).unwrap();
+        assert_close("y", &y, &y_ref, 1e-6);
+        assert_close("rstd", &ctx.rstd, &rstd, 1e-6);
+        let (dx, dw) = rmsnorm_backward(&dy, &ctx, &w, true).unwrap();
+        let xhat = x.broadcast_mul(&rstd).unwrap();
+        let g = dy.broadcast_mul(&w).unwrap();
+        let proj = (&g * &xhat).unwrap().mean_keepdim(D::Minus1).unwrap();
+        let dx_ref = (g - xhat.broadcast_mul(&proj).unwrap())
+            .unwrap()
+            .broadcast_mul(&rstd)
+            .unwrap();
+        let dw_ref = (&dy * &xhat)
+            .unwrap()
+            .reshape(((), 24))
+            .unwrap()
+            .sum(0)
+            .unwrap();
+        assert_close("dx", &dx, &dx_ref, 1e-5);
+        assert_close("dw", &dw.unwrap(), &dw_ref, 1e-5);
+        let (_, none) = rmsnorm_backward(&dy, &ctx, &w, false).unwrap();
+        assert!(none.is_none());
     }
 
     #[test]
