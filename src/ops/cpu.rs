@@ -50,3 +50,153 @@ pub fn widen_bf16(t: &candle_core::Tensor) -> Result<Option<candle_core::Tensor>
         t.device(),
     )?))
 }
+
+/// `a @ b` for f32 CPU tensors of rank >= 3 with the same batch dims (attention's per-head
+/// products): one gemm per matrix, the matrices spread over the rayon threads, each
+/// product on one thread. Small per-head products otherwise pay a parallel gemm's start-up
+/// each; operand strides are passed to gemm, so transposed views cost no copy. `None` for
+/// other tensors.
+pub fn batched_matmul_f32(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>> {
+    use candle_core::{DType, Storage};
+    use rayon::prelude::*;
+    let ok = [a, b]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() >= 3);
+    if !ok || a.rank() != b.rank() {
+        return Ok(None);
+    }
+    let r = a.rank();
+    let (ad, bd) = (a.dims(), b.dims());
+    if ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        return Ok(None);
+    }
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    let batch = &ad[..r - 2];
+    let nb: usize = batch.iter().product();
+    if nb < 2 || m == 0 || n == 0 || k == 0 {
+        return Ok(None);
+    }
+    let mut out = vec![0f32; nb * m * n];
+    {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb)
+        else {
+            return Ok(None);
+        };
+        let (sta, stb) = (la.stride(), lb.stride());
+        // the element offset of matrix `i` of the batch, from its multi-index
+        let offset = |i: usize, start: usize, st: &[usize]| {
+            let (mut rest, mut off) = (i, start);
+            for d in (0..batch.len()).rev() {
+                off += (rest % batch[d]) * st[d];
+                rest /= batch[d];
+            }
+            off
+        };
+        // every element a product reads must lie in its buffer
+        let last = |start: usize, st: &[usize], dims: &[usize]| {
+            start
+                + dims
+                    .iter()
+                    .zip(st)
+                    .map(|(&d, &s)| (d - 1) * s)
+                    .sum::<usize>()
+        };
+        if last(la.start_offset(), sta, ad) >= va.len()
+            || last(lb.start_offset(), stb, bd) >= vb.len()
+        {
+            return Ok(None);
+        }
+        let (pa, pb) = (va.as_ptr() as usize, vb.as_ptr() as usize);
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
+            let oa = offset(i, la.start_offset(), sta);
+            let ob = offset(i, lb.start_offset(), stb);
+            // SAFETY: the operands' extents were checked above for every index of the
+            // batch; `dst` is this matrix's own m·n output, row-major.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    (pa as *const f32).add(oa),
+                    sta[r - 1] as isize,
+                    sta[r - 2] as isize,
+                    (pb as *const f32).add(ob),
+                    stb[r - 1] as isize,
+                    stb[r - 2] as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+        });
+    }
+    let mut dims = batch.to_vec();
+    dims.extend([m, n]);
+    Ok(Some(candle_core::Tensor::from_vec(out, dims, a.device())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn batched_products_equal_candles_in_every_layout() {
+        let dev = Device::Cpu;
+        let r = |shape: &[usize], seed| {
+            crate::util::rng::Rng::new(seed)
+                .normal_tensor(shape, 1.0, DType::F32, &dev)
+                .unwrap()
+        };
+        let a = r(&[2, 3, 5, 4], 1);
+        let b = r(&[2, 3, 4, 6], 2);
+        let bt = r(&[2, 3, 6, 4], 3).transpose(2, 3).unwrap(); // a transposed view
+        let at = r(&[2, 5, 3, 4], 4).transpose(1, 2).unwrap(); // heads split from tokens
+        let narrow = r(&[2, 3, 5, 9], 5).narrow(3, 2, 4).unwrap(); // a row stride > width
+        for (i, (x, y)) in [(&a, &b), (&a, &bt), (&at, &b), (&narrow, &bt)]
+            .into_iter()
+            .enumerate()
+        {
+            let want = x
+                .contiguous()
+                .unwrap()
+                .matmul(&y.contiguous().unwrap())
+                .unwrap();
+            let got = batched_matmul_f32(x, y)
+                .unwrap()
+                .expect("f32 batched operands");
+            let d = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "case {i}: max abs difference {d}");
+        }
+        // 2-D products and mismatched batches are left to candle
+        assert!(
+            batched_matmul_f32(&r(&[5, 4], 6), &r(&[4, 3], 7))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            batched_matmul_f32(&a, &r(&[3, 3, 4, 6], 8))
+                .unwrap()
+                .is_none()
+        );
+    }
+}

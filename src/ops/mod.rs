@@ -43,6 +43,13 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
         to_dtype_in_place_order(a, dtype)?,
         to_dtype_in_place_order(b, dtype)?,
     );
+    if let Some(y) = cpu::batched_matmul_f32(&a, &b)? {
+        return if out == y.dtype() {
+            Ok(y)
+        } else {
+            y.to_dtype(out)
+        };
+    }
     #[cfg(feature = "openblas")]
     let y = match blas::sgemm(&a, &b)? {
         Some(y) => y,
