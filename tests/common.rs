@@ -343,6 +343,36 @@ impl TinyRun {
         )
     }
 
+    /// `lntune eval` of the shapes benchmark (5 items per part) on the tiny model with the
+    /// adapter of the run in `run/`, into `out`, not started.
+    pub fn eval_command(&self, out: &str, extra: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"));
+        c.arg("eval")
+            .arg("--model")
+            .arg(self.path("model"))
+            .arg("--adapter")
+            .arg(self.path("run/adapter"))
+            .args(["--bench", "shapes", "--data"])
+            .arg(self.path("data"))
+            .arg("--out")
+            .arg(self.path(out))
+            .args([
+                "--limit",
+                "5",
+                "--batch",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--caption-tokens",
+                "6",
+                "--template",
+                "chatml",
+                "--quiet",
+            ])
+            .args(extra);
+        c
+    }
+
     /// The `lntune train` command on the tiny model, not started.
     pub fn train_command(&self, out: &str, extra: &[&str]) -> std::process::Command {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"));

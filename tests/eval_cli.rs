@@ -38,38 +38,12 @@ fn tiny_with_adapter() -> TinyRun {
 }
 
 fn eval_shapes(t: &TinyRun, out: &str, extra: &[&str]) -> (bool, String, String) {
-    let (model, adapter, data, out) = (
-        p(&t.path("model")),
-        p(&t.path("run/adapter")),
-        p(&t.path("data")),
-        p(&t.path(out)),
-    );
-    let mut args = vec![
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        &adapter,
-        "--bench",
-        "shapes",
-        "--data",
-        &data,
-        "--out",
-        &out,
-        "--limit",
-        "5",
-        "--batch",
-        "1",
-        "--max-new-tokens",
-        "4",
-        "--caption-tokens",
-        "6",
-        "--template",
-        "chatml",
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    lntune(&args)
+    let o = t.eval_command(out, extra).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
 }
 
 fn json(path: &Path) -> serde_json::Value {

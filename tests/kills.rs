@@ -149,34 +149,6 @@ fn same_run(a_dir: &Path, b_dir: &Path) {
     assert_eq!(leftovers(b_dir), Vec::<String>::new());
 }
 
-/// `lntune eval` of the shapes benchmark on the tiny model with its adapter.
-fn eval_command(t: &TinyRun, out: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lntune"));
-    c.arg("eval")
-        .arg("--model")
-        .arg(t.path("model"))
-        .arg("--adapter")
-        .arg(t.path("run/adapter"))
-        .args(["--bench", "shapes", "--data"])
-        .arg(t.path("data"))
-        .arg("--out")
-        .arg(t.path(out))
-        .args([
-            "--limit",
-            "5",
-            "--batch",
-            "1",
-            "--max-new-tokens",
-            "4",
-            "--caption-tokens",
-            "6",
-            "--template",
-            "chatml",
-            "--quiet",
-        ]);
-    c
-}
-
 fn predictions(path: &Path) -> std::collections::BTreeMap<String, String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -198,7 +170,7 @@ fn evaluation_killed_at_random_points_ends_as_an_uninterrupted_one() {
     let (ok, err) = t.train("run", &["--data", &data, "--steps", "2", "--lr", "1e-2"]);
     assert!(ok, "{err}");
     let start = Instant::now();
-    let o = eval_command(&t, "ref").output().unwrap();
+    let o = t.eval_command("ref", &[]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let whole = start.elapsed();
 
@@ -208,7 +180,7 @@ fn evaluation_killed_at_random_points_ends_as_an_uninterrupted_one() {
         let name = format!("killed-{trial}");
         for _ in 0..2 {
             let after = whole.mul_f64(rng.uniform());
-            if run_and_kill(eval_command(&t, &name), after) {
+            if run_and_kill(t.eval_command(&name, &[]), after) {
                 break;
             }
             kills += 1;
@@ -219,7 +191,7 @@ fn evaluation_killed_at_random_points_ends_as_an_uninterrupted_one() {
             );
         }
         // the same command again finishes what is left
-        let o = eval_command(&t, &name).output().unwrap();
+        let o = t.eval_command(&name, &[]).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         same_evaluation(&t.path("ref"), &t.path(&name));
     }
@@ -277,7 +249,7 @@ fn a_second_lntune_writing_the_same_folder_is_refused_and_named() {
     }
     let (ok, err) = t.train("a", &["--data", &data, "--steps", "2", "--overwrite"]);
     let (ok_eval, eval_err) = {
-        let o = eval_command(&t, "a").output().unwrap();
+        let o = t.eval_command("a", &[]).output().unwrap();
         (
             o.status.success(),
             String::from_utf8_lossy(&o.stderr).to_string(),

@@ -3,9 +3,11 @@
 //! its files; also the memory plan and the step timing of `plan` and `bench`.
 
 pub mod checkpoint;
+pub mod config;
 pub mod grad_stats;
 pub mod optim;
 pub mod plan;
+pub mod resume;
 pub mod run;
 pub mod schedule;
 pub mod step;

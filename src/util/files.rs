@@ -194,18 +194,9 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
 /// complete new version (`.<name>.new-*`) or else the previous one (`.<name>.old-*`)
 /// takes its place. Leftover `.new`/`.old` siblings of a present `dir` are removed.
 pub fn recover_dir(dir: &Path) -> Result<()> {
-    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+    let Some((parent, name)) = existing_parent_and_name(dir) else {
         return Ok(());
     };
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    if !parent.is_dir() {
-        return Ok(());
-    }
-    let name = name.to_string_lossy();
     // only what a process that has ended left: a live writer's are its own business
     let siblings = |kind: &str| {
         let prefix = format!(".{name}.{kind}-");
@@ -232,6 +223,20 @@ pub fn recover_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The folder `path` lies in (`.` for a bare name), when it exists, and `path`'s name: where
+/// its temporary siblings would be.
+fn existing_parent_and_name(path: &Path) -> Option<(&Path, String)> {
+    let (parent, name) = (path.parent()?, path.file_name()?);
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    parent
+        .is_dir()
+        .then(|| (parent, name.to_string_lossy().to_string()))
+}
+
 /// Whether the process whose id ends a temporary name (`.x.tmp-<pid>`) has ended. Where
 /// `/proc` cannot say, it counts as ended (the folder lock keeps writers apart there).
 fn writer_gone(pid: &str) -> bool {
@@ -248,18 +253,10 @@ fn writer_gone(pid: &str) -> bool {
 /// Removes the temporary siblings (`.<name>.tmp-<pid>`, file or folder) that writers of
 /// `path` killed before they finished left behind.
 fn remove_stale_temps(path: &Path) -> Result<()> {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+    let Some((parent, name)) = existing_parent_and_name(path) else {
         return Ok(());
     };
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    if !parent.is_dir() {
-        return Ok(());
-    }
-    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let prefix = format!(".{name}.tmp-");
     let stale = list_dir(parent, |p| {
         p.file_name().is_some_and(|n| {
             n.to_string_lossy()
