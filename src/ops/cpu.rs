@@ -14,6 +14,30 @@ pub fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f3
     }
 }
 
+/// Runs `f` on the f32 data of contiguous CPU f32 tensors, borrowed (no copy) while `f`
+/// runs; `None` when a tensor is not of that kind.
+pub fn with_f32_slices<R>(
+    tensors: &[&candle_core::Tensor],
+    f: impl FnOnce(&[&[f32]]) -> R,
+) -> Option<R> {
+    let of_kind = |t: &&candle_core::Tensor| {
+        t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+    };
+    if !tensors.iter().all(of_kind) {
+        return None;
+    }
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let (a, b) = layout.contiguous_offsets()?;
+        match &**storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => slices.push(&v[a..b]),
+            _ => return None,
+        }
+    }
+    Some(f(&slices))
+}
+
 /// Rows per rayon task: enough work to amortise scheduling.
 pub fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)

@@ -1,6 +1,6 @@
 //! RMSNorm (LLaMA) and LayerNorm (CLIP, DINOv2) over the last dim, f32.
 
-use candle_core::{CpuStorage, D, DType, Result, Storage, Tensor};
+use candle_core::{D, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::util::profile::{Kind, span};
@@ -45,47 +45,38 @@ pub fn rmsnorm_backward(
     Ok((dx, dw))
 }
 
-/// The f32 data of a contiguous CPU f32 tensor, copied out (`None` otherwise).
-fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
-    if !(t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
-        return None;
-    }
-    let (s, l) = t.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(v[a..b].to_vec()),
-        _ => None,
-    }
-}
-
 /// Rows per parallel task of the fused norm kernels.
 const NORM_ROWS: usize = 64;
 
 /// Fused CPU forward (one pass per row, on the rayon threads): the same formula as the
 /// composed ops, f32 throughout, the row's mean of squares summed in order.
 fn rmsnorm_forward_cpu(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<(Tensor, RmsNormCtx)>> {
-    let (Some(xv), Some(wv)) = (cpu_f32(x), cpu_f32(w)) else {
+    let computed = super::cpu::with_f32_slices(&[x, w], |v| {
+        let (xv, wv) = (v[0], v[1]);
+        let c = wv.len();
+        if c == 0 || x.dims().last() != Some(&c) {
+            return None;
+        }
+        let mut y = vec![0f32; xv.len()];
+        let mut rstd = vec![0f32; xv.len() / c];
+        let eps = eps as f32;
+        y.par_chunks_mut(NORM_ROWS * c)
+            .zip(rstd.par_chunks_mut(NORM_ROWS))
+            .zip(xv.par_chunks(NORM_ROWS * c))
+            .for_each(|((y, r), x)| {
+                for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                    *r = 1.0 / (ms + eps).sqrt();
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(wv) {
+                        *y = x * *r * w;
+                    }
+                }
+            });
+        Some((y, rstd))
+    });
+    let Some((y, rstd)) = computed.flatten() else {
         return Ok(None);
     };
-    let c = wv.len();
-    if c == 0 || x.dim(D::Minus1)? != c {
-        return Ok(None);
-    }
-    let rows = xv.len() / c;
-    let mut y = vec![0f32; xv.len()];
-    let mut rstd = vec![0f32; rows];
-    let eps = eps as f32;
-    y.par_chunks_mut(NORM_ROWS * c)
-        .zip(rstd.par_chunks_mut(NORM_ROWS))
-        .zip(xv.par_chunks(NORM_ROWS * c))
-        .for_each(|((y, r), x)| {
-            for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                *r = 1.0 / (ms + eps).sqrt();
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(&wv) {
-                    *y = x * *r * w;
-                }
-            }
-        });
     let mut rdims = x.dims().to_vec();
     *rdims.last_mut().expect("rank >= 1") = 1;
     let y = Tensor::from_vec(y, x.shape(), x.device())?;
@@ -101,53 +92,58 @@ fn rmsnorm_backward_cpu(
     w: &Tensor,
     need_dw: bool,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
-    let (Some(dyv), Some(xv), Some(rv), Some(wv)) =
-        (cpu_f32(dy), cpu_f32(&ctx.x), cpu_f32(&ctx.rstd), cpu_f32(w))
-    else {
-        return Ok(None);
-    };
-    let c = wv.len();
-    if c == 0 || dyv.len() != xv.len() || xv.len() != rv.len() * c {
-        return Ok(None);
-    }
-    let mut dx = vec![0f32; xv.len()];
-    let partial: Vec<Vec<f32>> = dx
-        .par_chunks_mut(NORM_ROWS * c)
-        .zip(dyv.par_chunks(NORM_ROWS * c))
-        .zip(xv.par_chunks(NORM_ROWS * c))
-        .zip(rv.par_chunks(NORM_ROWS))
-        .map(|(((dx, dy), x), r)| {
-            let mut dw = if need_dw { vec![0f32; c] } else { Vec::new() };
-            for (((dx, dy), x), &r) in dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r) {
-                let proj = dy
-                    .iter()
-                    .zip(x)
-                    .zip(&wv)
-                    .map(|((&d, &x), &w)| d * w * (x * r))
-                    .sum::<f32>()
-                    / c as f32;
-                for (i, dx) in dx.iter_mut().enumerate() {
-                    let xhat = x[i] * r;
-                    *dx = (dy[i] * wv[i] - xhat * proj) * r;
-                    if need_dw {
-                        dw[i] += dy[i] * xhat;
+    let computed = super::cpu::with_f32_slices(&[dy, &ctx.x, &ctx.rstd, w], |v| {
+        let (dyv, xv, rv, wv) = (v[0], v[1], v[2], v[3]);
+        let c = wv.len();
+        if c == 0 || dyv.len() != xv.len() || xv.len() != rv.len() * c {
+            return None;
+        }
+        let mut dx = vec![0f32; xv.len()];
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(NORM_ROWS * c)
+            .zip(dyv.par_chunks(NORM_ROWS * c))
+            .zip(xv.par_chunks(NORM_ROWS * c))
+            .zip(rv.par_chunks(NORM_ROWS))
+            .map(|(((dx, dy), x), r)| {
+                let mut dw = if need_dw { vec![0f32; c] } else { Vec::new() };
+                for (((dx, dy), x), &r) in
+                    dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
+                {
+                    let proj = dy
+                        .iter()
+                        .zip(x)
+                        .zip(wv)
+                        .map(|((&d, &x), &w)| d * w * (x * r))
+                        .sum::<f32>()
+                        / c as f32;
+                    for (i, dx) in dx.iter_mut().enumerate() {
+                        let xhat = x[i] * r;
+                        *dx = (dy[i] * wv[i] - xhat * proj) * r;
+                        if need_dw {
+                            dw[i] += dy[i] * xhat;
+                        }
                     }
                 }
+                dw
+            })
+            .collect();
+        let dw = need_dw.then(|| {
+            let mut total = vec![0f32; c];
+            for p in &partial {
+                for (t, v) in total.iter_mut().zip(p) {
+                    *t += v;
+                }
             }
-            dw
-        })
-        .collect();
-    let dw = if need_dw {
-        let mut total = vec![0f32; c];
-        for p in &partial {
-            for (t, v) in total.iter_mut().zip(p) {
-                *t += v;
-            }
-        }
-        Some(Tensor::from_vec(total, c, w.device())?)
-    } else {
-        None
+            total
+        });
+        Some((dx, dw))
+    });
+    let Some((dx, dw)) = computed.flatten() else {
+        return Ok(None);
     };
+    let dw = dw
+        .map(|d| Tensor::from_vec(d, w.elem_count(), w.device()))
+        .transpose()?;
     Ok(Some((Tensor::from_vec(dx, dy.shape(), dy.device())?, dw)))
 }
 
@@ -215,7 +211,7 @@ mod tests {
         let dev = Device::Cpu;
         let f = |shape: &[usize], seed| {
             crate::util::rng::Rng::new(seed)
-                .normal_tensor(shape, 2.0, DType::F32, &dev)
+                .normal_tensor(shape, 2.0, candle_core::DType::F32, &dev)
                 .unwrap()
         };
         // more rows than one parallel block, so that dw sums several blocks
