@@ -17,6 +17,8 @@
 //! - Ops use only candle tensor primitives, so they run on every candle device.
 
 pub mod act;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 #[cfg(feature = "openblas")]
 pub mod blas;
@@ -37,6 +39,13 @@ use candle_core::{DType, Result, Tensor};
 /// bf16 kernels run at about half its f32 speed on CPUs with AVX-512, so the bf16 storage
 /// saves memory and the f32 product is the faster one (`lntune bench --profile`).
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if dtype == DType::BF16
+        && a.dtype() == DType::F32
+        && let Some(y) = amx::matmul_bf16(a, b)?
+    {
+        return Ok(y);
+    }
     let dtype = compute_dtype(dtype, a.device());
     let out = a.dtype();
     let (a, b) = (
