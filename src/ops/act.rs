@@ -41,9 +41,68 @@ pub fn act_forward(x: &Tensor, act: Act) -> Result<Tensor> {
 }
 
 /// SwiGLU product of the LLaMA MLP: silu(gate) ⊙ up.
+/// One fused pass on the CPU (f32), composed tensor ops elsewhere.
 pub fn silu_mul_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let _span = span(Kind::Elementwise);
+    let both_f32 = [gate, up]
+        .iter()
+        .all(|t| t.dtype() == candle_core::DType::F32);
+    if gate.device().is_cpu() && both_f32 && gate.shape() == up.shape() {
+        return gate
+            .contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &SiluMul);
+    }
     gate.silu()? * up
+}
+
+/// Fused CPU kernel of `silu_mul_forward`.
+struct SiluMul;
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let g = super::cpu::f32_data(s1, l1, "silu-mul gate")?;
+        let u = super::cpu::f32_data(s2, l2, "silu-mul up")?;
+        let mut out = vec![0f32; g.len()];
+        let chunk = 16384;
+        out.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk).zip(u.par_chunks(chunk)))
+            .for_each(|(h, (g, u))| super::cpu::vectorised!(silu_mul_chunk(g, u, h)));
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[inline(always)]
+fn silu_mul_chunk(g: &[f32], u: &[f32], h: &mut [f32]) {
+    for ((h, &x), &up) in h.iter_mut().zip(g).zip(u) {
+        *h = x * super::cpu::sigmoid(x) * up;
+    }
+}
+
+#[inline(always)]
+fn silu_mul_backward_chunk(dh: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for i in 0..dg
+        .len()
+        .min(dh.len())
+        .min(g.len())
+        .min(u.len())
+        .min(du.len())
+    {
+        let (d, x, up) = (dh[i], g[i], u[i]);
+        let sig = super::cpu::sigmoid(x);
+        dg[i] = d * up * sig * (1.0 + x * (1.0 - sig));
+        du[i] = d * x * sig;
+    }
 }
 
 /// d act(x) / dx ⊙ dy.
@@ -142,12 +201,9 @@ impl candle_core::CustomOp3 for SiluMulBackward {
             .enumerate()
             .for_each(|(c, (dg, du))| {
                 let o = c * chunk;
-                for i in 0..dg.len() {
-                    let (d, x, up) = (dh[o + i], g[o + i], u[o + i]);
-                    let sig = 1.0 / (1.0 + (-x).exp());
-                    dg[i] = d * up * sig * (1.0 + x * (1.0 - sig));
-                    du[i] = d * x * sig;
-                }
+                let end = o + dg.len();
+                let (dh, g, u) = (&dh[o..end], &g[o..end], &u[o..end]);
+                super::cpu::vectorised!(silu_mul_backward_chunk(dh, g, u, dg, du));
             });
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
@@ -210,6 +266,9 @@ mod tests {
         let du_ref = (&dh * g.silu().unwrap()).unwrap();
         assert_close("dgate", &dg, &dg_ref, 1e-6);
         assert_close("dup", &du, &du_ref, 1e-6);
+        let h = silu_mul_forward(&g, &u).unwrap();
+        let h_ref = (g.silu().unwrap() * &u).unwrap();
+        assert_close("h", &h, &h_ref, 1e-6);
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! bf16 matrix products on Intel AMX (Advanced Matrix Extensions: Sapphire Rapids and
-//! later), for the linears of a bf16 model on the CPU: `C (M, N) f32 = A (M, K) · B (K, N)`
-//! with A the f32 activations rounded to bf16 (as PyTorch's autocast does) and B a frozen
-//! bf16 weight, accumulated in f32 by the tile unit (`tdpbf16ps`). At a training step's
-//! shapes this runs at 2 to 3.5 times the f32 gemm's speed on the same cores (`lntune bench
-//! --profile`, matmul GFLOP/s).
+//! later), for bf16 mixed precision on the CPU: `C (M, N) f32 = A (M, K) · B (K, N)` with
+//! f32 operands rounded to bf16 (as PyTorch's autocast does; bf16 operands, the frozen
+//! weights, as they are), accumulated in f32 by the tile unit (`tdpbf16ps`). At a training
+//! step's shapes this runs at 2 to 3.5 times the f32 gemm's speed on the same cores
+//! (`lntune bench --profile`, matmul GFLOP/s).
 //!
 //! The tile unit holds eight 16 x 64-byte registers. One step of the kernel takes a 32 x 32
 //! block of C in four f32 tiles (tmm0-3) and adds A's 32 x 32 bf16 block (tmm4-5, two
 //! 16-row tiles loaded straight from the row-major bf16 copy of A) times B's 32 x 32 block
 //! (tmm6-7), which must be in the tile unit's pair-interleaved ("VNNI") layout: row r of a B
-//! tile holds, for 16 columns j, the pair B[2r][j], B[2r+1][j]. B is repacked so per 32-column
-//! strip into a small buffer that stays in cache while every row block of A passes it.
+//! tile holds, for 16 columns j, the pair B[2r][j], B[2r+1][j]. A is copied into tiles once
+//! per product; B is repacked per 32-column strip into a small buffer that stays in cache
+//! while every row block of A passes it. Either operand may be row-major or the transposed
+//! view of a row-major matrix (a linear's `w.t()`, attention's `k.t()`); both orientations
+//! pack with AVX-512 shuffles (a 16 x 16 transpose of bf16 pairs for the crosswise one).
 //!
 //! CPUs without AMX, and `LNTUNE_AMX=0`, use the f32 product of the widened weight instead
 //! (`ops::matmul_in`).
@@ -18,7 +21,7 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{CpuStorage, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// The tile configuration: palette 1, tiles 0-7 each 16 rows of 64 bytes (the unused
@@ -79,17 +82,10 @@ pub fn available() -> bool {
     })
 }
 
-/// `a @ b` for a 2-D f32 CPU `a` and a 2-D bf16 CPU `b` (row-major, or the transposed view
-/// of a row-major matrix: a linear's `w.t()`), in f32. `None` when AMX is not available
-/// or the operands are of another kind.
-pub fn matmul_bf16(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let kinds = a.dtype() == DType::F32
-        && b.dtype() == DType::BF16
-        && a.device().is_cpu()
-        && b.device().is_cpu()
-        && a.rank() == 2
-        && b.rank() == 2;
-    if !kinds || !available() {
+/// `a @ b` for 2-D f32 or bf16 CPU tensors, computed in bf16 with f32 accumulation,
+/// returned in f32. `None` when AMX is not available or the operands are of another kind.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if a.rank() != 2 || b.rank() != 2 || !available() {
         return Ok(None);
     }
     let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
@@ -99,110 +95,277 @@ pub fn matmul_bf16(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if m == 0 || n == 0 || k == 0 {
         return Ok(None);
     }
-    let (sb, lb) = b.storage_and_layout();
-    let Storage::Cpu(CpuStorage::BF16(vb)) = &*sb else {
-        return Ok(None);
-    };
-    let st = lb.stride();
-    let (sk, sn) = (st[0], st[1]);
-    let last = lb.start_offset() + (k - 1) * sk + (n - 1) * sn;
-    if last >= vb.len() {
-        return Ok(None);
-    }
-    let b_view = BView {
-        ptr: vb[lb.start_offset()..].as_ptr() as *const u16,
-        sk,
-        sn,
-        k,
-        n,
-    };
-    let a = a.contiguous()?;
     let (sa, la) = a.storage_and_layout();
-    let Storage::Cpu(ca) = &*sa else {
+    let (sb, lb) = b.storage_and_layout();
+    let (Some(av), Some(bv)) = (
+        View::of(&sa, la.start_offset(), la.stride(), m, k),
+        View::of(&sb, lb.start_offset(), lb.stride(), k, n),
+    ) else {
         return Ok(None);
     };
-    let a_f32 = super::cpu::f32_data(ca, la, "amx matmul")?;
-    let c = A_ROWS.with_borrow_mut(|scratch| {
-        let a_rows = BfRows::fill(scratch, a_f32, m, k);
-        let mut c = Vec::<f32>::with_capacity(m * n);
-        // SAFETY: `gemm` writes every element of C (its first K pass stores all tiles,
-        // whole or clipped) before anything reads it
-        gemm(
-            &a_rows,
-            m,
-            &b_view,
-            c.spare_capacity_mut().as_mut_ptr() as *mut f32,
-        );
-        unsafe { c.set_len(m * n) };
-        c
-    });
+    let mut c = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: `product` writes every element of C before anything reads it
+    product(
+        &av,
+        &bv,
+        c.spare_capacity_mut().as_mut_ptr() as *mut f32,
+        true,
+    );
+    unsafe { c.set_len(m * n) };
     Ok(Some(Tensor::from_vec(c, (m, n), a.device())?))
 }
 
-thread_local! {
-    /// The bf16 copy of A, kept between products: a fresh buffer per product costs more
-    /// in page faults than the conversion itself.
-    static A_ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+/// `a @ b` for f32 or bf16 CPU tensors of rank >= 3 with the same batch dims (attention's
+/// per-head products), in bf16 with f32 accumulation: one single-threaded product per
+/// matrix, the matrices spread over the rayon threads. `None` as for `matmul`.
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let r = a.rank();
+    if r < 3 || b.rank() != r || !available() {
+        return Ok(None);
+    }
+    let (ad, bd) = (a.dims(), b.dims());
+    if ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        return Ok(None);
+    }
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    let batch = &ad[..r - 2];
+    let nb: usize = batch.iter().product();
+    if nb == 0 || m == 0 || n == 0 || k == 0 {
+        return Ok(None);
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (sta, stb) = (la.stride(), lb.stride());
+    // the element offset of matrix `i` of the batch, from its multi-index
+    let offset = |i: usize, start: usize, st: &[usize]| {
+        let (mut rest, mut off) = (i, start);
+        for d in (0..batch.len()).rev() {
+            off += (rest % batch[d]) * st[d];
+            rest /= batch[d];
+        }
+        off
+    };
+    let views: Option<Vec<(View, View)>> = (0..nb)
+        .map(|i| {
+            Some((
+                View::of(&sa, offset(i, la.start_offset(), sta), &sta[r - 2..], m, k)?,
+                View::of(&sb, offset(i, lb.start_offset(), stb), &stb[r - 2..], k, n)?,
+            ))
+        })
+        .collect();
+    let Some(views) = views else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; nb * m * n];
+    out.par_chunks_mut(m * n)
+        .zip(views.par_iter())
+        .for_each(|(dst, (av, bv))| product(av, bv, dst.as_mut_ptr(), false));
+    let mut dims = batch.to_vec();
+    dims.extend([m, n]);
+    Ok(Some(Tensor::from_vec(out, dims, a.device())?))
 }
 
-/// A in bf16 (round to nearest even), as A tiles: 16-row groups, each `kp / 32` tiles of
-/// 16 x 32 bf16 in K order (K padded with zeros to `kp`, a multiple of 32, and the rows with
-/// zero rows to a multiple of 32). The kernel then reads A as contiguous 1 KiB tiles,
-/// which streams from L2 much faster than 16 rows a row-length apart.
-struct BfRows<'a> {
-    data: &'a [u16],
+/// A matrix operand in f32 or bf16: element (i, j) at `ptr[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: Elems,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Elems {
+    F32(*const f32),
+    Bf16(*const u16),
+}
+
+// SAFETY: a view is only read, and `View::of` checked its extent against its buffer.
+unsafe impl Sync for View {}
+unsafe impl Send for View {}
+
+impl View {
+    /// The (rows, cols) matrix at `start` with strides `st` (the last two of a layout) in a
+    /// CPU f32 or bf16 storage; `None` for other storages, or if it would reach past the
+    /// buffer.
+    fn of(s: &Storage, start: usize, st: &[usize], rows: usize, cols: usize) -> Option<View> {
+        let (rs, cs) = (st[st.len() - 2], st[st.len() - 1]);
+        let last = start + (rows - 1) * rs + (cols - 1) * cs;
+        let ptr = match s {
+            Storage::Cpu(CpuStorage::F32(v)) if last < v.len() => Elems::F32(v[start..].as_ptr()),
+            Storage::Cpu(CpuStorage::BF16(v)) if last < v.len() => {
+                Elems::Bf16(v[start..].as_ptr() as *const u16)
+            }
+            _ => return None,
+        };
+        Some(View {
+            ptr,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
+    }
+
+    /// Element (i, j) in bf16; the caller keeps i < rows, j < cols.
+    unsafe fn get(&self, i: usize, j: usize) -> u16 {
+        let at = i * self.rs + j * self.cs;
+        // SAFETY: (i, j) lies in the view, checked against its buffer in `View::of`
+        unsafe {
+            match self.ptr {
+                Elems::F32(p) => bf16_bits(*p.add(at)),
+                Elems::Bf16(p) => *p.add(at),
+            }
+        }
+    }
+
+    /// 16 elements in bf16 from (i, j) on along the contiguous axis (the caller checks
+    /// that they lie in the view).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn load16(&self, i: usize, j: usize) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let at = i * self.rs + j * self.cs;
+        // SAFETY: 16 elements from `at` lie in the view (caller), unaligned loads
+        unsafe {
+            match self.ptr {
+                Elems::F32(p) => std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(
+                    _mm512_loadu_ps(p.add(at)),
+                )),
+                Elems::Bf16(p) => _mm256_loadu_si256(p.add(at) as *const __m256i),
+            }
+        }
+    }
+
+    /// The pair-interleaved tile of rows k0..k0+32 (pairs) and columns c0..c0+16 of this
+    /// matrix taken as B, zero outside it (see the module comment).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn b_tile(&self, k0: usize, c0: usize, tile: &mut [u16; 512]) {
+        let full = k0 + 32 <= self.rows && c0 + 16 <= self.cols;
+        // SAFETY (every arm): the elements read lie in the view (`full`, or bounds per
+        // element); AMX CPUs have AVX-512 BW and BF16.
+        if full && self.cs == 1 {
+            // row-major: rows 2r and 2r+1 interleaved
+            for r in 0..16 {
+                unsafe {
+                    let (even, odd) =
+                        (self.load16(k0 + 2 * r, c0), self.load16(k0 + 2 * r + 1, c0));
+                    interleave(even, odd, tile[r * 32..].as_mut_ptr());
+                }
+            }
+        } else if full && self.rs == 1 {
+            // the transposed view of a row-major matrix: each column's 32 values are
+            // contiguous, pairs adjacent; the tile is the transpose of the 16 x 16 pairs
+            let mut cols = [0u16; 512];
+            for j in 0..16 {
+                unsafe { self.load32(k0, c0 + j, true, cols[j * 32..].as_mut_ptr()) };
+            }
+            unsafe { transpose_pairs(&cols, tile) };
+        } else {
+            tile.fill(0);
+            for j in 0..16.min(self.cols.saturating_sub(c0)) {
+                for kk in 0..32.min(self.rows.saturating_sub(k0)) {
+                    tile[(kk / 2) * 32 + 2 * j + kk % 2] = unsafe { self.get(k0 + kk, c0 + j) };
+                }
+            }
+        }
+    }
+
+    /// The tile of rows r0..r0+16 and columns k0..k0+32 of this matrix taken as A (plain
+    /// row-major bf16), zero outside it.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn a_tile(&self, r0: usize, k0: usize, tile: &mut [u16; 512]) {
+        let full = r0 + 16 <= self.rows && k0 + 32 <= self.cols;
+        // SAFETY: as in `b_tile`
+        if full && self.cs == 1 {
+            for i in 0..16 {
+                unsafe { self.load32(r0 + i, k0, false, tile[i * 32..].as_mut_ptr()) };
+            }
+        } else if full && self.rs == 1 {
+            // columns contiguous: pairs of columns interleaved give the rows' pairs as
+            // columns of a 16 x 16 block, transposed into rows
+            let mut pairs = [0u16; 512];
+            for p in 0..16 {
+                unsafe {
+                    let (even, odd) =
+                        (self.load16(r0, k0 + 2 * p), self.load16(r0, k0 + 2 * p + 1));
+                    interleave(even, odd, pairs[p * 32..].as_mut_ptr());
+                }
+            }
+            unsafe { transpose_pairs(&pairs, tile) };
+        } else {
+            tile.fill(0);
+            for i in 0..16.min(self.rows.saturating_sub(r0)) {
+                for kk in 0..32.min(self.cols.saturating_sub(k0)) {
+                    tile[i * 32 + kk] = unsafe { self.get(r0 + i, k0 + kk) };
+                }
+            }
+        }
+    }
+
+    /// 32 contiguous elements in bf16 to `dst`: from (i, j) along a row (`down` false, the
+    /// view's cs is 1) or along a column (`down` true, rs is 1).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn load32(&self, i: usize, j: usize, down: bool, dst: *mut u16) {
+        use std::arch::x86_64::*;
+        let (i2, j2) = if down { (i + 16, j) } else { (i, j + 16) };
+        // SAFETY: 32 elements lie in the view (caller); 64 writable bytes at dst
+        unsafe {
+            _mm256_storeu_si256(dst as *mut __m256i, self.load16(i, j));
+            _mm256_storeu_si256(dst.add(16) as *mut __m256i, self.load16(i2, j2));
+        }
+    }
+}
+
+thread_local! {
+    /// A in tiles, kept between products: a fresh buffer per product costs more in page
+    /// faults than the copy itself.
+    static A_TILES: std::cell::RefCell<Vec<BTile>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// B panels, per thread.
+    static PANEL: std::cell::RefCell<Vec<BTile>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A in tiles: 16-row groups, each `kp / 32` tiles of 16 x 32 bf16 in K order (K padded
+/// with zeros to `kp`, a multiple of 32, and the rows with zero rows to a multiple of 32).
+/// The kernel then reads A as contiguous 1 KiB tiles, which streams from L2 much faster
+/// than 16 rows a row-length apart.
+struct ATiles<'a> {
+    tiles: &'a [BTile],
     kp: usize,
 }
 
-impl<'a> BfRows<'a> {
-    fn fill(buf: &'a mut Vec<u16>, src: &[f32], m: usize, k: usize) -> BfRows<'a> {
-        let kp = k.div_ceil(32) * 32;
-        let len = m.div_ceil(32) * 32 * kp;
-        if buf.len() < len {
-            buf.resize(len, 0);
+/// C (M, N) row-major = A · B; `c` points to M·N f32, all written. `parallel`: spread the
+/// work over the rayon threads (else this thread does it all).
+fn product(a: &View, b: &View, c: *mut f32, parallel: bool) {
+    let (m, k) = (a.rows, a.cols);
+    let (kp, groups) = (k.div_ceil(32) * 32, m.div_ceil(32) * 2);
+    let kbs = kp / 32;
+    let mut own = Vec::new();
+    A_TILES.with(|cell| {
+        // a product inside a product's rayon task (work stealing) gets its own buffer
+        let mut guard = cell.try_borrow_mut();
+        let buf = match guard.as_mut() {
+            Ok(b) => &mut **b,
+            Err(_) => &mut own,
+        };
+        if buf.len() < groups * kbs {
+            buf.resize(groups * kbs, BTile([0; 512]));
         }
-        let data = &mut buf[..len];
-        data.par_chunks_mut(16 * kp)
-            .enumerate()
-            .for_each(|(group, tiles)| {
-                for i in 0..16 {
-                    let row = group * 16 + i;
-                    for (kb, tile) in tiles.chunks_mut(512).enumerate() {
-                        let dst = &mut tile[i * 32..i * 32 + 32];
-                        let (k0, k1) = (kb * 32, (kb * 32 + 32).min(k));
-                        if row >= m {
-                            dst.fill(0);
-                            continue;
-                        }
-                        let s = &src[row * k + k0..row * k + k1];
-                        // SAFETY: AMX CPUs have AVX-512 BF16 (Sapphire Rapids and later)
-                        unsafe { row_to_bf16(s, &mut dst[..k1 - k0]) };
-                        dst[k1 - k0..].fill(0);
-                    }
-                }
-            });
-        BfRows { data, kp }
-    }
-}
-
-/// f32 -> bf16, 16 at a time with `vcvtneps2bf16` (round to nearest even; like PyTorch's
-/// CPU conversion it treats subnormal inputs as zero).
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn row_to_bf16(src: &[f32], dst: &mut [u16]) {
-    use std::arch::x86_64::*;
-    let mut d16 = dst.chunks_exact_mut(16);
-    let mut s16 = src.chunks_exact(16);
-    for (s, d) in (&mut s16).zip(&mut d16) {
-        // SAFETY: both chunks hold 16 elements; unaligned loads and stores
-        unsafe {
-            let v = _mm512_loadu_ps(s.as_ptr());
-            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-            _mm256_storeu_si256(d.as_mut_ptr() as *mut __m256i, b);
+        let tiles = &mut buf[..groups * kbs];
+        let fill = |(g, row): (usize, &mut [BTile])| {
+            for (kb, t) in row.iter_mut().enumerate() {
+                // SAFETY: AMX CPUs have AVX-512 BW and BF16
+                unsafe { a.a_tile(g * 16, kb * 32, &mut t.0) };
+            }
+        };
+        if parallel {
+            tiles.par_chunks_mut(kbs).enumerate().for_each(fill);
+        } else {
+            tiles.chunks_mut(kbs).enumerate().for_each(fill);
         }
-    }
-    for (d, &s) in d16.into_remainder().iter_mut().zip(s16.remainder()) {
-        *d = bf16_bits(s);
-    }
+        let a_tiles = ATiles { tiles, kp };
+        gemm(&a_tiles, m, b, c, parallel);
+    });
 }
 
 /// f32 -> bf16 bits, rounding to nearest even (NaN stays NaN).
@@ -215,86 +378,35 @@ fn bf16_bits(x: f32) -> u16 {
     (bits.wrapping_add(round) >> 16) as u16
 }
 
-/// B (K, N) in bf16: element (kk, j) at `ptr[kk·sk + j·sn]`.
-struct BView {
-    ptr: *const u16,
-    sk: usize,
-    sn: usize,
-    k: usize,
-    n: usize,
-}
-
-// SAFETY: the view is only read, and its extent was checked against its buffer.
-unsafe impl Sync for BView {}
-
-impl BView {
-    /// Packs rows k0..k0+kc (kc a multiple of 32 after padding) of columns n0..n0+32 into
-    /// `panel` as B tiles, [kb][half], zero outside B.
-    fn pack(&self, k0: usize, kc: usize, n0: usize, panel: &mut Vec<BTile>) {
-        let kbs = kc.div_ceil(32);
-        if panel.len() < kbs * 2 {
-            panel.resize(kbs * 2, BTile([0; 512]));
-        }
-        for kb in 0..kbs {
-            let kbase = k0 + kb * 32;
-            for half in 0..2 {
-                let c0 = n0 + 16 * half;
-                let tile = &mut panel[kb * 2 + half].0;
-                let full = kbase + 32 <= self.k && c0 + 16 <= self.n;
-                // SAFETY (all three arms): every element read lies inside B (k < K, j < N),
-                // whose extent `matmul_bf16` checked; AMX CPUs have AVX-512 BW.
-                if full && self.sk == 1 {
-                    // B = Wᵀ of a row-major W: pairs are adjacent in W's rows, so the tile
-                    // is a 16 x 16 transpose of 32-bit pairs
-                    unsafe { transpose_pairs(self.ptr.add(c0 * self.sn + kbase), self.sn, tile) };
-                } else if full && self.sn == 1 {
-                    // B row-major: rows 2r and 2r+1 interleaved
-                    for r in 0..16 {
-                        unsafe {
-                            let row = self.ptr.add((kbase + 2 * r) * self.sk + c0);
-                            interleave_rows(row, row.add(self.sk), tile[r * 32..].as_mut_ptr())
-                        };
-                    }
-                } else {
-                    tile.fill(0);
-                    for j in 0..16.min(self.n.saturating_sub(c0)) {
-                        for kk in 0..32.min(self.k.saturating_sub(kbase)) {
-                            let at = (kbase + kk) * self.sk + (c0 + j) * self.sn;
-                            tile[(kk / 2) * 32 + 2 * j + kk % 2] = unsafe { *self.ptr.add(at) };
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// One B tile row from two rows of a row-major B: 16 bf16 of each, interleaved.
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn interleave_rows(even: *const u16, odd: *const u16, dst: *mut u16) {
+/// One B tile row from 16 bf16 of row 2r and 16 of row 2r + 1: interleaved.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave(
+    even: std::arch::x86_64::__m256i,
+    odd: std::arch::x86_64::__m256i,
+    dst: *mut u16,
+) {
     use std::arch::x86_64::*;
     static ORDER: [u16; 32] = [
         0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12,
         28, 13, 29, 14, 30, 15, 31,
     ];
-    // SAFETY: the caller passes 16 readable bf16 at `even` and `odd`, 32 writable at `dst`
+    // SAFETY: 32 writable bf16 at `dst` (caller)
     unsafe {
-        let lo = _mm256_loadu_si256(even as *const __m256i);
-        let hi = _mm256_loadu_si256(odd as *const __m256i);
-        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(even), odd);
         let order = _mm512_loadu_si512(ORDER.as_ptr() as *const __m512i);
         _mm512_storeu_si512(dst as *mut __m512i, _mm512_permutexvar_epi16(order, both));
     }
 }
 
-/// A B tile from 16 rows of W (`stride` bf16 apart, 32 bf16 each): tile row r holds pair r
-/// of every W row, the transpose of W's 16 x 16 block of 32-bit pairs.
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_pairs(w: *const u16, stride: usize, tile: &mut [u16; 512]) {
+/// The transpose of a 16 x 16 block of 32-bit bf16 pairs: tile row r holds pair r of every
+/// row of `src`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn transpose_pairs(src: &[u16; 512], tile: &mut [u16; 512]) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller passes 16 rows of 32 readable bf16
-    let r: [__m512i; 16] =
-        std::array::from_fn(|j| unsafe { _mm512_loadu_si512(w.add(j * stride) as *const __m512i) });
+    // SAFETY: 16 rows of 64 bytes in `src`
+    let r: [__m512i; 16] = std::array::from_fn(|j| unsafe {
+        _mm512_loadu_si512(src[j * 32..].as_ptr() as *const __m512i)
+    });
     // 32-bit, then 64-bit interleaves within 128-bit lanes, then two 128-bit lane shuffles
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
@@ -327,26 +439,46 @@ unsafe fn transpose_pairs(w: *const u16, stride: usize, tile: &mut [u16; 512]) {
     }
 }
 
-/// c (M, N) row-major = a · b, a's bf16 rows padded as `BfRows` describes; c points to
-/// M·N f32, written in full.
-fn gemm(a: &BfRows, m: usize, b: &BView, c: *mut f32) {
-    let n = b.n;
+/// C (M, N) row-major = A · B over A's tiles; B's panels are packed per strip.
+fn gemm(a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: bool) {
+    let n = b.cols;
     let strips = n.div_ceil(32);
     let c_addr = c as usize;
     for m0 in (0..m).step_by(M_BLOCK) {
         let mb = M_BLOCK.min(m - m0);
         for k0 in (0..a.kp).step_by(K_CHUNK) {
             let kc = K_CHUNK.min(a.kp - k0);
-            (0..strips)
-                .into_par_iter()
-                .for_each_init(Vec::new, |panel, s| {
-                    b.pack(k0, kc, s * 32, panel);
-                    // SAFETY: the tile kernel reads A's padded rows m0..m0+mb (rounded up to 32,
-                    // inside `a.data`) at columns k0..k0+kc, and `panel`'s kc/32 x 2 tiles; it
-                    // writes C's rows of this block at this strip's columns only (no other task
-                    // writes them), clipped to M and N.
-                    unsafe { strip_kernel(a, m, m0, mb, k0, kc, panel, s * 32, n, c_addr, k0 > 0) };
+            let strip = |panel: &mut Vec<BTile>, s: usize| {
+                let kbs = kc / 32;
+                if panel.len() < kbs * 2 {
+                    panel.resize(kbs * 2, BTile([0; 512]));
+                }
+                for kb in 0..kbs {
+                    for half in 0..2 {
+                        // SAFETY: AMX CPUs have AVX-512 BW and BF16
+                        unsafe {
+                            b.b_tile(
+                                k0 + kb * 32,
+                                s * 32 + 16 * half,
+                                &mut panel[kb * 2 + half].0,
+                            )
+                        };
+                    }
+                }
+                // SAFETY: the tile kernel reads A's tiles of rows m0..m0+mb (rounded up to
+                // 32, inside `a.tiles`) at columns k0..k0+kc, and `panel`'s kc/32 x 2 tiles;
+                // it writes C's rows of this block at this strip's columns only (no other
+                // task writes them), clipped to M and N.
+                unsafe { strip_kernel(a, m, m0, mb, k0, kc, panel, s * 32, n, c_addr, k0 > 0) };
+            };
+            if parallel {
+                (0..strips).into_par_iter().for_each_init(Vec::new, strip);
+            } else {
+                PANEL.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut panel) => (0..strips).for_each(|s| strip(&mut panel, s)),
+                    Err(_) => (0..strips).for_each(|s| strip(&mut Vec::new(), s)),
                 });
+            }
         }
     }
 }
@@ -354,7 +486,7 @@ fn gemm(a: &BfRows, m: usize, b: &BView, c: *mut f32) {
 /// One column strip (32 columns from n0) of one row block, over one K chunk.
 #[allow(clippy::too_many_arguments)]
 unsafe fn strip_kernel(
-    a: &BfRows,
+    a: &ATiles,
     m: usize,
     m0: usize,
     mb: usize,
@@ -420,8 +552,9 @@ unsafe fn strip_kernel(
                     options(nostack)
                 );
             }
-            let a0 = a.data.as_ptr().add(r0 * a.kp + k0 * 16);
-            let a1 = a0.add(16 * a.kp);
+            let kbs = a.kp / 32;
+            let a0 = a.tiles.as_ptr().add((r0 / 16) * kbs + k0 / 32);
+            let a1 = a0.add(kbs);
             for kb in 0..kc / 32 {
                 asm!(
                     "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -432,8 +565,8 @@ unsafe fn strip_kernel(
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(kb * 512),
-                    a1 = in(reg) a1.add(kb * 512),
+                    a0 = in(reg) a0.add(kb),
+                    a1 = in(reg) a1.add(kb),
                     b0 = in(reg) panel.as_ptr().add(kb * 2),
                     b1 = in(reg) panel.as_ptr().add(kb * 2 + 1),
                     sa = in(reg) 64usize,
@@ -467,17 +600,49 @@ unsafe fn strip_kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
-    /// The product of bf16-rounded operands, in f64 from the same bf16 values.
+    /// The product of the operands rounded to bf16, in f64.
     fn reference(a: &Tensor, b: &Tensor) -> Tensor {
-        let a = a
-            .to_dtype(DType::BF16)
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        round(a).matmul(&round(b)).unwrap()
+    }
+
+    fn max_diff(got: &Tensor, want: &Tensor) -> f64 {
+        (got.to_dtype(DType::F64).unwrap() - want)
             .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        let b = b.to_dtype(DType::F64).unwrap();
-        a.matmul(&b).unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// `(rows, cols)` of standard normals in `dtype`, row-major or as the transposed view
+    /// of a row-major (cols, rows) matrix.
+    fn operand(lead: &[usize], rows: usize, cols: usize, dtype: DType, crosswise: bool) -> Tensor {
+        let dev = Device::Cpu;
+        let r = lead.len();
+        let mut dims = lead.to_vec();
+        let t = if crosswise {
+            dims.extend([cols, rows]);
+            Tensor::randn(0f32, 1.0, dims, &dev)
+                .unwrap()
+                .transpose(r, r + 1)
+                .unwrap()
+        } else {
+            dims.extend([rows, cols]);
+            Tensor::randn(0f32, 1.0, dims, &dev).unwrap()
+        };
+        t.to_dtype(dtype).unwrap()
     }
 
     #[test]
@@ -486,9 +651,9 @@ mod tests {
             eprintln!("skipped: this CPU (or LNTUNE_AMX=0) has no AMX bf16 products");
             return;
         }
-        let dev = Device::Cpu;
-        // edges of every kind: below one tile, odd sizes, several K chunks and M blocks
-        for (i, &(m, k, n)) in [
+        // edges of every kind: below one tile, odd sizes, several K chunks and M blocks;
+        // every operand f32 or bf16, row-major or transposed
+        let shapes = [
             (1, 1, 1),
             (5, 7, 3),
             (32, 32, 32),
@@ -496,37 +661,50 @@ mod tests {
             (64, 576, 192),
             (600, 40, 70),
             (40, 2100, 50),
-        ]
-        .iter()
-        .enumerate()
-        {
-            let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-            let w_rows = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
-            let w_cols = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            for (what, b) in [
-                ("row-major", w_rows.to_dtype(DType::BF16).unwrap()),
-                (
-                    "transposed",
-                    w_cols.to_dtype(DType::BF16).unwrap().t().unwrap(),
-                ),
-            ] {
-                let got = matmul_bf16(&a, &b)
-                    .unwrap()
-                    .expect("amx takes 2-D f32 x bf16");
-                let want = reference(&a, &b);
-                let diff = (got.to_dtype(DType::F64).unwrap() - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+        ];
+        for (i, &(m, k, n)) in shapes.iter().enumerate() {
+            for case in 0..16 {
+                let (a_dt, b_dt) = (
+                    [DType::F32, DType::BF16][case & 1],
+                    [DType::F32, DType::BF16][(case >> 1) & 1],
+                );
+                let (a_t, b_t) = (case & 4 != 0, case & 8 != 0);
+                let a = operand(&[], m, k, a_dt, a_t);
+                let b = operand(&[], k, n, b_dt, b_t);
+                let got = matmul(&a, &b).unwrap().expect("amx takes 2-D f32/bf16");
+                let diff = max_diff(&got, &reference(&a, &b));
                 // f32 accumulation of exact bf16 products: error ~ K · eps_f32 · |terms|
-                let bound = 1e-5 * (k as f64) * 4.0;
+                let bound = 4e-5 * k as f64;
                 assert!(
                     diff <= bound,
-                    "case {i} {what} {m}x{k}x{n}: max |amx - ref| {diff} > {bound}"
+                    "case {i}/{case} {m}x{k}x{n} {a_dt:?}{} @ {b_dt:?}{}: max |amx - ref| {diff} > {bound}",
+                    if a_t { "ᵀ" } else { "" },
+                    if b_t { "ᵀ" } else { "" },
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn batched_amx_products_equal_the_rounded_product() {
+        if !available() {
+            eprintln!("skipped: this CPU (or LNTUNE_AMX=0) has no AMX bf16 products");
+            return;
+        }
+        // attention's shapes in small: (B, NKV, G·T, HD) @ (B, NKV, HD, S) and friends
+        for &(lead, m, k, n) in &[
+            (&[2usize, 3][..], 48, 16, 40),
+            (&[3][..], 17, 33, 9),
+            (&[2, 2][..], 64, 64, 32),
+        ] {
+            for case in 0..4 {
+                let a = operand(lead, m, k, DType::F32, case & 1 != 0);
+                let b = operand(lead, k, n, DType::F32, case & 2 != 0);
+                let got = batched_matmul(&a, &b).unwrap().expect("rank >= 3, f32");
+                let diff = max_diff(&got, &reference(&a, &b));
+                assert!(
+                    diff <= 4e-5 * k as f64,
+                    "{lead:?} {m}x{k}x{n} case {case}: {diff}"
                 );
             }
         }
@@ -544,18 +722,25 @@ mod tests {
                 -7e30,
             ])
             .collect();
-        let mut got = vec![0u16; xs.len()];
-        if available() {
-            // SAFETY: AMX CPUs have AVX-512 BF16
-            unsafe { row_to_bf16(&xs, &mut got) };
-        } else {
-            got.iter_mut()
-                .zip(&xs)
-                .for_each(|(g, &x)| *g = bf16_bits(x));
-        }
-        for (x, g) in xs.iter().zip(&got) {
-            assert_eq!(*g, half::bf16::from_f32(*x).to_bits(), "{x}");
+        for x in &xs {
+            assert_eq!(bf16_bits(*x), half::bf16::from_f32(*x).to_bits(), "{x}");
         }
         assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
+        if available() {
+            // the vector conversion (`vcvtneps2bf16`) rounds the same
+            let v = View {
+                ptr: Elems::F32(xs.as_ptr()),
+                rows: 1,
+                cols: xs.len(),
+                rs: xs.len(),
+                cs: 1,
+            };
+            let mut got = [0u16; 32];
+            // SAFETY: 32 elements from 0 lie in the view; AMX CPUs have AVX-512 BF16
+            unsafe { v.load32(0, 0, false, got.as_mut_ptr()) };
+            for (x, g) in xs.iter().zip(got) {
+                assert_eq!(g, half::bf16::from_f32(*x).to_bits(), "{x}");
+            }
+        }
     }
 }

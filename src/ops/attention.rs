@@ -175,27 +175,7 @@ impl candle_core::CustomOp2 for MaskedSoftmax {
                     let (bi, ri) = (r / rows_per_b, r % rows_per_b);
                     let xr = &x[r * s..(r + 1) * s];
                     let mr = &mask[(bi * t + ri % t) * s..(bi * t + ri % t + 1) * s];
-                    let mut max = f32::NEG_INFINITY;
-                    for (xv, mv) in xr.iter().zip(mr) {
-                        if *mv > MASKED_HALF {
-                            max = max.max(xv * self.scale + mv);
-                        }
-                    }
-                    if max == f32::NEG_INFINITY {
-                        orow.fill(1.0 / s as f32);
-                        continue;
-                    }
-                    let mut sum = 0f32;
-                    for ((ov, xv), mv) in orow.iter_mut().zip(xr).zip(mr) {
-                        *ov = if *mv > MASKED_HALF {
-                            (xv * self.scale + mv - max).exp()
-                        } else {
-                            0.0
-                        };
-                        sum += *ov;
-                    }
-                    let inv = 1.0 / sum;
-                    orow.iter_mut().for_each(|v| *v *= inv);
+                    super::cpu::vectorised!(masked_softmax_row(xr, mr, self.scale, orow));
                 }
             });
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
@@ -204,6 +184,78 @@ impl candle_core::CustomOp2 for MaskedSoftmax {
 
 /// Mask entries at or below this are "blocked".
 const MASKED_HALF: f32 = MASKED * 0.5;
+
+/// One row of `MaskedSoftmax`, in 16 lanes (max, exp and sum vectorise; the sum's order
+/// differs from a left-to-right sum by rounding only).
+#[inline(always)]
+fn masked_softmax_row(x: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
+    const L: usize = 16;
+    let score = |x: f32, m: f32| {
+        if m > MASKED_HALF {
+            x * scale + m
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let (xc, mc) = (x.chunks_exact(L), mask.chunks_exact(L));
+    let (xt, mt) = (xc.remainder(), mc.remainder());
+    for (xs, ms) in xc.zip(mc) {
+        for l in 0..L {
+            let v = score(xs[l], ms[l]);
+            lanes[l] = if v > lanes[l] { v } else { lanes[l] };
+        }
+    }
+    let mut max = lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for (&xv, &mv) in xt.iter().zip(mt) {
+        let v = score(xv, mv);
+        max = if v > max { v } else { max };
+    }
+    if max == f32::NEG_INFINITY {
+        out.fill(1.0 / x.len() as f32);
+        return;
+    }
+    // blocked entries are exactly 0 (exp_nonpositive(-inf) = 0)
+    let mut sums = [0f32; L];
+    for ((os, xs), ms) in out
+        .chunks_exact_mut(L)
+        .zip(x.chunks_exact(L))
+        .zip(mask.chunks_exact(L))
+    {
+        for l in 0..L {
+            os[l] = super::cpu::exp_nonpositive(score(xs[l], ms[l]) - max);
+            sums[l] += os[l];
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    let tail = x.len() - xt.len();
+    for ((o, &xv), &mv) in out[tail..].iter_mut().zip(xt).zip(mt) {
+        *o = super::cpu::exp_nonpositive(score(xv, mv) - max);
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// One row of `SoftmaxBackward`: dS = P ⊙ (dP − Σ dP ⊙ P), the dot in 16 lanes.
+#[inline(always)]
+fn softmax_backward_row(dp: &[f32], p: &[f32], out: &mut [f32]) {
+    const L: usize = 16;
+    let mut lanes = [0f32; L];
+    let (dc, pc) = (dp.chunks_exact(L), p.chunks_exact(L));
+    let (dt, pt) = (dc.remainder(), pc.remainder());
+    for (ds, ps) in dc.zip(pc) {
+        for l in 0..L {
+            lanes[l] += ds[l] * ps[l];
+        }
+    }
+    let dot: f32 = lanes.iter().sum::<f32>() + dt.iter().zip(pt).map(|(a, b)| a * b).sum::<f32>();
+    for ((o, a), b) in out.iter_mut().zip(dp).zip(p) {
+        *o = b * (a - dot);
+    }
+}
 
 /// dS = P ⊙ (dP − Σ_j dP ⊙ P), one pass per row (CPU).
 struct SoftmaxBackward;
@@ -232,10 +284,7 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
                 for (i, orow) in o.chunks_mut(s).enumerate() {
                     let r = chunk * per + i;
                     let (dpr, pr) = (&dp[r * s..(r + 1) * s], &p[r * s..(r + 1) * s]);
-                    let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for ((ov, a), b) in orow.iter_mut().zip(dpr).zip(pr) {
-                        *ov = b * (a - dot);
-                    }
+                    super::cpu::vectorised!(softmax_backward_row(dpr, pr, orow));
                 }
             });
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))

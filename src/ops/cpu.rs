@@ -38,6 +38,73 @@ pub fn with_f32_slices<R>(
     Some(f(&slices))
 }
 
+/// Calls `f(args..)` (an `#[inline(always)]` function over slices) compiled for AVX-512
+/// where the CPU has it, else as built: the default target has only SSE2, and the fused
+/// row kernels' loops vectorise 4 times wider with AVX-512.
+macro_rules! vectorised {
+    ($f:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn wide<R>(run: impl FnOnce() -> R) -> R {
+                run()
+            }
+            if $crate::ops::cpu::has_avx512() {
+                // SAFETY: the CPU has AVX-512F (checked)
+                unsafe { wide(|| $f($($arg),*)) }
+            } else {
+                $f($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f($($arg),*)
+        }
+    }};
+}
+pub(crate) use vectorised;
+
+/// Whether the CPU has AVX-512F (cached by std).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// e^x for x <= 0 (softmax's shifted scores) to within 2 ulp, written without branches or
+/// calls so that loops over it vectorise (libm's `expf` is one scalar call per element,
+/// which made exp the largest part of attention's softmax). x = n·ln2 + r with |r| <= ln2/2,
+/// e^r by its Taylor polynomial to r^7/7! (< 1.3e-7 relative), 2^n from the exponent bits.
+/// Results below f32's smallest normal (x < -87.33) are 0.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: n·LN2_HI is exact for |n| < 2^9
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // adding and subtracting 1.5·2^23 rounds to the nearest integer without a call
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.33, 0.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.33 { 0.0 } else { p * scale }
+}
+
+/// σ(x) = 1 / (1 + e^-x) through `exp_nonpositive(-|x|)`, branch-free (vectorises).
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    let r = 1.0 / (1.0 + e);
+    if x >= 0.0 { r } else { e * r }
+}
+
 /// Rows per rayon task: enough work to amortise scheduling.
 pub fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
@@ -175,6 +242,20 @@ pub fn batched_matmul_f32(
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp_of_libm() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 2.4e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
 
     #[test]
     fn batched_products_equal_candles_in_every_layout() {

@@ -34,20 +34,56 @@ pub mod gradcheck;
 
 use candle_core::{DType, Result, Tensor};
 
-/// `a @ b` computed in `dtype` (bf16 for bf16 weights), returned in `a`'s dtype. On the
-/// CPU a bf16 product is computed in f32 (bf16 operands widened, exactly): the gemm crate's
-/// bf16 kernels run at about half its f32 speed on CPUs with AVX-512, so the bf16 storage
-/// saves memory and the f32 product is the faster one (`lntune bench --profile`).
+thread_local! {
+    static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, this thread's f32 products also run in bf16 where the CPU has bf16 tile
+/// products (AMX), as under `torch.autocast(dtype=torch.bfloat16)`: set for the training
+/// step of a bf16 run, so that trainable f32 weights (full finetuning) and attention take
+/// the same products as the frozen bf16 weights. Restores the previous setting on drop.
+pub struct Autocast {
+    previous: bool,
+}
+
+/// An `Autocast` guard for products in `dtype` (bf16 turns it on, anything else off).
+pub fn autocast(dtype: DType) -> Autocast {
+    let previous = AUTOCAST_BF16.with(|c| c.replace(dtype == DType::BF16));
+    Autocast { previous }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        AUTOCAST_BF16.with(|c| c.set(self.previous));
+    }
+}
+
+/// `a @ b` computed in `dtype` (bf16 for bf16 weights, or any f32 product under
+/// `autocast(BF16)`), returned in `a`'s dtype. On the CPU a bf16 product runs on AMX tiles
+/// where the CPU has them (`amx`: operands rounded to bf16, f32 accumulation); elsewhere it
+/// is computed in f32 (bf16 operands widened, exactly): the gemm crate's bf16 kernels run
+/// at about half its f32 speed on CPUs with AVX-512, so the bf16 storage saves memory and
+/// the f32 product is the faster one (`lntune bench --profile`).
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    let out = a.dtype();
     #[cfg(target_arch = "x86_64")]
-    if dtype == DType::BF16
-        && a.dtype() == DType::F32
-        && let Some(y) = amx::matmul_bf16(a, b)?
+    if a.device().is_cpu()
+        && (dtype == DType::BF16 || (dtype == DType::F32 && AUTOCAST_BF16.with(|c| c.get())))
     {
-        return Ok(y);
+        let y = if a.rank() == 2 {
+            amx::matmul(a, b)?
+        } else {
+            amx::batched_matmul(a, b)?
+        };
+        if let Some(y) = y {
+            return if y.dtype() == out {
+                Ok(y)
+            } else {
+                y.to_dtype(out)
+            };
+        }
     }
     let dtype = compute_dtype(dtype, a.device());
-    let out = a.dtype();
     let (a, b) = (
         to_dtype_in_place_order(a, dtype)?,
         to_dtype_in_place_order(b, dtype)?,

@@ -239,6 +239,7 @@ impl RunConfig {
             seed: self.seed,
             recompute: self.recompute,
             activation_budget: DEFAULT_ACTIVATION_BUDGET,
+            compute: self.dtype,
         }
     }
 }

@@ -214,6 +214,7 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
         seed: 0,
         recompute: args.recompute,
         activation_budget: DEFAULT_ACTIVATION_BUDGET,
+        compute: args.dtype,
     };
     let mut trainer = Trainer::new(&mut model, &method, cfg)?;
     let batch = synthetic_batch(&spec, args.batch, args.seq, 0, dev)?;

@@ -23,6 +23,10 @@ pub struct TrainerConfig {
     pub recompute: super::Recompute,
     /// bytes `Recompute::Auto` may keep for the backward
     pub activation_budget: usize,
+    /// the products' dtype: bf16 for a run whose frozen weights are bf16 (mixed
+    /// precision: every product in bf16 where the CPU has bf16 tiles, see `ops::autocast`)
+    #[serde(default)]
+    pub compute: crate::util::device::WeightDtype,
 }
 
 /// What one optimizer step did.
@@ -84,6 +88,7 @@ impl Trainer {
         let mut grads = Grads::default();
         let mut loss_sum = 0.0;
         let mut per_micro = Vec::new();
+        let _autocast = crate::ops::autocast(self.cfg.compute.dtype());
         for (i, mb) in micro.iter().enumerate() {
             let seed = self.cfg.seed ^ ((self.step as u64) << 20) ^ i as u64;
             let (l, g) = forward_backward(
