@@ -17,9 +17,9 @@
 //! - Ops use only candle tensor primitives, so they run on every candle device.
 
 pub mod act;
-#[cfg(target_arch = "x86_64")]
-pub mod amx;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod bf16;
 #[cfg(feature = "openblas")]
 pub mod blas;
 pub mod cpu;
@@ -38,8 +38,8 @@ thread_local! {
     static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While alive, this thread's f32 products also run in bf16 where the CPU has bf16 tile
-/// products (AMX), as under `torch.autocast(dtype=torch.bfloat16)`: set for the training
+/// While alive, this thread's f32 products also run in bf16 where the CPU has bf16
+/// products (AMX, AVX-512 BF16), as under `torch.autocast(dtype=torch.bfloat16)`: set for the training
 /// step of a bf16 run, so that trainable f32 weights (full finetuning) and attention take
 /// the same products as the frozen bf16 weights. Restores the previous setting on drop.
 pub struct Autocast {
@@ -60,7 +60,8 @@ impl Drop for Autocast {
 
 /// `a @ b` computed in `dtype` (bf16 for bf16 weights, or any f32 product under
 /// `autocast(BF16)`), returned in `a`'s dtype. On the CPU a bf16 product runs on AMX tiles
-/// where the CPU has them (`amx`: operands rounded to bf16, f32 accumulation); elsewhere it
+/// or AVX-512 BF16 where the CPU has them (`bf16`: operands rounded to bf16, f32
+/// accumulation); elsewhere it
 /// is computed in f32 (bf16 operands widened, exactly): the gemm crate's bf16 kernels run
 /// at about half its f32 speed on CPUs with AVX-512, so the bf16 storage saves memory and
 /// the f32 product is the faster one (`lntune bench --profile`).
@@ -71,9 +72,9 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
         && (dtype == DType::BF16 || (dtype == DType::F32 && AUTOCAST_BF16.with(|c| c.get())))
     {
         let y = if a.rank() == 2 {
-            amx::matmul(a, b)?
+            bf16::matmul(a, b)?
         } else {
-            amx::batched_matmul(a, b)?
+            bf16::batched_matmul(a, b)?
         };
         if let Some(y) = y {
             return if y.dtype() == out {

@@ -1,22 +1,27 @@
-//! bf16 matrix products on Intel AMX (Advanced Matrix Extensions: Sapphire Rapids and
-//! later), for bf16 mixed precision on the CPU: `C (M, N) f32 = A (M, K) · B (K, N)` with
-//! f32 operands rounded to bf16 (as PyTorch's autocast does; bf16 operands, the frozen
-//! weights, as they are), accumulated in f32 by the tile unit (`tdpbf16ps`). At a training
-//! step's shapes this runs at 2 to 3.5 times the f32 gemm's speed on the same cores
-//! (`lntune bench --profile`, matmul GFLOP/s).
+//! bf16 matrix products for mixed precision on the CPU: `C (M, N) f32 = A (M, K) · B (K, N)`
+//! with f32 operands rounded to bf16 (as PyTorch's autocast does; bf16 operands, the
+//! frozen weights, as they are), accumulated in f32. Two kernels over the same packed
+//! operands:
+//! - Intel AMX (Sapphire Rapids and later): the tile unit's `tdpbf16ps`. At a training
+//!   step's shapes 2 to 3.5 times the f32 gemm's speed on the same cores (`lntune bench
+//!   --profile`, matmul GFLOP/s).
+//! - AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake and later): `vdpbf16ps`, 32
+//!   products per instruction against 16 for an f32 FMA.
 //!
-//! The tile unit holds eight 16 x 64-byte registers. One step of the kernel takes a 32 x 32
-//! block of C in four f32 tiles (tmm0-3) and adds A's 32 x 32 bf16 block (tmm4-5, two
-//! 16-row tiles loaded straight from the row-major bf16 copy of A) times B's 32 x 32 block
-//! (tmm6-7), which must be in the tile unit's pair-interleaved ("VNNI") layout: row r of a B
-//! tile holds, for 16 columns j, the pair B[2r][j], B[2r+1][j]. A is copied into tiles once
-//! per product; B is repacked per 32-column strip into a small buffer that stays in cache
-//! while every row block of A passes it. Either operand may be row-major or the transposed
-//! view of a row-major matrix (a linear's `w.t()`, attention's `k.t()`); both orientations
-//! pack with AVX-512 shuffles (a 16 x 16 transpose of bf16 pairs for the crosswise one).
+//! `LNTUNE_BF16_PRODUCTS=amx|avx512bf16|f32` forces one (`f32`: neither; bf16 products are
+//! then computed in f32 from widened operands, `ops::matmul_in`); by default the best the
+//! CPU has is used.
 //!
-//! CPUs without AMX, and `LNTUNE_AMX=0`, use the f32 product of the widened weight instead
-//! (`ops::matmul_in`).
+//! The AMX tile unit holds eight 16 x 64-byte registers. One step of its kernel takes a
+//! 32 x 32 block of C in four f32 tiles (tmm0-3) and adds A's 32 x 32 bf16 block (tmm4-5)
+//! times B's 32 x 32 block (tmm6-7), which must be in the pair-interleaved ("VNNI") layout:
+//! row r of a B tile holds, for 16 columns j, the pair B[2r][j], B[2r+1][j]. The AVX-512
+//! kernel reads the same tiles: one B tile row is one `vdpbf16ps` operand, and an A row's
+//! pair, broadcast, the other. A is copied into tiles once per product; B is repacked per
+//! 32-column strip into a small buffer that stays in cache while every row block of A
+//! passes it. Either operand may be row-major or the transposed view of a row-major matrix
+//! (a linear's `w.t()`, attention's `k.t()`); both orientations pack with AVX-512 shuffles
+//! (a 16 x 16 transpose of bf16 pairs for the crosswise one).
 
 use std::arch::asm;
 use std::sync::OnceLock;
@@ -54,14 +59,42 @@ const M_BLOCK: usize = 512;
 /// K per pass; a longer K (the LM head's dX: K = vocabulary) adds pass after pass into C.
 const K_CHUNK: usize = 1024;
 
-/// Whether this process may use AMX bf16 products: the CPU has them, Linux granted the tile
-/// state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and `LNTUNE_AMX` is not `0`.
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if std::env::var("LNTUNE_AMX").is_ok_and(|v| v == "0") {
-            return false;
+/// A bf16 product kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Amx,
+    Avx512Bf16,
+}
+
+/// The bf16 product kernel of this process: `LNTUNE_BF16_PRODUCTS` (amx, avx512bf16, f32)
+/// if set and the CPU can run it, else the best one the CPU has; `None` if it has neither
+/// (or `f32` was asked for).
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let wanted = std::env::var("LNTUNE_BF16_PRODUCTS").unwrap_or_default();
+        let avx = has_avx512_bf16();
+        match wanted.as_str() {
+            "f32" => None,
+            "avx512bf16" => avx.then_some(Kernel::Avx512Bf16),
+            _ if avx && amx_granted() => Some(Kernel::Amx),
+            _ => avx.then_some(Kernel::Avx512Bf16),
         }
+    })
+}
+
+/// Whether the CPU has AVX-512 BF16 (and the BW shuffles the packing uses).
+pub fn has_avx512_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+/// Whether the CPU has AMX bf16 tiles and Linux granted this process the tile state
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once.
+pub fn amx_granted() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
         // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
         let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
         if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
@@ -83,9 +116,18 @@ pub fn available() -> bool {
 }
 
 /// `a @ b` for 2-D f32 or bf16 CPU tensors, computed in bf16 with f32 accumulation,
-/// returned in f32. `None` when AMX is not available or the operands are of another kind.
+/// returned in f32. `None` when the CPU has no bf16 kernel or the operands are of another
+/// kind.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    if a.rank() != 2 || b.rank() != 2 || !available() {
+    match kernel() {
+        Some(k) => matmul_using(k, a, b),
+        None => Ok(None),
+    }
+}
+
+/// `matmul` with the given kernel (the caller checked that the CPU has it).
+fn matmul_using(kernel: Kernel, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if a.rank() != 2 || b.rank() != 2 {
         return Ok(None);
     }
     let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
@@ -106,6 +148,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let mut c = Vec::<f32>::with_capacity(m * n);
     // SAFETY: `product` writes every element of C before anything reads it
     product(
+        kernel,
         &av,
         &bv,
         c.spare_capacity_mut().as_mut_ptr() as *mut f32,
@@ -119,8 +162,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
 /// per-head products), in bf16 with f32 accumulation: one single-threaded product per
 /// matrix, the matrices spread over the rayon threads. `None` as for `matmul`.
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    match kernel() {
+        Some(k) => batched_matmul_using(k, a, b),
+        None => Ok(None),
+    }
+}
+
+fn batched_matmul_using(kernel: Kernel, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let r = a.rank();
-    if r < 3 || b.rank() != r || !available() {
+    if r < 3 || b.rank() != r {
         return Ok(None);
     }
     let (ad, bd) = (a.dims(), b.dims());
@@ -159,7 +209,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let mut out = vec![0f32; nb * m * n];
     out.par_chunks_mut(m * n)
         .zip(views.par_iter())
-        .for_each(|(dst, (av, bv))| product(av, bv, dst.as_mut_ptr(), false));
+        .for_each(|(dst, (av, bv))| product(kernel, av, bv, dst.as_mut_ptr(), false));
     let mut dims = batch.to_vec();
     dims.extend([m, n]);
     Ok(Some(Tensor::from_vec(out, dims, a.device())?))
@@ -336,7 +386,7 @@ struct ATiles<'a> {
 
 /// C (M, N) row-major = A · B; `c` points to M·N f32, all written. `parallel`: spread the
 /// work over the rayon threads (else this thread does it all).
-fn product(a: &View, b: &View, c: *mut f32, parallel: bool) {
+fn product(kernel: Kernel, a: &View, b: &View, c: *mut f32, parallel: bool) {
     let (m, k) = (a.rows, a.cols);
     let (kp, groups) = (k.div_ceil(32) * 32, m.div_ceil(32) * 2);
     let kbs = kp / 32;
@@ -364,7 +414,7 @@ fn product(a: &View, b: &View, c: *mut f32, parallel: bool) {
             tiles.chunks_mut(kbs).enumerate().for_each(fill);
         }
         let a_tiles = ATiles { tiles, kp };
-        gemm(&a_tiles, m, b, c, parallel);
+        gemm(kernel, &a_tiles, m, b, c, parallel);
     });
 }
 
@@ -440,7 +490,7 @@ unsafe fn transpose_pairs(src: &[u16; 512], tile: &mut [u16; 512]) {
 }
 
 /// C (M, N) row-major = A · B over A's tiles; B's panels are packed per strip.
-fn gemm(a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: bool) {
+fn gemm(kernel: Kernel, a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: bool) {
     let n = b.cols;
     let strips = n.div_ceil(32);
     let c_addr = c as usize;
@@ -465,11 +515,27 @@ fn gemm(a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: bool) {
                         };
                     }
                 }
-                // SAFETY: the tile kernel reads A's tiles of rows m0..m0+mb (rounded up to
-                // 32, inside `a.tiles`) at columns k0..k0+kc, and `panel`'s kc/32 x 2 tiles;
-                // it writes C's rows of this block at this strip's columns only (no other
-                // task writes them), clipped to M and N.
-                unsafe { strip_kernel(a, m, m0, mb, k0, kc, panel, s * 32, n, c_addr, k0 > 0) };
+                let strip = Strip {
+                    m,
+                    m0,
+                    mb,
+                    k0,
+                    kc,
+                    n0: s * 32,
+                    n,
+                    c_addr,
+                    accumulate: k0 > 0,
+                };
+                // SAFETY: both kernels read A's tiles of rows m0..m0+mb (rounded up to 32,
+                // inside `a.tiles`) at columns k0..k0+kc, and `panel`'s kc/32 x 2 tiles;
+                // they write C's rows of this block at this strip's columns only (no other
+                // task writes them), clipped to M and N. The kernel was checked to run here.
+                unsafe {
+                    match kernel {
+                        Kernel::Amx => amx_strip(a, panel, &strip),
+                        Kernel::Avx512Bf16 => dpbf16_strip(a, panel, &strip),
+                    }
+                };
             };
             if parallel {
                 (0..strips).into_par_iter().for_each_init(Vec::new, strip);
@@ -483,21 +549,34 @@ fn gemm(a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: bool) {
     }
 }
 
-/// One column strip (32 columns from n0) of one row block, over one K chunk.
-#[allow(clippy::too_many_arguments)]
-unsafe fn strip_kernel(
-    a: &ATiles,
+/// One column strip (32 columns from n0) of one row block (rows m0..m0+mb of M), over one
+/// K chunk (k0..k0+kc); C (M, N) at `c_addr`, added to when `accumulate`.
+#[derive(Clone, Copy)]
+struct Strip {
     m: usize,
     m0: usize,
     mb: usize,
     k0: usize,
     kc: usize,
-    panel: &[BTile],
     n0: usize,
     n: usize,
     c_addr: usize,
     accumulate: bool,
-) {
+}
+
+/// `Strip` on the AMX tile unit.
+unsafe fn amx_strip(a: &ATiles, panel: &[BTile], strip: &Strip) {
+    let Strip {
+        m,
+        m0,
+        mb,
+        k0,
+        kc,
+        n0,
+        n,
+        c_addr,
+        accumulate,
+    } = *strip;
     let c = c_addr as *mut f32;
     let mut spill = [[0f32; 256]; 4];
     unsafe {
@@ -597,6 +676,85 @@ unsafe fn strip_kernel(
     }
 }
 
+/// `Strip` with AVX-512 BF16: per 8 rows of A and the strip's 32 columns, 16 f32
+/// accumulators; each pair of A's row (broadcast) meets one B tile row per `vdpbf16ps`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dpbf16_strip(a: &ATiles, panel: &[BTile], strip: &Strip) {
+    use std::arch::x86_64::*;
+    let Strip {
+        m,
+        m0,
+        mb,
+        k0,
+        kc,
+        n0,
+        n,
+        c_addr,
+        accumulate,
+    } = *strip;
+    let c = c_addr as *mut f32;
+    let kbs = a.kp / 32;
+    // columns of the strip's two 16-column halves that lie in C
+    let lanes = |half: usize| -> __mmask16 {
+        let valid = n.saturating_sub(n0 + 16 * half).min(16);
+        ((1u32 << valid) - 1) as __mmask16
+    };
+    let masks = [lanes(0), lanes(1)];
+    for r0 in (m0..m0 + mb).step_by(8) {
+        let rows = m.saturating_sub(r0).min(8);
+        if rows == 0 {
+            break;
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if accumulate {
+            for (i, row) in acc.iter_mut().enumerate().take(rows) {
+                for (h, v) in row.iter_mut().enumerate() {
+                    // SAFETY: row r0 + i < M, the masked lanes' columns < N
+                    *v = unsafe {
+                        _mm512_maskz_loadu_ps(masks[h], c.add((r0 + i) * n + n0 + 16 * h))
+                    };
+                }
+            }
+        }
+        let tile_row = (r0 / 16) * kbs + k0 / 32;
+        let in_tile = (r0 % 16) * 32;
+        for kb in 0..kc / 32 {
+            let at = &a.tiles[tile_row + kb].0;
+            let (b0, b1) = (&panel[kb * 2].0, &panel[kb * 2 + 1].0);
+            for p in 0..16 {
+                // SAFETY: row p of each 1 KiB B tile; 64-byte unaligned loads
+                let (vb0, vb1): (__m512bh, __m512bh) = unsafe {
+                    (
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                            b0[p * 32..].as_ptr() as *const __m512i,
+                        )),
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                            b1[p * 32..].as_ptr() as *const __m512i,
+                        )),
+                    )
+                };
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let o = in_tile + i * 32 + 2 * p;
+                    // SAFETY: the pair at `o` lies in the 1 KiB A tile; a 4-byte broadcast
+                    // load, reinterpreted as 16 bf16 pairs
+                    let va = unsafe {
+                        let pair = (at.as_ptr().add(o) as *const i32).read_unaligned();
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair))
+                    };
+                    row[0] = _mm512_dpbf16_ps(row[0], va, vb0);
+                    row[1] = _mm512_dpbf16_ps(row[1], va, vb1);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            for (h, v) in row.iter().enumerate() {
+                // SAFETY: as for the loads
+                unsafe { _mm512_mask_storeu_ps(c.add((r0 + i) * n + n0 + 16 * h), masks[h], *v) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,12 +803,28 @@ mod tests {
         t.to_dtype(dtype).unwrap()
     }
 
-    #[test]
-    fn amx_products_equal_the_rounded_product_in_every_shape_and_layout() {
-        if !available() {
-            eprintln!("skipped: this CPU (or LNTUNE_AMX=0) has no AMX bf16 products");
-            return;
+    /// The kernels this CPU runs, each tested (AMX CPUs have both).
+    fn kernels() -> Vec<Kernel> {
+        let mut ks = Vec::new();
+        if has_avx512_bf16() && amx_granted() {
+            ks.push(Kernel::Amx);
         }
+        if has_avx512_bf16() {
+            ks.push(Kernel::Avx512Bf16);
+        } else {
+            eprintln!("skipped: this CPU has no bf16 products (AVX-512 BF16 or AMX)");
+        }
+        ks
+    }
+
+    #[test]
+    fn bf16_products_equal_the_rounded_product_in_every_shape_and_layout() {
+        for kernel in kernels() {
+            products_equal_the_rounded_product(kernel);
+        }
+    }
+
+    fn products_equal_the_rounded_product(kernel: Kernel) {
         // edges of every kind: below one tile, odd sizes, several K chunks and M blocks;
         // every operand f32 or bf16, row-major or transposed
         let shapes = [
@@ -671,13 +845,15 @@ mod tests {
                 let (a_t, b_t) = (case & 4 != 0, case & 8 != 0);
                 let a = operand(&[], m, k, a_dt, a_t);
                 let b = operand(&[], k, n, b_dt, b_t);
-                let got = matmul(&a, &b).unwrap().expect("amx takes 2-D f32/bf16");
+                let got = matmul_using(kernel, &a, &b)
+                    .unwrap()
+                    .expect("takes 2-D f32/bf16");
                 let diff = max_diff(&got, &reference(&a, &b));
                 // f32 accumulation of exact bf16 products: error ~ K · eps_f32 · |terms|
                 let bound = 4e-5 * k as f64;
                 assert!(
                     diff <= bound,
-                    "case {i}/{case} {m}x{k}x{n} {a_dt:?}{} @ {b_dt:?}{}: max |amx - ref| {diff} > {bound}",
+                    "{kernel:?} case {i}/{case} {m}x{k}x{n} {a_dt:?}{} @ {b_dt:?}{}: max |got - ref| {diff} > {bound}",
                     if a_t { "ᵀ" } else { "" },
                     if b_t { "ᵀ" } else { "" },
                 );
@@ -686,26 +862,26 @@ mod tests {
     }
 
     #[test]
-    fn batched_amx_products_equal_the_rounded_product() {
-        if !available() {
-            eprintln!("skipped: this CPU (or LNTUNE_AMX=0) has no AMX bf16 products");
-            return;
-        }
+    fn batched_bf16_products_equal_the_rounded_product() {
         // attention's shapes in small: (B, NKV, G·T, HD) @ (B, NKV, HD, S) and friends
-        for &(lead, m, k, n) in &[
-            (&[2usize, 3][..], 48, 16, 40),
-            (&[3][..], 17, 33, 9),
-            (&[2, 2][..], 64, 64, 32),
-        ] {
-            for case in 0..4 {
-                let a = operand(lead, m, k, DType::F32, case & 1 != 0);
-                let b = operand(lead, k, n, DType::F32, case & 2 != 0);
-                let got = batched_matmul(&a, &b).unwrap().expect("rank >= 3, f32");
-                let diff = max_diff(&got, &reference(&a, &b));
-                assert!(
-                    diff <= 4e-5 * k as f64,
-                    "{lead:?} {m}x{k}x{n} case {case}: {diff}"
-                );
+        for kernel in kernels() {
+            for &(lead, m, k, n) in &[
+                (&[2usize, 3][..], 48, 16, 40),
+                (&[3][..], 17, 33, 9),
+                (&[2, 2][..], 64, 64, 32),
+            ] {
+                for case in 0..4 {
+                    let a = operand(lead, m, k, DType::F32, case & 1 != 0);
+                    let b = operand(lead, k, n, DType::F32, case & 2 != 0);
+                    let got = batched_matmul_using(kernel, &a, &b)
+                        .unwrap()
+                        .expect("rank >= 3, f32");
+                    let diff = max_diff(&got, &reference(&a, &b));
+                    assert!(
+                        diff <= 4e-5 * k as f64,
+                        "{kernel:?} {lead:?} {m}x{k}x{n} case {case}: {diff}"
+                    );
+                }
             }
         }
     }
@@ -726,7 +902,7 @@ mod tests {
             assert_eq!(bf16_bits(*x), half::bf16::from_f32(*x).to_bits(), "{x}");
         }
         assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
-        if available() {
+        if has_avx512_bf16() {
             // the vector conversion (`vcvtneps2bf16`) rounds the same
             let v = View {
                 ptr: Elems::F32(xs.as_ptr()),
@@ -736,7 +912,7 @@ mod tests {
                 cs: 1,
             };
             let mut got = [0u16; 32];
-            // SAFETY: 32 elements from 0 lie in the view; AMX CPUs have AVX-512 BF16
+            // SAFETY: 32 elements from 0 lie in the view; the CPU has AVX-512 BF16
             unsafe { v.load32(0, 0, false, got.as_mut_ptr()) };
             for (x, g) in xs.iter().zip(got) {
                 assert_eq!(g, half::bf16::from_f32(*x).to_bits(), "{x}");
