@@ -244,40 +244,68 @@ fn tied_embeddings_without_lm_head() {
 
 #[test]
 fn cli_check_passes_on_both_fixtures() {
-    for (model, batch, expected) in [
-        (
-            "tiny-llava",
-            "tiny-llava/ref/batch.safetensors",
-            "tiny-llava/ref/expected.safetensors",
-        ),
-        (
-            "tiny-dinov2-llama",
-            "tiny-dinov2-llama/batch.safetensors",
-            "tiny-dinov2-llama/expected.safetensors",
-        ),
-    ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
-            .args(["check", "--model"])
-            .arg(fixture(model))
-            .arg("--batch")
-            .arg(fixture(batch))
-            .arg("--expected")
-            .arg(fixture(expected))
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{model}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(stdout.contains("check passed"));
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l.starts_with("logits") && l.ends_with("ok"))
-        );
+    for dtype in ["f32", "bf16"] {
+        for (model, batch, expected) in [
+            (
+                "tiny-llava",
+                "tiny-llava/ref/batch.safetensors",
+                "tiny-llava/ref/expected.safetensors",
+            ),
+            (
+                "tiny-dinov2-llama",
+                "tiny-dinov2-llama/batch.safetensors",
+                "tiny-dinov2-llama/expected.safetensors",
+            ),
+        ] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+                .args(["check", "--model"])
+                .arg(fixture(model))
+                .arg("--batch")
+                .arg(fixture(batch))
+                .arg("--expected")
+                .arg(fixture(expected))
+                .args(["--dtype", dtype])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{model} {dtype}: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(stdout.contains("check passed"));
+            // the stated tolerance of the dtype
+            let tol = if dtype == "f32" {
+                "1.0e-4 abs"
+            } else {
+                "2.0e-2 abs"
+            };
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with("logits") && l.ends_with("ok") && l.contains(tol)),
+                "{model} {dtype}: {stdout}"
+            );
+        }
     }
+}
+
+#[test]
+fn cli_check_in_bf16_is_not_within_the_f32_tolerance() {
+    // bf16 mixed precision really changes the numbers: the f32 tolerance fails it
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(["check", "--model"])
+        .arg(fixture("tiny-llava"))
+        .arg("--batch")
+        .arg(fixture("tiny-llava/ref/batch.safetensors"))
+        .arg("--expected")
+        .arg(fixture("tiny-llava/ref/expected.safetensors"))
+        .args(["--dtype", "bf16", "--atol-logits", "1e-4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("logits"), "{stderr}");
 }
 
 #[test]

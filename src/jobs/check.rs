@@ -38,6 +38,9 @@ pub struct CheckConfig {
     pub rtol_grad: f64,
     /// Tolerance on the parameters after one AdamW step (abs)
     pub atol_adamw: f64,
+    /// ... plus this times the reference tensor's max abs (bf16: the trainable masters start
+    /// from the bf16-rounded checkpoint values)
+    pub rtol_adamw: f64,
     /// AdamW step compared with `after_adamw.*`: learning rate
     pub adamw_lr: f64,
     /// AdamW step compared with `after_adamw.*`: weight decay (applied to every tensor)
@@ -107,6 +110,8 @@ struct Row {
 /// Runs the model on the batch and compares every reference tensor; an error names the
 /// tensors beyond tolerance.
 pub fn check(args: &CheckConfig, device: &Device) -> Result<()> {
+    // products in the run's precision, as in training (bf16: mixed precision)
+    let _autocast = crate::ops::autocast(args.dtype.dtype());
     let t0 = Instant::now();
     let mut model = Mllm::load(&args.model, args.dtype.dtype(), device)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -398,11 +403,17 @@ fn grad_rows(
             }
             let got = model.param(&ours).context("updated tensor")?;
             let want = expected.load_any(k)?;
+            let scale = want
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
             rows.push(Row {
                 name: k.clone(),
                 shape: want.dims().to_vec(),
                 diff: diff(k, &got, &want)?,
-                tol: args.atol_adamw,
+                tol: args.atol_adamw + args.rtol_adamw * scale,
                 relative: false,
             });
         }

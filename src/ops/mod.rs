@@ -110,6 +110,24 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
+/// How products asked for in `dtype` run on `device`: `f32`, `bf16 on AMX`, `bf16 on
+/// AVX-512 BF16`, or `f32 from bf16` (no bf16 kernel on this CPU), `bf16` elsewhere.
+pub fn products_name(dtype: DType, device: &candle_core::Device) -> &'static str {
+    if dtype != DType::BF16 {
+        return "f32";
+    }
+    if !device.is_cpu() {
+        return "bf16";
+    }
+    #[cfg(target_arch = "x86_64")]
+    match bf16::kernel() {
+        Some(bf16::Kernel::Amx) => return "bf16 on AMX",
+        Some(bf16::Kernel::Avx512Bf16) => return "bf16 on AVX-512 BF16",
+        None => {}
+    }
+    "f32 from bf16"
+}
+
 /// The dtype a product asked for in `dtype` is computed in on `device` (see `matmul_in`).
 pub fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType {
     if dtype == DType::BF16 && device.is_cpu() {

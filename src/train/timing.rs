@@ -141,14 +141,15 @@ pub struct StepProfile {
     pub peak_dtype: String,
 }
 
-/// GFLOP/s of `n`×`n` by `n`×`n` products in `dtype`: the best of a few runs.
+/// GFLOP/s of `n`×`n` by `n`×`n` products as a training step runs them in `dtype` (an
+/// f32 activation times an f32 or bf16 weight, `ops::matmul_in`): the best of a few runs.
 pub fn matmul_peak_gflops(n: usize, dtype: DType, dev: &Device) -> Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
     let mut best = f64::INFINITY;
     for _ in 0..4 {
         let t = Instant::now();
-        let c = a.matmul(&b)?;
+        let c = crate::ops::matmul_in(&a, &b, dtype)?;
         let _ = c.dims();
         best = best.min(t.elapsed().as_secs_f64());
     }
@@ -271,12 +272,12 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
             })
             .collect();
         let mean_step = times.iter().sum::<f64>() / n;
-        let mm_dtype = crate::ops::compute_dtype(model.llm.matmul_dtype(), dev);
+        let dtype = args.dtype.dtype();
         Some(StepProfile {
             other_s: mean_step - rows.iter().map(|r| r.seconds).sum::<f64>(),
             rows,
-            peak_gflops: matmul_peak_gflops(1024, mm_dtype, dev)?,
-            peak_dtype: format!("{mm_dtype:?}").to_lowercase(),
+            peak_gflops: matmul_peak_gflops(1024, dtype, dev)?,
+            peak_dtype: crate::ops::products_name(dtype, dev).into(),
         })
     } else {
         None
