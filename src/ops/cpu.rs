@@ -71,6 +71,26 @@ pub fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
 }
 
+/// Σ f(i) for i < n, in 16 lanes: an f32 sum written left to right cannot be vectorised
+/// (each add waits for the one before); 16 partial sums can, and differ from it by
+/// rounding only.
+#[inline(always)]
+pub fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    const L: usize = 16;
+    let mut lanes = [0f32; L];
+    let full = n / L * L;
+    for base in (0..full).step_by(L) {
+        for (l, acc) in lanes.iter_mut().enumerate() {
+            *acc += f(base + l);
+        }
+    }
+    let mut total: f32 = lanes.iter().sum();
+    for i in full..n {
+        total += f(i);
+    }
+    total
+}
+
 /// e^x for x <= 0 (softmax's shifted scores) to within 2 ulp, written without branches or
 /// calls so that loops over it vectorise (libm's `expf` is one scalar call per element,
 /// which made exp the largest part of attention's softmax). x = n·ln2 + r with |r| <= ln2/2,

@@ -49,6 +49,17 @@ pub fn cross_entropy_forward(
     }
     let m = rows.len();
     let dev = logits.device();
+    if let Some((loss, probs)) = fused_cpu(logits, &rows, &tgt)? {
+        return Ok((
+            loss,
+            CrossEntropyCtx {
+                probs,
+                rows: Tensor::from_vec(rows, m, dev)?,
+                targets: Tensor::from_vec(tgt, m, dev)?,
+                n_rows: n,
+            },
+        ));
+    }
     let rows = Tensor::from_vec(rows, m, dev)?;
     let targets = Tensor::from_vec(tgt, m, dev)?;
     let x = super::widen(logits.index_select(&rows, 0)?)?; // (M, V)
@@ -70,11 +81,84 @@ pub fn cross_entropy_forward(
     ))
 }
 
+/// The forward on the CPU for contiguous f32 logits: one pass per scored row (max, then
+/// exp and sum in 16 lanes, then the probabilities), rows spread over the threads. Returns
+/// the mean loss and the (M, V) probabilities; `None` for other tensors.
+fn fused_cpu(logits: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Option<(Tensor, Tensor)>> {
+    use rayon::prelude::*;
+    let v = logits.dim(1)?;
+    let computed = super::cpu::with_f32_slices(&[logits], |x| {
+        let x = x[0];
+        let mut probs = vec![0f32; rows.len() * v];
+        let nll: Vec<f64> = probs
+            .par_chunks_mut(v)
+            .zip(rows.par_iter().zip(targets))
+            .map(|(p, (&r, &t))| {
+                let row = &x[r as usize * v..(r as usize + 1) * v];
+                super::cpu::vectorised!(softmax_nll_row(row, t as usize, p))
+            })
+            .collect();
+        (probs, nll.iter().sum::<f64>() / rows.len() as f64)
+    });
+    let Some((probs, loss)) = computed else {
+        return Ok(None);
+    };
+    let dev = logits.device();
+    Ok(Some((
+        Tensor::new(loss as f32, dev)?,
+        Tensor::from_vec(probs, (rows.len(), v), dev)?,
+    )))
+}
+
+/// softmax(row) into `p`; returns −log p[target] (in f64, from the shifted logit and the
+/// log of the sum, as the composed form computes it).
+#[inline(always)]
+fn softmax_nll_row(row: &[f32], target: usize, p: &mut [f32]) -> f64 {
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = row.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..L {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for (p, &x) in p.iter_mut().zip(row) {
+        *p = super::cpu::exp_nonpositive(x - max);
+    }
+    let sum = super::cpu::lane_sum(p.len(), |i| p[i]);
+    let inv = 1.0 / sum;
+    p.iter_mut().for_each(|v| *v *= inv);
+    -(((row[target] - max) - sum.ln()) as f64)
+}
+
 /// d loss / d logits for the scored rows: (softmax − onehot(target)) / M, (M, V). The rows
 /// are `ctx.rows` of the forward's logits; unscored rows have zero gradient.
 pub fn cross_entropy_backward(ctx: &CrossEntropyCtx) -> Result<Tensor> {
     let _span = crate::util::profile::span(crate::util::profile::Kind::Loss);
     let (m, v) = ctx.probs.dims2()?;
+    let fused = super::cpu::with_f32_slices(&[&ctx.probs], |p| {
+        use rayon::prelude::*;
+        let targets = ctx.targets.to_vec1::<u32>().ok()?;
+        let scale = 1.0 / m as f32;
+        let mut d = vec![0f32; m * v];
+        d.par_chunks_mut(v)
+            .zip(p[0].par_chunks(v).zip(&targets))
+            .for_each(|(d, (p, &t))| {
+                for (d, &p) in d.iter_mut().zip(p) {
+                    *d = p * scale;
+                }
+                d[t as usize] -= scale;
+            });
+        Some(d)
+    });
+    if let Some(Some(d)) = fused {
+        return Tensor::from_vec(d, (m, v), ctx.probs.device());
+    }
     let onehot = Tensor::zeros((m, v), ctx.probs.dtype(), ctx.probs.device())?.scatter_add(
         &ctx.targets.unsqueeze(1)?,
         &Tensor::ones((m, 1), ctx.probs.dtype(), ctx.probs.device())?,
@@ -103,6 +187,33 @@ mod tests {
             cross_entropy_forward(x, &targets)?.0.to_scalar::<f64>()
         });
         assert_close("dlogits", &d, &fd, 1e-7);
+    }
+
+    #[test]
+    fn fused_f32_loss_and_gradient_equal_the_composed_f64_ones() {
+        // the fused f32 path against the composed path run in f64 on the same logits
+        let logits = randn(&[6, 300], 3);
+        let targets = [3, IGNORE_INDEX, 299, 0, IGNORE_INDEX, 150];
+        let f32_logits = (logits * 8.0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let (l32, c32) = cross_entropy_forward(&f32_logits, &targets).unwrap();
+        let d32 = cross_entropy_backward(&c32).unwrap();
+        let (l64, c64) = cross_entropy_forward(
+            &f32_logits.to_dtype(candle_core::DType::F64).unwrap(),
+            &targets,
+        )
+        .unwrap();
+        let d64 = cross_entropy_backward(&c64).unwrap();
+        let gap = (l32.to_scalar::<f32>().unwrap() as f64 - l64.to_scalar::<f64>().unwrap()).abs();
+        assert!(gap < 1e-5, "loss off by {gap}");
+        assert_close(
+            "dlogits",
+            &d32.to_dtype(candle_core::DType::F64).unwrap(),
+            &d64,
+            1e-7,
+        );
     }
 
     #[test]

@@ -63,15 +63,7 @@ fn rmsnorm_forward_cpu(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<(Tenso
         y.par_chunks_mut(NORM_ROWS * c)
             .zip(rstd.par_chunks_mut(NORM_ROWS))
             .zip(xv.par_chunks(NORM_ROWS * c))
-            .for_each(|((y, r), x)| {
-                for ((y, r), x) in y.chunks_mut(c).zip(r.iter_mut()).zip(x.chunks(c)) {
-                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                    *r = 1.0 / (ms + eps).sqrt();
-                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(wv) {
-                        *y = x * *r * w;
-                    }
-                }
-            });
+            .for_each(|((y, r), x)| super::cpu::vectorised!(rmsnorm_rows(x, wv, eps, y, r)));
         Some((y, rstd))
     });
     let Some((y, rstd)) = computed.flatten() else {
@@ -82,6 +74,46 @@ fn rmsnorm_forward_cpu(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<(Tenso
     let y = Tensor::from_vec(y, x.shape(), x.device())?;
     let rstd = Tensor::from_vec(rstd, rdims, x.device())?;
     Ok(Some((y, RmsNormCtx { x: x.clone(), rstd })))
+}
+
+/// Rows of x (C each) -> y = x·rstd·w and rstd per row.
+#[inline(always)]
+fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
+    let c = w.len();
+    for ((y, r), x) in y.chunks_mut(c).zip(rstd.iter_mut()).zip(x.chunks(c)) {
+        let ms = super::cpu::lane_sum(c, |i| x[i] * x[i]) / c as f32;
+        *r = 1.0 / (ms + eps).sqrt();
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * *r * w;
+        }
+    }
+}
+
+/// Rows of the backward: dx per row, dw (empty when not asked for) summed over the rows.
+#[inline(always)]
+fn rmsnorm_backward_rows(
+    dy: &[f32],
+    x: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) {
+    let c = w.len();
+    for (((dx, dy), x), &r) in dx
+        .chunks_mut(c)
+        .zip(dy.chunks(c))
+        .zip(x.chunks(c))
+        .zip(rstd)
+    {
+        let proj = super::cpu::lane_sum(c, |i| dy[i] * w[i] * (x[i] * r)) / c as f32;
+        for (i, dx) in dx.iter_mut().enumerate() {
+            *dx = (dy[i] * w[i] - x[i] * r * proj) * r;
+        }
+        for ((dw, &dy), &x) in dw.iter_mut().zip(dy).zip(x) {
+            *dw += dy * (x * r);
+        }
+    }
 }
 
 /// Fused CPU backward: per row dx = rstd·(g − x̂·mean(g ⊙ x̂)); dw summed over rows per
@@ -106,24 +138,7 @@ fn rmsnorm_backward_cpu(
             .zip(rv.par_chunks(NORM_ROWS))
             .map(|(((dx, dy), x), r)| {
                 let mut dw = if need_dw { vec![0f32; c] } else { Vec::new() };
-                for (((dx, dy), x), &r) in
-                    dx.chunks_mut(c).zip(dy.chunks(c)).zip(x.chunks(c)).zip(r)
-                {
-                    let proj = dy
-                        .iter()
-                        .zip(x)
-                        .zip(wv)
-                        .map(|((&d, &x), &w)| d * w * (x * r))
-                        .sum::<f32>()
-                        / c as f32;
-                    for (i, dx) in dx.iter_mut().enumerate() {
-                        let xhat = x[i] * r;
-                        *dx = (dy[i] * wv[i] - xhat * proj) * r;
-                        if need_dw {
-                            dw[i] += dy[i] * xhat;
-                        }
-                    }
-                }
+                super::cpu::vectorised!(rmsnorm_backward_rows(dy, x, r, wv, dx, &mut dw));
                 dw
             })
             .collect();
