@@ -153,9 +153,63 @@ fn matmul_using(kernel: Kernel, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>
         &bv,
         c.spare_capacity_mut().as_mut_ptr() as *mut f32,
         true,
+        false,
     );
     unsafe { c.set_len(m * n) };
     Ok(Some(Tensor::from_vec(c, (m, n), a.device())?))
+}
+
+/// `Σ a_i @ b_i` for 2-D f32 or bf16 CPU operands of one output shape (M, N), computed as
+/// `matmul` computes each, the later products added into the first one's output tile by
+/// tile (a LoRA linear's `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without a second (M, N) tensor and the pass
+/// that adds it). `None` as for `matmul`.
+pub fn matmul_sum(terms: &[(&Tensor, &Tensor)]) -> Result<Option<Tensor>> {
+    let Some(kernel) = kernel() else {
+        return Ok(None);
+    };
+    let Some(&(a0, b0)) = terms.first() else {
+        return Ok(None);
+    };
+    if terms.iter().any(|(a, b)| a.rank() != 2 || b.rank() != 2) {
+        return Ok(None);
+    }
+    let (m, n) = (a0.dim(0)?, b0.dim(1)?);
+    if m == 0 || n == 0 {
+        return Ok(None);
+    }
+    let mut views = Vec::with_capacity(terms.len());
+    let guards: Vec<_> = terms
+        .iter()
+        .map(|(a, b)| (a.storage_and_layout(), b.storage_and_layout()))
+        .collect();
+    for (((sa, la), (sb, lb)), (a, b)) in guards.iter().zip(terms) {
+        let ((am, k), (k2, bn)) = (a.dims2()?, b.dims2()?);
+        if k != k2 || am != m || bn != n {
+            candle_core::bail!(
+                "matmul sum: {:?} @ {:?} into ({m}, {n})",
+                a.dims(),
+                b.dims()
+            );
+        }
+        if k == 0 {
+            return Ok(None);
+        }
+        let (Some(av), Some(bv)) = (
+            View::of(sa, la.start_offset(), la.stride(), m, k),
+            View::of(sb, lb.start_offset(), lb.stride(), k, n),
+        ) else {
+            return Ok(None);
+        };
+        views.push((av, bv));
+    }
+    let mut c = Vec::<f32>::with_capacity(m * n);
+    let out = c.spare_capacity_mut().as_mut_ptr() as *mut f32;
+    for (i, (av, bv)) in views.iter().enumerate() {
+        // SAFETY: the first product writes every element of C, the later ones add to it
+        product(kernel, av, bv, out, true, i > 0);
+    }
+    unsafe { c.set_len(m * n) };
+    Ok(Some(Tensor::from_vec(c, (m, n), a0.device())?))
 }
 
 /// `a @ b` for f32 or bf16 CPU tensors of rank >= 3 with the same batch dims (attention's
@@ -209,7 +263,7 @@ fn batched_matmul_using(kernel: Kernel, a: &Tensor, b: &Tensor) -> Result<Option
     let mut out = vec![0f32; nb * m * n];
     out.par_chunks_mut(m * n)
         .zip(views.par_iter())
-        .for_each(|(dst, (av, bv))| product(kernel, av, bv, dst.as_mut_ptr(), false));
+        .for_each(|(dst, (av, bv))| product(kernel, av, bv, dst.as_mut_ptr(), false, false));
     let mut dims = batch.to_vec();
     dims.extend([m, n]);
     Ok(Some(Tensor::from_vec(out, dims, a.device())?))
@@ -384,9 +438,9 @@ struct ATiles<'a> {
     kp: usize,
 }
 
-/// C (M, N) row-major = A · B; `c` points to M·N f32, all written. `parallel`: spread the
-/// work over the rayon threads (else this thread does it all).
-fn product(kernel: Kernel, a: &View, b: &View, c: *mut f32, parallel: bool) {
+/// C (M, N) row-major = A · B (`add`: C += A · B); `c` points to M·N f32, all written.
+/// `parallel`: spread the work over the rayon threads (else this thread does it all).
+fn product(kernel: Kernel, a: &View, b: &View, c: *mut f32, parallel: bool, add: bool) {
     let (m, k) = (a.rows, a.cols);
     let (kp, groups) = (k.div_ceil(32) * 32, m.div_ceil(32) * 2);
     let kbs = kp / 32;
@@ -414,7 +468,7 @@ fn product(kernel: Kernel, a: &View, b: &View, c: *mut f32, parallel: bool) {
             tiles.chunks_mut(kbs).enumerate().for_each(fill);
         }
         let a_tiles = ATiles { tiles, kp };
-        gemm(kernel, &a_tiles, m, b, c, parallel);
+        gemm(kernel, &a_tiles, m, b, c, parallel, add);
     });
 }
 
@@ -490,7 +544,7 @@ unsafe fn transpose_pairs(src: &[u16; 512], tile: &mut [u16; 512]) {
 }
 
 /// C (M, N) row-major = A · B over A's tiles; B's panels are packed per strip.
-fn gemm(kernel: Kernel, a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: bool) {
+fn gemm(kernel: Kernel, a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: bool, add: bool) {
     let n = b.cols;
     let strips = n.div_ceil(32);
     let c_addr = c as usize;
@@ -524,7 +578,7 @@ fn gemm(kernel: Kernel, a: &ATiles, m: usize, b: &View, c: *mut f32, parallel: b
                     n0: s * 32,
                     n,
                     c_addr,
-                    accumulate: k0 > 0,
+                    accumulate: add || k0 > 0,
                 };
                 // SAFETY: both kernels read A's tiles of rows m0..m0+mb (rounded up to 32,
                 // inside `a.tiles`) at columns k0..k0+kc, and `panel`'s kc/32 x 2 tiles;
@@ -859,6 +913,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_sum_of_products_equals_the_sum_of_the_rounded_products() {
+        if kernel().is_none() {
+            eprintln!("skipped: this CPU has no bf16 products (AVX-512 BF16 or AMX)");
+            return;
+        }
+        // a LoRA linear: x·Wᵀ + (s·x·Aᵀ)·Bᵀ, W bf16, A and B f32, shapes off the tile grid
+        let (m, ic, oc, r) = (45, 70, 90, 8);
+        let x = operand(&[], m, ic, DType::F32, false);
+        let wt = operand(&[], ic, oc, DType::BF16, true);
+        let xa = operand(&[], m, r, DType::F32, false);
+        let bt = operand(&[], r, oc, DType::F32, true);
+        let got = matmul_sum(&[(&x, &wt), (&xa, &bt)]).unwrap().expect("2-D");
+        let want = (reference(&x, &wt) + reference(&xa, &bt)).unwrap();
+        let diff = max_diff(&got, &want);
+        assert!(diff <= 4e-5 * ic as f64, "max |sum - ref| {diff}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{matmul_in, mm, rows2};
+use super::{matmul_in, matmul_sum_in, mm, rows2};
 use crate::util::profile::{Kind, matmul_flops, span_flops};
 
 /// x (.., IC), w (OC, IC) f32/bf16, b (OC) -> y (.., OC) in x's dtype.
@@ -79,16 +79,26 @@ pub fn lora_forward(
     bm: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let base = linear_forward(x, w, b)?;
-    let (r, ic) = a.dims2()?;
-    let n = base.elem_count() / bm.dim(0)?;
+    let dims = x.dims().to_vec();
+    let (oc, ic) = w.dims2()?;
+    let r = a.dim(0)?;
+    let x2 = rows2(x)?;
+    let n = x2.dim(0)?;
     let _span = span_flops(
         Kind::MatmulForward,
-        matmul_flops(n, ic, r) + matmul_flops(n, r, bm.dim(0)?),
+        matmul_flops(n, ic, oc) + matmul_flops(n, ic, r) + matmul_flops(n, r, oc),
     );
     let xa = mm(&rows2(x_in)?, &a.t()?)?; // (N, R)
-    let delta = (mm(&xa, &bm.t()?)? * scale)?.reshape(base.shape())?;
-    Ok(((base + delta)?, xa))
+    // x·Wᵀ + (s·xa)·Bᵀ as one sum: with bf16 products the low-rank term adds into the
+    // base product's output tiles
+    let y = matmul_sum_in(&[(&x2, &w.t()?), (&(&xa * scale)?, &bm.t()?)], w.dtype())?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().expect("non-empty") = oc;
+    Ok((y.reshape(out)?, xa))
 }
 
 /// LoRA gradients: dB = s·dYᵀ·xa, d(xa) = s·dY·B, dA = d(xa)ᵀ·x_in, and

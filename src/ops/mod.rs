@@ -128,6 +128,28 @@ pub fn products_name(dtype: DType, device: &candle_core::Device) -> &'static str
     "f32 from bf16"
 }
 
+/// `Σ a_i @ b_i` (2-D, one output shape), each product computed as `matmul_in` computes it
+/// in `dtype`; with bf16 products the later ones add into the first one's output
+/// (`bf16::matmul_sum`), elsewhere the products are added.
+pub fn matmul_sum_in(terms: &[(&Tensor, &Tensor)], dtype: DType) -> Result<Tensor> {
+    let Some(&(a0, b0)) = terms.first() else {
+        candle_core::bail!("matmul sum of no products");
+    };
+    #[cfg(target_arch = "x86_64")]
+    if a0.device().is_cpu()
+        && a0.dtype() == DType::F32
+        && (dtype == DType::BF16 || (dtype == DType::F32 && AUTOCAST_BF16.with(|c| c.get())))
+        && let Some(y) = bf16::matmul_sum(terms)?
+    {
+        return Ok(y);
+    }
+    let mut sum = matmul_in(a0, b0, dtype)?;
+    for (a, b) in &terms[1..] {
+        sum = (sum + matmul_in(a, b, a.dtype())?)?;
+    }
+    Ok(sum)
+}
+
 /// The dtype a product asked for in `dtype` is computed in on `device` (see `matmul_in`).
 pub fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType {
     if dtype == DType::BF16 && device.is_cpu() {
