@@ -162,6 +162,18 @@ pub fn widen_bf16(t: &candle_core::Tensor) -> Result<Option<candle_core::Tensor>
     )?))
 }
 
+/// The element offset of matrix `i` of a batch of matrices with batch dims `batch`, from
+/// its multi-index: `start` plus index times stride over the batch dims (`strides` holds
+/// the batch dims' strides first).
+pub fn batch_offset(i: usize, start: usize, strides: &[usize], batch: &[usize]) -> usize {
+    let (mut rest, mut off) = (i, start);
+    for d in (0..batch.len()).rev() {
+        off += (rest % batch[d]) * strides[d];
+        rest /= batch[d];
+    }
+    off
+}
+
 /// `a @ b` for f32 CPU tensors of rank >= 3 with the same batch dims (attention's per-head
 /// products): one gemm per matrix, the matrices spread over the rayon threads, each
 /// product on one thread. Small per-head products otherwise pay a parallel gemm's start-up
@@ -199,15 +211,7 @@ pub fn batched_matmul_f32(
             return Ok(None);
         };
         let (sta, stb) = (la.stride(), lb.stride());
-        // the element offset of matrix `i` of the batch, from its multi-index
-        let offset = |i: usize, start: usize, st: &[usize]| {
-            let (mut rest, mut off) = (i, start);
-            for d in (0..batch.len()).rev() {
-                off += (rest % batch[d]) * st[d];
-                rest /= batch[d];
-            }
-            off
-        };
+        let offset = |i: usize, start: usize, st: &[usize]| batch_offset(i, start, st, batch);
         // every element a product reads must lie in its buffer
         let last = |start: usize, st: &[usize], dims: &[usize]| {
             start
