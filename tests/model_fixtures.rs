@@ -290,6 +290,58 @@ fn cli_check_passes_on_both_fixtures() {
     }
 }
 
+/// The composed tensor-op paths (what CUDA runs: no fused CPU kernel) against the same
+/// references, on every fixture: `LNTUNE_COMPOSED_OPS=1` turns the fused kernels off.
+#[test]
+fn composed_op_paths_pass_check_on_every_fixture() {
+    let mut cases = vec![
+        (
+            fixture("tiny-llava"),
+            fixture("tiny-llava/ref/batch.safetensors"),
+            fixture("tiny-llava/ref/expected.safetensors"),
+        ),
+        (
+            fixture("tiny-dinov2-llama"),
+            fixture("tiny-dinov2-llama/batch.safetensors"),
+            fixture("tiny-dinov2-llama/expected.safetensors"),
+        ),
+    ];
+    let mut variants: Vec<_> = std::fs::read_dir(fixture("variants"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    variants.sort();
+    for v in variants {
+        cases.push((
+            v.clone(),
+            v.join("batch.safetensors"),
+            v.join("expected.safetensors"),
+        ));
+    }
+    for (model, batch, expected) in cases {
+        for dtype in ["f32", "bf16"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+                .env("LNTUNE_COMPOSED_OPS", "1")
+                .args(["check", "--model"])
+                .arg(&model)
+                .arg("--batch")
+                .arg(&batch)
+                .arg("--expected")
+                .arg(&expected)
+                .args(["--dtype", dtype])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("check passed"),
+                "{} {dtype}: {stdout}\n{}",
+                model.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 #[test]
 fn cli_check_in_bf16_is_not_within_the_f32_tolerance() {
     // bf16 mixed precision really changes the numbers: the f32 tolerance fails it

@@ -11,8 +11,9 @@ use crate::util::device::DeviceChoice;
 /// `--device`, chosen once here and passed down.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// Where tensors live: cpu, or cuda (a binary built with the `cuda` feature)
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Where tensors live: cpu, cuda or cuda:N (CUDA needs a binary built with the `cuda`
+    /// feature)
+    #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
 }
 

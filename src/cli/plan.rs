@@ -8,7 +8,7 @@ use clap::Args;
 use super::args::MethodArgs;
 use crate::methods::Method;
 use crate::train::Recompute;
-use crate::train::plan::{PlanConfig, plan};
+use crate::train::plan::{PlanConfig, PlanModel, plan};
 use crate::util::commas;
 use crate::util::device::WeightDtype;
 
@@ -16,8 +16,12 @@ use crate::util::device::WeightDtype;
 pub struct PlanArgs {
     /// Model: llava-hf directory, directory with compose.json, HF LLM directory or .gguf
     /// file (only config files and GGUF metadata are read)
+    #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// A named model shape instead of --model: tiny, small, llava-7b, llava-13b (the
+    /// shapes `lntune bench --preset` trains)
     #[arg(long)]
-    pub model: PathBuf,
+    pub preset: Option<String>,
     #[command(flatten)]
     pub method: MethodArgs,
     /// Micro-batch size for the memory estimate
@@ -47,7 +51,11 @@ fn gib(b: usize) -> String {
 
 pub fn run(args: PlanArgs) -> Result<()> {
     let cfg = PlanConfig {
-        model: args.model.clone(),
+        model: match (&args.model, &args.preset) {
+            (Some(p), _) => PlanModel::Path(p.clone()),
+            (None, Some(name)) => PlanModel::Preset(name.clone()),
+            (None, None) => anyhow::bail!("--model or --preset is needed"),
+        },
         method: args.method.config_or(Method::Ln)?,
         batch: args.batch,
         seq: args.seq,
@@ -59,7 +67,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&p)?);
         return Ok(());
     }
-    println!("model   {}", args.model.display());
+    match (&args.model, &args.preset) {
+        (Some(p), _) => println!("model   {}", p.display()),
+        (None, name) => println!("model   preset {}", name.as_deref().unwrap_or("")),
+    }
     println!("method  {}", p.method);
     println!(
         "{:<22} {:>16} {:>16} {:>9}",

@@ -18,7 +18,8 @@ pub struct BenchArgs {
     /// Methods, comma separated, or `all` (full, lora, ln, attn-qv, mlp, ln-simple)
     #[arg(long, default_value = "ln")]
     pub method: String,
-    /// Model preset: `tiny` (the tiny-llava fixture's shape) or `small` (the peer's small)
+    /// Model preset: `tiny` (the tiny-llava fixture's shape), `small` (the peer's small),
+    /// `llava-7b` or `llava-13b` (LLaVA-1.5's exact shapes, random weights)
     #[arg(long, default_value = "small")]
     pub preset: String,
     #[arg(long, default_value_t = 2)]
@@ -124,7 +125,11 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             "median s",
             "min / max s",
             "tokens/s",
-            "peak RSS",
+            if device == crate::util::device::DeviceChoice::Cpu {
+                "peak RSS"
+            } else {
+                "peak GPU"
+            },
             "other CPU",
             "recompute"
         );
@@ -142,7 +147,7 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
                 r.min_step_s,
                 r.max_step_s,
                 r.tokens_per_s,
-                r.peak_rss_mib,
+                r.peak_device_mib.unwrap_or(r.peak_rss_mib),
                 100.0 * r.other_cpu_share,
                 r.recompute,
                 r.loss_first,

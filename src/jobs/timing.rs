@@ -32,7 +32,7 @@ pub fn time_methods(
             cmd.arg("--threads").arg(t.to_string());
         }
         let mut child = cmd
-            .args(["bench", "--child", "--device", device.name()])
+            .args(["bench", "--child", "--device", &device.name()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -207,8 +207,19 @@ impl Mllm {
                 Tensor::ones(shape.as_slice(), DType::F32, device)?
             } else if shape.len() == 1 && name.ends_with(".bias") {
                 Tensor::zeros(shape.as_slice(), DType::F32, device)?
+            } else if device.is_cpu() {
+                // matrices straight in their storage dtype: a bf16 7B model never stands in
+                // f32 in memory
+                let dt = if shape.len() >= 2 { dtype } else { DType::F32 };
+                rng.normal_tensor(&shape, 0.02, dt, device)?
             } else {
-                rng.normal_tensor(&shape, 0.02, DType::F32, device)?
+                // on a GPU its own generator: billions of draws in seconds, not minutes
+                let t = Tensor::randn(0f32, 0.02, shape.as_slice(), device)?;
+                if shape.len() >= 2 {
+                    t.to_dtype(dtype)?
+                } else {
+                    t
+                }
             };
             tensors.push((name, t));
         }

@@ -56,6 +56,18 @@ impl ModelSpec {
         }
     }
 
+    /// A named preset (`super::presets`), keyed as `Mllm::random_llava` keys it.
+    pub fn from_preset(name: &str) -> Result<Self> {
+        let spec = super::presets::preset(name)?;
+        Ok(Self {
+            llm: spec.text,
+            vision: Some(spec.vision),
+            projector: Some(spec.projector),
+            keys: KeyPrefixes::llava_legacy(),
+            kind: "llava",
+        })
+    }
+
     fn llm_only(llm: LlmConfig) -> Self {
         Self {
             llm,

@@ -118,7 +118,7 @@ pub fn attention_probs(
     let s = k.dim(2)?;
     let scores = super::matmul_in(q, &k.t()?, mm_dtype)?; // (B, NKV, G·T, S)
     match mask {
-        Some(m) if scores.device().is_cpu() && scores.dtype() == DType::F32 => scores
+        Some(m) if super::cpu::fused_on(&scores) && scores.dtype() == DType::F32 => scores
             .apply_op2_no_bwd(
                 &m.contiguous()?,
                 &MaskedSoftmax {
@@ -293,7 +293,7 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
 
 /// dS from dP and P (fused on the CPU).
 fn softmax_backward(dp: &Tensor, p: &Tensor) -> Result<Tensor> {
-    if dp.device().is_cpu() && dp.dtype() == DType::F32 && p.dtype() == DType::F32 {
+    if super::cpu::fused_on(&dp) && dp.dtype() == DType::F32 && p.dtype() == DType::F32 {
         return dp
             .contiguous()?
             .apply_op2_no_bwd(&p.contiguous()?, &SoftmaxBackward);

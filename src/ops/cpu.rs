@@ -3,6 +3,15 @@
 
 use candle_core::{CpuStorage, Layout, Result};
 
+/// Whether the fused CPU kernels may run on `t`'s device: on the CPU, unless
+/// `LNTUNE_COMPOSED_OPS=1` asks for the composed tensor-op paths that other devices (CUDA)
+/// take, so that those paths are checked against the references on any machine.
+pub fn fused_on(t: &candle_core::Tensor) -> bool {
+    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    t.device().is_cpu()
+        && !*COMPOSED.get_or_init(|| std::env::var("LNTUNE_COMPOSED_OPS").is_ok_and(|v| v == "1"))
+}
+
 /// The f32 data of a contiguous CPU tensor.
 pub fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else {
@@ -21,7 +30,7 @@ pub fn with_f32_slices<R>(
     f: impl FnOnce(&[&[f32]]) -> R,
 ) -> Option<R> {
     let of_kind = |t: &&candle_core::Tensor| {
-        t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+        fused_on(t) && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
     };
     if !tensors.iter().all(of_kind) {
         return None;
@@ -134,7 +143,7 @@ pub fn rows_per_task(row_len: usize) -> usize {
 /// conversion runs on one thread). `None` for anything else.
 pub fn widen_bf16(t: &candle_core::Tensor) -> Result<Option<candle_core::Tensor>> {
     use rayon::prelude::*;
-    if t.dtype() != candle_core::DType::BF16 || !t.device().is_cpu() {
+    if t.dtype() != candle_core::DType::BF16 || !fused_on(t) {
         return Ok(None);
     }
     let out = {
@@ -187,7 +196,7 @@ pub fn batched_matmul_f32(
     use rayon::prelude::*;
     let ok = [a, b]
         .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() >= 3);
+        .all(|t| fused_on(t) && t.dtype() == DType::F32 && t.rank() >= 3);
     if !ok || a.rank() != b.rank() {
         return Ok(None);
     }

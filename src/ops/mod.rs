@@ -38,8 +38,8 @@ thread_local! {
     static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While alive, this thread's f32 products also run in bf16 where the CPU has bf16
-/// products (AMX, AVX-512 BF16), as under `torch.autocast(dtype=torch.bfloat16)`: set for the training
+/// While alive, this thread's f32 products also run in bf16 where the device has bf16
+/// products (AMX, AVX-512 BF16, CUDA), as under `torch.autocast(dtype=torch.bfloat16)`: set for the training
 /// step of a bf16 run, so that trainable f32 weights (full finetuning) and attention take
 /// the same products as the frozen bf16 weights. Restores the previous setting on drop.
 pub struct Autocast {
@@ -67,10 +67,14 @@ impl Drop for Autocast {
 /// the f32 product is the faster one (`lntune bench --profile`).
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
     let out = a.dtype();
+    // under autocast an f32 product (a trainable weight's) runs as a bf16 one
+    let dtype = if dtype == DType::F32 && AUTOCAST_BF16.with(|c| c.get()) {
+        DType::BF16
+    } else {
+        dtype
+    };
     #[cfg(target_arch = "x86_64")]
-    if a.device().is_cpu()
-        && (dtype == DType::BF16 || (dtype == DType::F32 && AUTOCAST_BF16.with(|c| c.get())))
-    {
+    if cpu::fused_on(a) && dtype == DType::BF16 {
         let y = if a.rank() == 2 {
             bf16::matmul(a, b)?
         } else {
@@ -136,7 +140,7 @@ pub fn matmul_sum_in(terms: &[(&Tensor, &Tensor)], dtype: DType) -> Result<Tenso
         candle_core::bail!("matmul sum of no products");
     };
     #[cfg(target_arch = "x86_64")]
-    if a0.device().is_cpu()
+    if cpu::fused_on(a0)
         && a0.dtype() == DType::F32
         && (dtype == DType::BF16 || (dtype == DType::F32 && AUTOCAST_BF16.with(|c| c.get())))
         && let Some(y) = bf16::matmul_sum(terms)?

@@ -74,7 +74,7 @@ fn rotate_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f64) -> Result<Optio
     use rayon::prelude::*;
     let f32_cpu = [x, cos, sin]
         .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+        .all(|t| super::cpu::fused_on(t) && t.dtype() == DType::F32);
     if !f32_cpu || x.rank() != 4 || cos.rank() != 4 || cos.dims() != sin.dims() {
         return Ok(None);
     }

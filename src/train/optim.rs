@@ -185,7 +185,7 @@ impl AdamW {
                 Some(s) => s,
                 None => Tensor::zeros((2, n), DType::F32, g.device())?,
             };
-            if p.device().is_cpu() && p.dtype() == DType::F32 && p.is_contiguous() {
+            if crate::ops::cpu::fused_on(p) && p.dtype() == DType::F32 && p.is_contiguous() {
                 let g = g.contiguous()?;
                 mv.inplace_op2(
                     &g,

@@ -38,10 +38,18 @@ pub struct Plan {
     pub memory_bytes: BTreeMap<String, usize>,
 }
 
+/// The model a plan is for: a checkpoint's config files, or a named preset
+/// (`model::presets`, the shapes `lntune bench --preset` trains).
+#[derive(Debug, Clone)]
+pub enum PlanModel {
+    Path(PathBuf),
+    Preset(String),
+}
+
 /// What to plan: a model (config files only), a method, a batch shape and a precision.
 #[derive(Debug, Clone)]
 pub struct PlanConfig {
-    pub model: PathBuf,
+    pub model: PlanModel,
     pub method: MethodConfig,
     pub batch: usize,
     pub seq: usize,
@@ -89,7 +97,10 @@ pub fn check_batch_shape(cfg: &LlmConfig, b: usize, t: usize) -> Result<()> {
 pub fn plan(cfg: &PlanConfig) -> Result<Plan> {
     checks::positive("--batch", cfg.batch)?;
     checks::positive("--seq", cfg.seq)?;
-    let spec = ModelSpec::from_path(&cfg.model)?;
+    let spec = match &cfg.model {
+        PlanModel::Path(p) => ModelSpec::from_path(p)?,
+        PlanModel::Preset(name) => ModelSpec::from_preset(name)?,
+    };
     check_batch_shape(&spec.llm, cfg.batch, cfg.seq)?;
     let method = &cfg.method;
     let mut specs = spec.param_specs();

@@ -40,7 +40,7 @@ pub struct Grads(pub HashMap<String, Tensor>);
 fn sum_of_squares(g: &Tensor) -> Result<f64> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    if g.device().is_cpu() && g.dtype() == DType::F32 {
+    if crate::ops::cpu::fused_on(g) && g.dtype() == DType::F32 {
         let g = g.contiguous()?;
         let (storage, layout) = g.storage_and_layout();
         if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =

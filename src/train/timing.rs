@@ -31,7 +31,7 @@ use crate::util::rng::Rng;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TimingConfig {
     pub method: Method,
-    /// model preset: `tiny` or `small`
+    /// model preset (`model::presets::PRESETS`)
     pub preset: String,
     pub batch: usize,
     /// total tokens per sample, image tokens included
@@ -122,6 +122,9 @@ pub struct StepTiming {
     pub tokens_per_s: f64,
     pub peak_rss_mib: f64,
     pub rss_after_build_mib: f64,
+    /// on a GPU: the most memory the device held for the run (weights included)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_device_mib: Option<f64>,
     pub other_cpu_share: f64,
     pub loss_first: f64,
     pub loss_last: f64,
@@ -247,6 +250,8 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
         }
         let t = Instant::now();
         let r = trainer.step(&mut model, std::slice::from_ref(&batch))?;
+        // a GPU runs the step's tail (the optimizer) after the call returns
+        dev.synchronize()?;
         let dt = t.elapsed().as_secs_f64();
         if i >= args.warmup {
             times.push(dt);
@@ -311,6 +316,7 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
         tokens_per_s: (args.batch * args.seq) as f64 / median,
         peak_rss_mib: process::peak_rss_mib(),
         rss_after_build_mib: rss_after_build,
+        peak_device_mib: crate::util::gpu::peak_memory_mib(dev),
         other_cpu_share: (others / (ncpu * wall)).clamp(0.0, 1.0),
         loss_first: losses[0],
         loss_last: *losses.last().expect("steps > 0"),

@@ -5,6 +5,7 @@
 pub mod checks;
 pub mod device;
 pub mod files;
+pub mod gpu;
 pub mod plot;
 pub mod process;
 pub mod profile;

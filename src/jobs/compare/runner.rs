@@ -80,7 +80,7 @@ impl Runner<'_> {
     fn child(&self, args: &[String], log: &Path) -> Result<()> {
         let out = Command::new(&self.exe)
             .args(args)
-            .args(["--device", self.cfg.device.name()])
+            .args(["--device", &self.cfg.device.name()])
             .output()
             .with_context(|| format!("cannot start {}", self.exe.display()))?;
         self.ledger.tick()?;
