@@ -401,3 +401,25 @@ fn bench_profile_splits_a_step_by_op_kind() {
     );
     assert!(p["peak_gflops"].as_f64().unwrap() > 0.0);
 }
+
+/// `tests/fixtures/tiny-llava-tokenizer` (what tools/device-check.sh adds to tiny-llava to
+/// train it without the test harness) is exactly what the tests' tokenizer writes.
+/// `LNTUNE_BLESS=1` rewrites it.
+#[test]
+fn committed_tiny_tokenizer_files_are_the_tests_tokenizer() {
+    let dir = fixture("tiny-llava-tokenizer");
+    let t = TinyRun::new();
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        let made = std::fs::read(t.path("model").join(name)).unwrap();
+        if std::env::var("LNTUNE_BLESS").is_ok_and(|v| v == "1") {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), &made).unwrap();
+        }
+        let committed = std::fs::read(dir.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
+        assert!(
+            committed == made,
+            "{name} differs from the tests' tokenizer"
+        );
+    }
+}

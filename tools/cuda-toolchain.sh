@@ -59,6 +59,7 @@ stub_c="$DIR/libcuda-stub.c"
     sort -u | sed 's/.*/int &(void) { return 100; }/'
 } > "$stub_c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$ROOT/lib/stubs/libcuda.so" "$stub_c"
+ln -sf libcuda.so "$ROOT/lib/stubs/libcuda.so.1"
 
 cat > "$DIR/env.sh" <<EOF
 # source this before \`cargo build --features cuda\` (written by tools/cuda-toolchain.sh)

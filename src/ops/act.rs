@@ -47,7 +47,7 @@ pub fn silu_mul_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let both_f32 = [gate, up]
         .iter()
         .all(|t| t.dtype() == candle_core::DType::F32);
-    if super::cpu::fused_on(&gate) && both_f32 && gate.shape() == up.shape() {
+    if super::cpu::fused_on(gate) && both_f32 && gate.shape() == up.shape() {
         return gate
             .contiguous()?
             .apply_op2_no_bwd(&up.contiguous()?, &SiluMul);
@@ -157,7 +157,7 @@ pub fn silu_mul_backward(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Ten
     let all_f32 = [dh, gate, up]
         .iter()
         .all(|t| t.dtype() == candle_core::DType::F32);
-    if super::cpu::fused_on(&dh) && all_f32 {
+    if super::cpu::fused_on(dh) && all_f32 {
         let both = dh.contiguous()?.apply_op3_no_bwd(
             &gate.contiguous()?,
             &up.contiguous()?,

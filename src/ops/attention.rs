@@ -293,7 +293,7 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
 
 /// dS from dP and P (fused on the CPU).
 fn softmax_backward(dp: &Tensor, p: &Tensor) -> Result<Tensor> {
-    if super::cpu::fused_on(&dp) && dp.dtype() == DType::F32 && p.dtype() == DType::F32 {
+    if super::cpu::fused_on(dp) && dp.dtype() == DType::F32 && p.dtype() == DType::F32 {
         return dp
             .contiguous()?
             .apply_op2_no_bwd(&p.contiguous()?, &SoftmaxBackward);

@@ -27,8 +27,11 @@ impl DeviceChoice {
                          (see the README, \"Building for CUDA\")"
                     );
                 }
+                // candle's CUDA errors carry a backtrace after the first line
                 Device::new_cuda(ordinal).map_err(|e| {
-                    anyhow::anyhow!("--device {self}: cannot open the CUDA device: {e}")
+                    let e = e.to_string();
+                    let first = e.lines().next().unwrap_or("");
+                    anyhow::anyhow!("--device {self}: cannot open the CUDA device: {first}")
                 })
             }
         }
