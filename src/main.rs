@@ -4,7 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// counts live heap bytes for `lntune bench` (see util::heap)
+#[global_allocator]
+static ALLOC: lntune::util::heap::CountingAlloc = lntune::util::heap::CountingAlloc;
+
 fn main() -> ExitCode {
+    lntune::util::heap::mark_installed();
     let cli = lntune::cli::Cli::parse();
     if let Some(n) = cli.threads {
         if !(1..=1024).contains(&n) {

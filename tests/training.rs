@@ -408,3 +408,79 @@ fn bench_runs_each_method_in_its_own_process() {
         assert!(l["loss_first"].as_f64().unwrap().is_finite());
     }
 }
+
+fn lntune_json(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let text = text.trim();
+    if text.starts_with('{') && text.contains("\n}") {
+        return vec![serde_json::from_str(text).unwrap()];
+    }
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn plan_presets_are_llava_1_5_shapes() {
+    // LLaVA-1.5 7B / 13B (vocab 32064, CLIP ViT-L/14-336, mlp2x_gelu): the paper's ln set
+    // trains block norms, final norm, projector, embeddings and head
+    let p = &lntune_json(&["plan", "--json", "--preset", "llava-7b", "--dtype", "bf16"])[0];
+    assert_eq!(p["total_params"], 7_063_427_072u64);
+    assert_eq!(p["trainable_params"], 283_914_240u64);
+    assert_eq!(p["groups"]["vision tower"]["params"], 303_507_456u64);
+    let p = &lntune_json(&[
+        "plan",
+        "--json",
+        "--preset",
+        "llava-13b",
+        "--method",
+        "ln-simple",
+    ])[0];
+    assert_eq!(p["total_params"], 13_351_494_656u64);
+    // 40 layers x 2 norms x 5120, and the final norm
+    assert_eq!(p["trainable_params"], 414_720u64);
+}
+
+#[test]
+fn plan_predicts_the_bench_step_peak_within_ten_percent() {
+    // bench counts the live heap bytes of its steps (util::heap) and prints plan's
+    // estimate for the same configuration, supervised-token count included
+    for extra in [&[][..], &["--dtype", "bf16", "--recompute", "full"][..]] {
+        let mut args = vec![
+            "--threads",
+            "2",
+            "bench",
+            "--preset",
+            "small",
+            "--method",
+            "ln,lora,full",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        for r in lntune_json(&args) {
+            let held = r["peak_heap_mib"]
+                .as_f64()
+                .expect("the binary counts heap bytes");
+            let planned = r["planned_peak_mib"].as_f64().unwrap();
+            let ratio = planned / held;
+            assert!(
+                (0.9..=1.1).contains(&ratio),
+                "{} {extra:?}: planned {planned:.0} MiB, held {held:.0} MiB",
+                r["method"]
+            );
+        }
+    }
+}

@@ -13,8 +13,11 @@
 #   2. a 20-step LoRA training run on the tiny-llava fixture on --device and on the CPU:
 #      the loss curves must agree within 1e-3 at every step;
 #   3. `bench --preset P --method ln,lora,full --dtype bf16 --batch 1 --seq S`: step time,
-#      tokens/s and peak memory of each method (bench.txt).
-# Exit status: 0 when every check passed (the bench has no verdict, only numbers).
+#      tokens/s, peak memory held and `plan`'s estimate of it, per method (bench.txt);
+#   4. where --python (default python3) has torch, transformers and peft:
+#      tools/peer_gpu.py on the same configuration, and the lntune / PyTorch ratios
+#      (peer.txt, peer-checkpointing.txt).
+# Exit status: 0 when every check passed (the benchmarks have no verdict, only numbers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,7 @@ DEVICE=cuda
 PRESET=llava-7b
 SEQ=2048
 OUT=target/device-check
+PYTHON=python3
 while [ $# -gt 0 ]; do
   case "$1" in
     --lntune) LNTUNE=$2; shift 2 ;;
@@ -30,6 +34,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET=$2; shift 2 ;;
     --seq) SEQ=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --python) PYTHON=$2; shift 2 ;;
     *) echo "device-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -116,9 +121,36 @@ EOF
 rc=$?
 verdict "loss curves within 1e-3 ($(tail -1 "$OUT/train-compare.txt"))" $rc
 
-# 3. the paper-scale benchmark
+# 3. the paper-scale benchmark (JSON lines in bench.jsonl, a table in the summary)
 "$LNTUNE" bench --preset "$PRESET" --method ln,lora,full --dtype bf16 --batch 1 --seq "$SEQ" \
-  --steps 3 --warmup 1 --device "$DEVICE" > "$OUT/bench.txt" 2>&1
+  --steps 3 --warmup 1 --device "$DEVICE" --json > "$OUT/bench.jsonl" 2> "$OUT/bench-stderr.txt"
 verdict "bench $PRESET" $?
-tee -a "$SUMMARY" < "$OUT/bench.txt"
+python3 - "$OUT/bench.jsonl" <<'EOF' | tee -a "$SUMMARY"
+import json, sys
+print(f"{'method':<8} {'trainable':>13} {'median s':>9} {'tokens/s':>9} {'held MiB':>9} {'planned':>9} {'peak RSS':>9}")
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        r = json.loads(line)
+        held = r.get("peak_device_mib") or r.get("peak_heap_mib") or float("nan")
+        print(f"{r['method']:<8} {r['trainable']:>13,} {r['median_step_s']:>9.3f} {r['tokens_per_s']:>9.0f} "
+              f"{held:>9.0f} {r['planned_peak_mib']:>9.0f} {r['peak_rss_mib']:>9.0f}")
+EOF
+
+# 4. PyTorch + PEFT on the same card, model, batch and trainable sets (tools/peer_gpu.py),
+# where the machine's python has torch, transformers and peft: eager, then ln with HF's
+# gradient checkpointing (the policy lntune's `auto` picks at this size)
+if "$PYTHON" -c "import torch, transformers, peft" 2>/dev/null; then
+  PEER=(tools/peer_gpu.py --lntune "$LNTUNE" --preset "$PRESET" --dtype bf16 --batch 1
+    --seq "$SEQ" --steps 3 --warmup 1 --device "$DEVICE")
+  [ "$DEVICE" = cpu ] && PEER+=(--threads 2)
+  "$PYTHON" "${PEER[@]}" --methods ln,lora,full --compare "$OUT/bench.jsonl" > "$OUT/peer.txt" 2>&1
+  verdict "PyTorch + PEFT eager (some methods may not fit: see peer.txt)" $?
+  "$PYTHON" "${PEER[@]}" --methods ln --gradient-checkpointing --compare "$OUT/bench.jsonl" \
+    > "$OUT/peer-checkpointing.txt" 2>&1
+  verdict "PyTorch + PEFT ln, gradient checkpointing" $?
+  grep -v '^{' "$OUT/peer.txt" | tee -a "$SUMMARY"
+  grep -v '^{' "$OUT/peer-checkpointing.txt" | tee -a "$SUMMARY"
+else
+  say "SKIP PyTorch + PEFT: $PYTHON has no torch, transformers and peft"
+fi
 exit $FAILED

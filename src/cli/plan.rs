@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::args::MethodArgs;
 use crate::methods::Method;
+use crate::model::presets::preset_json;
 use crate::train::Recompute;
 use crate::train::plan::{PlanConfig, PlanModel, plan};
 use crate::util::commas;
@@ -35,9 +36,17 @@ pub struct PlanArgs {
     pub dtype: WeightDtype,
     #[arg(long, value_enum, default_value = "auto")]
     pub recompute: Recompute,
+    /// Supervised (answer) tokens per sample: the head runs on these rows only [default:
+    /// every token, the upper bound]
+    #[arg(long)]
+    pub scored: Option<usize>,
     /// Print JSON instead of tables
     #[arg(long)]
     pub json: bool,
+    /// With --preset: print the preset's config.json (llava-hf format, e.g. for building
+    /// the same model in transformers) and nothing else
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 fn gib(b: usize) -> String {
@@ -50,6 +59,14 @@ fn gib(b: usize) -> String {
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
+    if args.print_config {
+        let Some(name) = &args.preset else {
+            anyhow::bail!("--print-config prints a preset's config: it needs --preset");
+        };
+        let json: serde_json::Value = serde_json::from_str(preset_json(name)?)?;
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
     let cfg = PlanConfig {
         model: match (&args.model, &args.preset) {
             (Some(p), _) => PlanModel::Path(p.clone()),
@@ -61,6 +78,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         seq: args.seq,
         dtype: args.dtype.dtype(),
         recompute: args.recompute,
+        scored: args.scored,
     };
     let p = plan(&cfg)?;
     if args.json {
@@ -99,11 +117,13 @@ pub fn run(args: PlanArgs) -> Result<()> {
         args.dtype.dtype(),
         p.recompute
     );
-    let mut sum = 0;
     for (k, v) in &p.memory_bytes {
         println!("  {k:<46} {:>12}", gib(*v));
-        sum += v;
     }
-    println!("  {:<46} {:>12}", "total (peak, approx.)", gib(sum));
+    println!(
+        "  {:<46} {:>12}",
+        "total (peak, approx.)",
+        gib(p.total_bytes())
+    );
     Ok(())
 }

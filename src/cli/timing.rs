@@ -118,18 +118,20 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             args.warmup
         );
         println!(
-            "{:<10} {:>12} {:>8} {:>10} {:>17} {:>9} {:>10} {:>10} {:>16}  loss first -> last",
+            "{:<10} {:>12} {:>8} {:>10} {:>17} {:>9} {:>10} {:>10} {:>10} {:>10} {:>16}  loss first -> last",
             "method",
             "trainable",
             "% total",
             "median s",
             "min / max s",
             "tokens/s",
+            "peak RSS",
             if device == crate::util::device::DeviceChoice::Cpu {
-                "peak RSS"
+                "heap held"
             } else {
-                "peak GPU"
+                "GPU held"
             },
+            "planned",
             "other CPU",
             "recompute"
         );
@@ -139,7 +141,7 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
         } else {
             println!(
-                "{:<10} {:>12} {:>7.2}% {:>10.3} {:>8.3} / {:<6.3} {:>9.1} {:>6.0} MiB {:>9.0}% {:>16}  {:.3} -> {:.3}",
+                "{:<10} {:>12} {:>7.2}% {:>10.3} {:>8.3} / {:<6.3} {:>9.1} {:>6.0} MiB {:>10} {:>6.0} MiB {:>9.0}% {:>16}  {:.3} -> {:.3}",
                 r.method,
                 r.trainable,
                 100.0 * r.trainable as f64 / r.total as f64,
@@ -147,7 +149,11 @@ pub fn run(args: BenchArgs, threads: Option<usize>) -> Result<()> {
                 r.min_step_s,
                 r.max_step_s,
                 r.tokens_per_s,
-                r.peak_device_mib.unwrap_or(r.peak_rss_mib),
+                r.peak_rss_mib,
+                r.peak_device_mib
+                    .or(r.peak_heap_mib)
+                    .map_or("-".into(), |m| format!("{m:.0} MiB")),
+                r.planned_peak_mib,
                 100.0 * r.other_cpu_share,
                 r.recompute,
                 r.loss_first,

@@ -48,15 +48,21 @@ const LLAVA_13B: &str = r#"{"model_type": "llava", "image_token_index": 32000, "
 /// The preset names, for help texts and errors.
 pub const PRESETS: &str = "tiny, small, llava-7b, llava-13b";
 
-/// A named preset's resolved config.
-pub fn preset(name: &str) -> Result<LlavaSpec> {
-    let json = match name {
+/// A named preset's config.json text (llava-hf's format, as transformers' `LlavaConfig`
+/// reads it).
+pub fn preset_json(name: &str) -> Result<&'static str> {
+    Ok(match name {
         "tiny" => TINY,
         "small" => SMALL,
         "llava-7b" => LLAVA_7B,
         "llava-13b" => LLAVA_13B,
         other => bail!("--preset `{other}` is unknown ({PRESETS})"),
-    };
+    })
+}
+
+/// A named preset's resolved config.
+pub fn preset(name: &str) -> Result<LlavaSpec> {
+    let json = preset_json(name)?;
     let file: LlavaConfigFile = serde_json::from_str(json).expect("preset JSON is valid");
     LlavaSpec::from_file(&file, &format!("preset {name}"))
 }

@@ -56,6 +56,8 @@ pub struct PlanConfig {
     /// storage dtype of the frozen weights (f32 or bf16)
     pub dtype: DType,
     pub recompute: Recompute,
+    /// supervised tokens per sample (the rows the head runs on); None: every token
+    pub scored: Option<usize>,
 }
 
 /// The most bytes any memory figure of a plan may reach (1 EiB): beyond it a batch shape
@@ -91,6 +93,13 @@ pub fn check_batch_shape(cfg: &LlmConfig, b: usize, t: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+impl Plan {
+    /// The memory estimate's total: the planned peak of one step, in bytes.
+    pub fn total_bytes(&self) -> usize {
+        self.memory_bytes.values().sum()
+    }
 }
 
 /// Counts and a memory estimate for `cfg`.
@@ -130,31 +139,77 @@ pub fn plan(cfg: &PlanConfig) -> Result<Plan> {
     let (b, t) = (cfg.batch, cfg.seq);
     let frozen_bytes = cfg.dtype.size_in_bytes();
     let policy_choice = cfg.recompute;
+    let cfg_scored = cfg.scored;
     let cfg = &spec.llm;
     let tf = train_flags(&specs, &flags, cfg.num_layers);
     let policy = policy_choice.resolve(cfg, &tf, b, t, DEFAULT_ACTIVATION_BUDGET);
+    // gradient bytes per decoder layer, and of everything outside the blocks (head, final
+    // norm, embeddings, projector: counted from the start of the backward, the head's
+    // first and, tied, the embeddings' with it)
+    let mut layer_grads = vec![0usize; cfg.num_layers];
+    let mut outer_grads = 0usize;
+    for (s, _) in specs.iter().zip(&flags).filter(|(_, t)| **t) {
+        match s.layer {
+            Some(l) if l < cfg.num_layers => layer_grads[l] += 4 * s.numel(),
+            _ => outer_grads += 4 * s.numel(),
+        }
+    }
     let first = tf.first_block_needed();
-    let saved: usize = match first {
-        Some(f) => (f..cfg.num_layers)
-            .map(|l| policy.bytes_per_layer(cfg, &tf.blocks[l], b, t))
-            .sum(),
-        None => 0,
+    let layer_saved: Vec<usize> = match first {
+        Some(f) => (0..cfg.num_layers)
+            .map(|l| {
+                if l < f {
+                    0
+                } else {
+                    policy.bytes_per_layer(cfg, &tf.blocks[l], b, t)
+                }
+            })
+            .collect(),
+        None => vec![0; cfg.num_layers],
     };
     // one block's backward: its recomputed context (selective size, plus the attention
     // probabilities) and gradients of the same order
     let blk = tf.blocks.first().cloned().unwrap_or_default();
     let workspace = 2 * Recompute::None.bytes_per_layer(cfg, &blk, b, t);
-    // the head runs on scored tokens only; B·T is the upper bound (logits + their gradient)
-    let head = 2 * 4 * b * t * cfg.vocab_size;
+    // the head runs on scored tokens only (logits + their gradient); B·T at most
+    let scored = cfg_scored.map_or(t, |s| s.min(t));
+    let head = 2 * 4 * b * scored * cfg.vocab_size;
+    // The backward walks the layers down: layer l's saved context is freed as its
+    // gradients appear, so the step's peak is the largest of (activations still saved +
+    // gradients so far + the working set) over the walk, the head's turn first.
+    let saved_all: usize = layer_saved.iter().sum();
+    let mut peak = (saved_all, outer_grads, head);
+    for l in (0..cfg.num_layers).rev() {
+        let saved: usize = layer_saved[..=l].iter().sum();
+        let grads = outer_grads + layer_grads[l..].iter().sum::<usize>();
+        let here = (
+            saved,
+            grads,
+            if first.is_some_and(|f| l >= f) {
+                workspace
+            } else {
+                0
+            },
+        );
+        if here.0 + here.1 + here.2 > peak.0 + peak.1 + peak.2 {
+            peak = here;
+        }
+    }
+    let head_peak = peak.2 == head;
     let mut memory = BTreeMap::new();
     memory.insert("frozen weights".into(), (total - trainable) * frozen_bytes);
     memory.insert(
-        "trainable weights + grads + Adam m, v (f32)".into(),
-        4 * 4 * trainable,
+        "trainable weights + Adam m, v (f32)".into(),
+        3 * 4 * trainable,
     );
-    memory.insert("saved activations".into(), saved);
-    memory.insert("peak block workspace".into(), workspace);
-    memory.insert("head on scored tokens (<= B·T)".into(), head);
+    memory.insert("at the peak: saved activations".into(), peak.0);
+    memory.insert("at the peak: gradients (f32)".into(), peak.1);
+    let ws_name = match (head_peak, cfg_scored) {
+        (false, _) => "at the peak: one block's backward workspace",
+        (true, Some(_)) => "at the peak: head on scored tokens",
+        (true, None) => "at the peak: head on scored tokens (<= B·T)",
+    };
+    memory.insert(ws_name.into(), peak.2);
     Ok(Plan {
         method: method.method.name().into(),
         groups,

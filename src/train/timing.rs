@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
-use super::plan::{check_batch_shape, step_activation_bounds};
+use super::plan::{PlanConfig, PlanModel, check_batch_shape, plan, step_activation_bounds};
 use super::schedule::Schedule;
 use super::trainer::{Trainer, TrainerConfig};
 use super::{DEFAULT_ACTIVATION_BUDGET, Recompute};
@@ -23,6 +23,7 @@ use crate::model::mllm::Mllm;
 use crate::model::presets::preset;
 use crate::util::checks;
 use crate::util::device::WeightDtype;
+use crate::util::heap;
 use crate::util::process;
 use crate::util::profile::{self, ProfileRow};
 use crate::util::rng::Rng;
@@ -122,6 +123,13 @@ pub struct StepTiming {
     pub tokens_per_s: f64,
     pub peak_rss_mib: f64,
     pub rss_after_build_mib: f64,
+    /// the most live heap bytes during the steps (weights included), where the binary
+    /// counts them (`util::heap`): what `lntune plan` predicts on the CPU
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_heap_mib: Option<f64>,
+    /// `lntune plan`'s estimate of the step's peak for this configuration
+    #[serde(default)]
+    pub planned_peak_mib: f64,
     /// on a GPU: the most memory the device held for the run (weights included)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_device_mib: Option<f64>,
@@ -223,6 +231,7 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
     let mut trainer = Trainer::new(&mut model, &method, cfg)?;
     let batch = synthetic_batch(&spec, args.batch, args.seq, 0, dev)?;
     let rss_after_build = process::peak_rss_mib();
+    heap::reset_peak();
     let total = model
         .param_specs()
         .iter()
@@ -316,12 +325,34 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
         tokens_per_s: (args.batch * args.seq) as f64 / median,
         peak_rss_mib: process::peak_rss_mib(),
         rss_after_build_mib: rss_after_build,
+        peak_heap_mib: heap::peak_bytes().map(mib),
+        planned_peak_mib: mib(planned_peak_bytes(args, &batch)?),
         peak_device_mib: crate::util::gpu::peak_memory_mib(dev),
         other_cpu_share: (others / (ncpu * wall)).clamp(0.0, 1.0),
         loss_first: losses[0],
         loss_last: *losses.last().expect("steps > 0"),
         profile: step_profile,
     })
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// What `lntune plan` predicts for the timed configuration (its preset, trainable set,
+/// batch shape, dtype, policy and the batch's supervised tokens).
+fn planned_peak_bytes(args: &TimingConfig, batch: &Batch) -> Result<usize> {
+    let scored = super::step::count_scored(batch)?.div_ceil(args.batch);
+    let p = plan(&PlanConfig {
+        model: PlanModel::Preset(args.preset.clone()),
+        method: timing_method(args.method, args),
+        batch: args.batch,
+        seq: args.seq,
+        dtype: args.dtype.dtype(),
+        recompute: args.recompute,
+        scored: Some(scored),
+    })?;
+    Ok(p.total_bytes())
 }
 
 /// The name `--recompute` gives a policy.

@@ -6,6 +6,7 @@ pub mod checks;
 pub mod device;
 pub mod files;
 pub mod gpu;
+pub mod heap;
 pub mod plot;
 pub mod process;
 pub mod profile;
