@@ -4,6 +4,7 @@ mod alloc_cap;
 mod bad_inputs;
 mod common;
 mod compare_cli;
+mod distributed;
 mod eval_cli;
 mod generation;
 mod gguf;

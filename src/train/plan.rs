@@ -36,6 +36,9 @@ pub struct Plan {
     pub trainable_percent: f64,
     pub recompute: String,
     pub memory_bytes: BTreeMap<String, usize>,
+    /// what each rank of a data-parallel run contributes to the per-step all-reduce: the
+    /// trainable tensors' f32 gradients (and the loss)
+    pub allreduce_bytes: usize,
 }
 
 /// The model a plan is for: a checkpoint's config files, or a named preset
@@ -218,5 +221,6 @@ pub fn plan(cfg: &PlanConfig) -> Result<Plan> {
         trainable_percent: 100.0 * trainable as f64 / total as f64,
         recompute: format!("{policy:?}").to_lowercase(),
         memory_bytes: memory,
+        allreduce_bytes: 4 * trainable + 8,
     })
 }

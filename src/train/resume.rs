@@ -25,6 +25,9 @@ pub(super) struct Resume<'a> {
     pub(super) base_fp: &'a str,
     /// tensors the init adapter set (every adapter of the run stores them too)
     pub(super) init_names: &'a [String],
+    /// this process writes the run's files (rank 0 of a data-parallel run): it drops the
+    /// metrics of the steps after the checkpoint
+    pub(super) writer: bool,
 }
 
 /// Settings a resumed run may change: they decide how long it runs and what it records,
@@ -88,8 +91,10 @@ pub(super) fn resume_from(
     trainer.opt.state = moments;
     trainer.opt.t = t;
     trainer.step = state.step;
-    let reports = keep_metrics_up_to(metrics_path, state.step)?;
-    eprintln!("resuming from {} (step {})", ck.display(), state.step);
+    let reports = keep_metrics_up_to(metrics_path, state.step, from.writer)?;
+    if from.writer {
+        eprintln!("resuming from {} (step {})", ck.display(), state.step);
+    }
     Ok((
         DataPosition {
             epoch: state.epoch,
@@ -134,9 +139,9 @@ fn check_same_run(ck: &Path, cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// Keeps the lines of `metrics.jsonl` up to `step` (rewritten atomically) and returns their
-/// reports.
-fn keep_metrics_up_to(metrics_path: &Path, step: usize) -> Result<Vec<StepReport>> {
+/// Keeps the lines of `metrics.jsonl` up to `step` (rewritten atomically when `write`) and
+/// returns their reports.
+fn keep_metrics_up_to(metrics_path: &Path, step: usize, write: bool) -> Result<Vec<StepReport>> {
     let mut reports = Vec::new();
     if let Ok(text) = std::fs::read_to_string(metrics_path) {
         let kept: Vec<&str> = text
@@ -152,6 +157,9 @@ fn keep_metrics_up_to(metrics_path: &Path, step: usize) -> Result<Vec<StepReport
             if let Ok(r) = serde_json::from_str::<StepReport>(l) {
                 reports.push(r);
             }
+        }
+        if !write {
+            return Ok(reports);
         }
         write_atomically(
             metrics_path,

@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,6 +36,7 @@ use crate::methods::adapter::{
     AdapterMeta, FORMAT, adapter_tensors, fingerprint, read_adapter_for, save_adapter, set_tensors,
 };
 use crate::model::mllm::Mllm;
+use crate::util::dist::Comm;
 use crate::util::files::{FolderLock, read_text, write_json};
 use crate::util::median;
 use crate::util::plot::{Chart, Series};
@@ -111,6 +113,9 @@ pub struct RunOutput<'a> {
     /// a fresh run replaces a run the folder holds (else it refuses)
     pub overwrite: bool,
     pub progress: bool,
+    /// the data-parallel ranks of the run: each reads its shard of every batch, rank 0
+    /// alone writes the folder
+    pub comm: Rc<Comm>,
 }
 
 /// The files of a run folder (`overwrite` removes exactly these).
@@ -134,9 +139,17 @@ pub fn train_run(
 ) -> Result<RunResult> {
     let t0 = Instant::now();
     cfg.validate()?;
-    let (out, resume, progress) = (output.dir, output.resume, output.progress);
-    let _lock = FolderLock::acquire(out)?;
-    if resume.is_none() {
+    let comm = output.comm.clone();
+    let root = comm.is_root();
+    let (out, resume, progress) = (output.dir, output.resume, output.progress && root);
+    check_ranks(cfg, &comm)?;
+    // rank 0 writes the folder; the others only read (a resumed checkpoint)
+    let _lock = if root {
+        Some(FolderLock::acquire(out)?)
+    } else {
+        None
+    };
+    if resume.is_none() && root {
         clear_for_fresh_run(out, output.overwrite)?;
     }
     let mut model = Mllm::load(&cfg.model, cfg.dtype.dtype(), device)?;
@@ -145,9 +158,12 @@ pub fn train_run(
     let cfg = cfg.resolved(&model);
     let preprocess = cfg.image.preprocess(&model)?;
     let (examples, report) = load_examples(&model, &cfg.example_spec(&cfg.data, &preprocess))?;
-    eprintln!("data: {}", report.summary());
+    if root {
+        eprintln!("data: {}", report.summary());
+    }
     let (total, warmup) = cfg.step_counts(examples.len());
     let mut trainer = Trainer::new(&mut model, &cfg.method, cfg.trainer_config(total, warmup))?;
+    trainer.comm = comm.clone();
     let metrics_path = out.join("metrics.jsonl");
     let (start, mut reports) = match resume {
         Some(r) => {
@@ -156,23 +172,31 @@ pub fn train_run(
                 cfg: &cfg,
                 base_fp: &base_fp,
                 init_names: &init_names,
+                writer: root,
             };
             resume_from(&from, &metrics_path, &mut model, &mut trainer, device)?
         }
         None => (DataPosition { epoch: 0, index: 0 }, Vec::new()),
     };
-    write_json(&out.join("config.json"), &cfg)?;
     let n_total = total_params(&model);
-    eprintln!(
-        "training {} of {} parameters ({:.3}%), {} steps of {} x {} examples, lr {:e}, warmup {warmup}",
-        trainer.setup.n_trainable(),
-        n_total,
-        100.0 * trainer.setup.n_trainable() as f64 / n_total as f64,
-        total,
-        cfg.batch,
-        cfg.grad_accum,
-        cfg.peak_lr()
-    );
+    if root {
+        write_json(&out.join("config.json"), &cfg)?;
+        eprintln!(
+            "training {} of {} parameters ({:.3}%), {} steps of {} x {} examples{}, lr {:e}, warmup {warmup}",
+            trainer.setup.n_trainable(),
+            n_total,
+            100.0 * trainer.setup.n_trainable() as f64 / n_total as f64,
+            total,
+            cfg.batch,
+            cfg.grad_accum,
+            if comm.size() > 1 {
+                format!(" over {} ranks", comm.size())
+            } else {
+                String::new()
+            },
+            cfg.peak_lr()
+        );
+    }
     let examples = Arc::new(examples);
     let loader = Loader::spawn(
         examples.clone(),
@@ -183,6 +207,7 @@ pub fn train_run(
         pad_id(&model),
         preprocess.clone(),
         cfg.group_by_length,
+        (comm.rank(), comm.size()),
     );
     precompute_features(
         &cfg,
@@ -198,11 +223,16 @@ pub fn train_run(
         None => None,
     };
     let bar = progress_bar(total as u64, trainer.step as u64, progress, "train");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
+    let mut metrics = match root {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("{}: cannot open", metrics_path.display()))?,
+        ),
+        false => None,
+    };
     let meta = AdapterMeta {
         format: FORMAT.into(),
         method: cfg.method.clone(),
@@ -221,13 +251,14 @@ pub fn train_run(
             &micro,
             cache,
             grad_stats.as_mut(),
-            &mut metrics,
+            metrics.as_mut(),
             device,
         )?;
         bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.0.loss, r.1));
         bar.inc(1);
         reports.push(r.0);
         if let Some(every) = cfg.save_every
+            && root
             && trainer.step % every == 0
             && trainer.step < total
         {
@@ -244,6 +275,14 @@ pub fn train_run(
     }
     bar.finish_and_clear();
     let adapter_dir = out.join("adapter");
+    if !root {
+        return Ok(RunResult {
+            reports,
+            adapter_dir,
+            data: report,
+            wall_s: t0.elapsed().as_secs_f64(),
+        });
+    }
     let tensors = adapter_tensors(&mut model, &trainer.setup, &init_names)?;
     let m = AdapterMeta {
         tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
@@ -298,6 +337,25 @@ fn write_checkpoint(
         state,
         cfg,
     )
+}
+
+/// What a data-parallel run needs of its config: every micro-batch splits evenly over the
+/// ranks, and nothing that is measured per process (gradient statistics).
+fn check_ranks(cfg: &RunConfig, comm: &Comm) -> Result<()> {
+    let n = comm.size();
+    if n == 1 {
+        return Ok(());
+    }
+    if !cfg.batch.is_multiple_of(n) {
+        bail!(
+            "--batch {} does not split over {n} ranks: each rank takes batch / ranks examples of every micro-batch",
+            cfg.batch
+        );
+    }
+    if cfg.grad_stats.is_some() {
+        bail!("--log-grad-stats measures one process's micro-batches: run it without mpirun");
+    }
+    Ok(())
 }
 
 /// Sets the init adapter's tensors (checked against the base); returns their names, which
@@ -437,7 +495,7 @@ fn train_step(
     micro: &[HostBatch],
     cache: &mut FeatureCache,
     grad_stats: Option<&mut GradStatsLog>,
-    metrics: &mut File,
+    metrics: Option<&mut File>,
     device: &Device,
 ) -> Result<(StepReport, f64)> {
     let ts = Instant::now();
@@ -466,16 +524,30 @@ fn train_step(
             trainer.apply(model, grads, loss, tokens)?
         }
     };
+    // the whole step's token counts over the ranks (each rank read its shard)
+    let mut counts = [real_tokens as f64, padded_tokens as f64];
+    trainer.comm.sum_f64(&mut counts)?;
+    let rank_tokens = real_tokens;
+    let (real_tokens, padded_tokens) = (counts[0] as usize, counts[1] as usize);
     let dt = ts.elapsed().as_secs_f64();
     r.step += 1; // report the step count after the update
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
         "tokens": real_tokens, "padded_tokens": padded_tokens, "tokens_per_s": real_tokens as f64 / dt, "step_s": dt,
     });
+    if trainer.comm.size() > 1 {
+        line["ranks"] = trainer.comm.size().into();
+        line["rank0_tokens"] = rank_tokens.into();
+        let (secs, bytes) = trainer.last_exchange.get();
+        line["allreduce_s"] = secs.into();
+        line["allreduce_bytes"] = bytes.into();
+    }
     // a failed write (a full disk) stops the run; a cut last line is dropped on resume
-    writeln!(metrics, "{line}")
-        .and_then(|_| metrics.flush())
-        .context("metrics.jsonl: cannot append")?;
+    if let Some(metrics) = metrics {
+        writeln!(metrics, "{line}")
+            .and_then(|_| metrics.flush())
+            .context("metrics.jsonl: cannot append")?;
+    }
     Ok((r, real_tokens as f64 / dt))
 }
 

@@ -2,7 +2,11 @@
 //! non-finite loss or gradient before touching the weights, clip the global norm, schedule
 //! the learning rate, update with AdamW.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::optim::{AdamW, AdamWConfig};
@@ -12,6 +16,7 @@ use crate::methods::MethodConfig;
 use crate::methods::setup::{TrainSetup, setup};
 use crate::model::batch::Batch;
 use crate::model::mllm::Mllm;
+use crate::util::dist::Comm;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerConfig {
@@ -47,6 +52,11 @@ pub struct Trainer {
     pub opt: AdamW,
     /// optimizer steps taken
     pub step: usize,
+    /// the data-parallel ranks whose gradients each step sums (this process alone by
+    /// default)
+    pub comm: Rc<Comm>,
+    /// seconds and bytes (per rank, sent) of the last step's gradient all-reduce
+    pub last_exchange: Cell<(f64, usize)>,
 }
 
 impl Trainer {
@@ -57,6 +67,8 @@ impl Trainer {
             cfg,
             setup,
             step: 0,
+            comm: Rc::new(Comm::single()),
+            last_exchange: Cell::new((0.0, 0)),
         })
     }
 
@@ -67,7 +79,9 @@ impl Trainer {
         self.apply(model, grads, loss, tokens)
     }
 
-    /// Accumulated gradients of one optimizer step, its mean loss and token count.
+    /// Accumulated gradients of one optimizer step, its mean loss and token count. With
+    /// several ranks, `micro` is this rank's shard of the step's batch, and what comes back
+    /// is the whole batch's (gradients, loss and tokens summed over the ranks).
     pub fn gradients(&self, model: &Mllm, micro: &[Batch]) -> Result<(Grads, f64, usize)> {
         let (g, l, t, _) = self.gradients_detailed(model, micro, None)?;
         Ok((g, l, t))
@@ -81,7 +95,10 @@ impl Trainer {
         micro: &[Batch],
         subset: Option<&[String]>,
     ) -> Result<(Grads, f64, usize, Vec<Vec<f32>>)> {
-        let tokens: usize = micro.iter().map(count_scored).sum::<Result<usize>>()?;
+        let local: usize = micro.iter().map(count_scored).sum::<Result<usize>>()?;
+        let mut global = [local as f64];
+        self.comm.sum_f64(&mut global)?;
+        let tokens = global[0] as usize;
         if tokens == 0 {
             bail!("step {}: no supervised token in the batch", self.step);
         }
@@ -108,6 +125,13 @@ impl Trainer {
                 per_micro.push(g.flatten(names, tokens as f64 / own as f64)?);
             }
             grads.merge(g)?;
+        }
+        if self.comm.size() > 1 {
+            let dev = model.llm.embed_tokens.device().clone();
+            let t = std::time::Instant::now();
+            loss_sum = sum_across_ranks(&self.comm, &self.setup, &mut grads, loss_sum, &dev)?;
+            let bytes = 4 * self.setup.n_trainable() + 8;
+            self.last_exchange.set((t.elapsed().as_secs_f64(), bytes));
         }
         Ok((grads, loss_sum / tokens as f64, tokens, per_micro))
     }
@@ -152,6 +176,37 @@ impl Trainer {
     }
 }
 
+/// Sums every trainable tensor's gradient and the loss over the ranks: one f32 buffer in
+/// spec order (a tensor this rank has no gradient for counts as zeros) and the loss in
+/// f64. Returns the summed loss.
+fn sum_across_ranks(
+    comm: &Comm,
+    setup: &TrainSetup,
+    grads: &mut Grads,
+    loss_sum: f64,
+    dev: &Device,
+) -> Result<f64> {
+    let specs: Vec<_> = setup.trainable_specs().collect();
+    let mut buf = Vec::with_capacity(specs.iter().map(|s| s.numel()).sum());
+    for s in &specs {
+        match grads.0.get(&s.name) {
+            Some(g) => buf.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => buf.resize(buf.len() + s.numel(), 0.0),
+        }
+    }
+    comm.sum_f32(&mut buf)?;
+    let mut at = 0;
+    for s in &specs {
+        let n = s.numel();
+        let g = Tensor::from_slice(&buf[at..at + n], s.shape.as_slice(), dev)?;
+        grads.0.insert(s.name.clone(), g);
+        at += n;
+    }
+    let mut loss = [loss_sum];
+    comm.sum_f64(&mut loss)?;
+    Ok(loss[0])
+}
+
 /// PyTorch `clip_grad_norm_`: scale by max / (norm + 1e-6) when the norm exceeds `max`.
 pub fn clip_grad_norm(grads: &mut Grads, norm: f64, max: f64) -> Result<()> {
     if norm > max {
@@ -163,7 +218,6 @@ pub fn clip_grad_norm(grads: &mut Grads, norm: f64, max: f64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
 
     #[test]
     fn clipping_scales_to_the_max_norm() {

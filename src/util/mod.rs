@@ -4,6 +4,7 @@
 
 pub mod checks;
 pub mod device;
+pub mod dist;
 pub mod files;
 pub mod gpu;
 pub mod heap;

@@ -401,6 +401,7 @@ fn fresh(dir: &Path, progress: bool) -> RunOutput<'_> {
         resume: None,
         overwrite: true,
         progress,
+        comm: std::rc::Rc::new(crate::util::dist::Comm::single()),
     }
 }
 
