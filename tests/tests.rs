@@ -8,6 +8,7 @@ mod distributed;
 mod eval_cli;
 mod generation;
 mod gguf;
+mod interop;
 mod kills;
 mod layering;
 mod loading_errors;

@@ -9,6 +9,7 @@ pub mod compare;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod plan;
@@ -66,6 +67,8 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Layer similarity of models, gradient variance of training runs
     Analyze(analyze::AnalyzeArgs),
+    /// Write an adapter in another tool's format (`peft`)
+    Export(export::ExportArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -83,5 +86,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => generate::run_chat(args),
         Command::Compare(args) => compare::run(args),
         Command::Analyze(args) => analyze::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -172,6 +172,9 @@ pub fn apply_adapter(
     dir: &Path,
     model: &mut Mllm,
 ) -> Result<(AdapterMeta, TrainSetup, Vec<String>)> {
+    if super::peft::is_peft_dir(dir) {
+        return apply_peft_adapter(dir, model);
+    }
     let (meta, store) = read_adapter_for(dir, &fingerprint(model)?)?;
     let setup = setup(model, &meta.method, 0)?;
     // exactly the method's trainable tensors (and those the run started from)
@@ -196,6 +199,30 @@ pub fn apply_adapter(
         );
     }
     let names = set_tensors(model, &store, &dir.join("adapter.safetensors"))?;
+    Ok((meta, setup, names))
+}
+
+/// A PEFT `LN_TUNING` adapter directory (`methods::peft`): PEFT records no fingerprint of
+/// its base, so only the names and shapes are checked against `model`.
+fn apply_peft_adapter(
+    dir: &Path,
+    model: &mut Mllm,
+) -> Result<(AdapterMeta, TrainSetup, Vec<String>)> {
+    let (method, tensors) = super::peft::read_peft(dir, model)?;
+    let setup = setup(model, &method, 0)?;
+    let file = dir.join("adapter_model.safetensors");
+    let mut store = Store::new(&Device::Cpu);
+    store.add_owned(&file, tensors)?;
+    let names = set_tensors(model, &store, &file)?;
+    let meta = AdapterMeta {
+        format: FORMAT.into(),
+        method,
+        base_fingerprint: fingerprint(model)?,
+        base_source: model.source.display().to_string(),
+        tensors: names.clone(),
+        step: 0,
+        init_tensors: vec![],
+    };
     Ok((meta, setup, names))
 }
 

@@ -8,6 +8,7 @@
 //! tower is always frozen.
 
 pub mod adapter;
+pub mod peft;
 pub mod setup;
 
 use anyhow::{Result, bail};

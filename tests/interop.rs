@@ -1,0 +1,191 @@
+//! Adapters in PEFT's format against the real libraries: an lntune LN-tuning adapter
+//! exported with `lntune export peft` gives, under `PeftModel.from_pretrained`, lntune's
+//! logits; a PEFT `LN_TUNING` adapter given to lntune's `--adapter` gives PEFT's. The
+//! Python side (tools/interop/peft_logits.py) runs in the venv of tools/interop-env.sh
+//! (`target/interop-venv`, or LNTUNE_INTEROP_PYTHON); without it these tests print
+//! `skipped: …`, except under CI=true, where they must run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use lntune::methods::adapter::{
+    AdapterMeta, FORMAT, adapter_tensors, fingerprint, load_model, save_adapter,
+};
+use lntune::methods::setup::setup;
+use lntune::methods::{Method, MethodConfig};
+use lntune::model::batch::Batch;
+use lntune::model::mllm::Mllm;
+
+use super::common::{fixture, load_all, max_abs};
+
+fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("LNTUNE_INTEROP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop-venv/bin/python")
+        });
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{}: missing (run tools/interop-env.sh)",
+        p.display()
+    );
+    eprintln!(
+        "skipped: no interop venv at {} (bash tools/interop-env.sh)",
+        p.display()
+    );
+    None
+}
+
+fn peft_side(py: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/interop/peft_logits.py");
+    let out = Command::new(py).arg(script).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn batch_file() -> PathBuf {
+    fixture("tiny-llava/ref/batch.safetensors")
+}
+
+fn lntune_logits(adapter: Option<&Path>) -> Tensor {
+    let m = load_model(&fixture("tiny-llava"), adapter, DType::F32, &Device::Cpu).unwrap();
+    let batch = Batch::from_safetensors(&batch_file(), &Device::Cpu).unwrap();
+    m.forward(&batch).unwrap()
+}
+
+/// An lntune adapter of `method` on tiny-llava whose every trained tensor is the base's
+/// times a fixed pattern (as a training run would leave it, with no run needed).
+fn lntune_adapter(method: Method, dir: &Path) {
+    let mut m = Mllm::load(&fixture("tiny-llava"), DType::F32, &Device::Cpu).unwrap();
+    let base_fp = fingerprint(&mut m).unwrap();
+    let cfg = MethodConfig::new(method);
+    let s = setup(&mut m, &cfg, 0).unwrap();
+    let names: Vec<String> = s.trainable_specs().map(|s| s.name.clone()).collect();
+    for (i, n) in names.iter().enumerate() {
+        let t = m.param(n).unwrap();
+        let k = t.elem_count();
+        let pattern: Vec<f32> = (0..k)
+            .map(|j| 1.0 + 0.05 * (((i * 7 + j) % 13) as f32 - 6.0) / 6.0)
+            .collect();
+        let factor = Tensor::from_vec(pattern, t.dims(), &Device::Cpu).unwrap();
+        let scaled = (t * factor).unwrap();
+        *m.param_mut(n).unwrap() = scaled;
+    }
+    let tensors = adapter_tensors(&mut m, &s, &[]).unwrap();
+    let meta = AdapterMeta {
+        format: FORMAT.into(),
+        method: cfg,
+        base_fingerprint: base_fp,
+        base_source: fixture("tiny-llava").display().to_string(),
+        tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
+        step: 1,
+        init_tensors: vec![],
+    };
+    save_adapter(dir, &tensors, &meta).unwrap();
+}
+
+#[test]
+fn exported_peft_adapters_give_lntunes_logits_in_peft() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for method in [Method::Ln, Method::LnSimple] {
+        let ours = dir.path().join(format!("{}-lntune", method.name()));
+        let peft = dir.path().join(format!("{}-peft", method.name()));
+        lntune_adapter(method, &ours);
+        let out = Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(["export", "peft", "--model"])
+            .arg(fixture("tiny-llava"))
+            .arg("--adapter")
+            .arg(&ours)
+            .arg("--out")
+            .arg(&peft)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let logits_file = dir
+            .path()
+            .join(format!("{}-logits.safetensors", method.name()));
+        peft_side(
+            &py,
+            &[
+                "logits",
+                "--base",
+                fixture("tiny-llava").to_str().unwrap(),
+                "--adapter",
+                peft.to_str().unwrap(),
+                "--batch",
+                batch_file().to_str().unwrap(),
+                "--out",
+                logits_file.to_str().unwrap(),
+            ],
+        );
+        let theirs = &load_all(&logits_file)["logits"];
+        let ours_logits = lntune_logits(Some(&ours));
+        let base = lntune_logits(None);
+        let gap = max_abs(&ours_logits, theirs);
+        assert!(
+            gap < 1e-5,
+            "{}: PEFT's logits differ from lntune's by {gap}",
+            method.name()
+        );
+        // the adapter changes the model (the comparison is not of two base models)
+        assert!(max_abs(&base, theirs) > 1e-3, "{}", method.name());
+    }
+}
+
+#[test]
+fn peft_ln_tuning_adapters_load_with_pefts_logits() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-llava");
+    for simple in [false, true] {
+        let adapter = dir.path().join(format!("peft-{simple}"));
+        let mut args = vec![
+            "make-ln",
+            "--base",
+            base.to_str().unwrap(),
+            "--out",
+            adapter.to_str().unwrap(),
+            "--seed",
+            "3",
+        ];
+        if simple {
+            args.push("--simple");
+        }
+        peft_side(&py, &args);
+        let logits_file = dir.path().join(format!("logits-{simple}.safetensors"));
+        peft_side(
+            &py,
+            &[
+                "logits",
+                "--base",
+                base.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--batch",
+                batch_file().to_str().unwrap(),
+                "--out",
+                logits_file.to_str().unwrap(),
+            ],
+        );
+        let theirs = &load_all(&logits_file)["logits"];
+        let ours = lntune_logits(Some(&adapter));
+        let gap = max_abs(&ours, theirs);
+        assert!(
+            gap < 1e-5,
+            "simple {simple}: lntune's logits differ from PEFT's by {gap}"
+        );
+        assert!(max_abs(&lntune_logits(None), theirs) > 1e-3);
+    }
+}
