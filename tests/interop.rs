@@ -1,6 +1,7 @@
-//! Adapters in PEFT's format against the real libraries: an lntune LN-tuning adapter
-//! exported with `lntune export peft` gives, under `PeftModel.from_pretrained`, lntune's
-//! logits; a PEFT `LN_TUNING` adapter given to lntune's `--adapter` gives PEFT's. The
+//! Adapters in PEFT's format against the real libraries: an lntune ln, ln-simple or LoRA
+//! adapter exported with `lntune export peft` gives, under `PeftModel.from_pretrained`,
+//! lntune's logits; a PEFT `LN_TUNING` or `LORA` adapter given to lntune's `--adapter`
+//! gives PEFT's. The
 //! Python side (tools/interop/peft_logits.py) runs in the venv of tools/interop-env.sh
 //! (`target/interop-venv`, or LNTUNE_INTEROP_PYTHON); without it these tests print
 //! `skipped: …`, except under CI=true, where they must run.
@@ -75,7 +76,12 @@ fn lntune_adapter(method: Method, dir: &Path) {
             .map(|j| 1.0 + 0.05 * (((i * 7 + j) % 13) as f32 - 6.0) / 6.0)
             .collect();
         let factor = Tensor::from_vec(pattern, t.dims(), &Device::Cpu).unwrap();
-        let scaled = (t * factor).unwrap();
+        // LoRA's B starts at zero: give every factor values of its own
+        let scaled = if n.contains("lora_B") {
+            ((factor - 1.0).unwrap() * 2.0).unwrap()
+        } else {
+            (t * factor).unwrap()
+        };
         *m.param_mut(n).unwrap() = scaled;
     }
     let tensors = adapter_tensors(&mut m, &s, &[]).unwrap();
@@ -95,7 +101,7 @@ fn lntune_adapter(method: Method, dir: &Path) {
 fn exported_peft_adapters_give_lntunes_logits_in_peft() {
     let Some(py) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
-    for method in [Method::Ln, Method::LnSimple] {
+    for method in [Method::Ln, Method::LnSimple, Method::Lora] {
         let ours = dir.path().join(format!("{}-lntune", method.name()));
         let peft = dir.path().join(format!("{}-peft", method.name()));
         lntune_adapter(method, &ours);
@@ -134,6 +140,7 @@ fn exported_peft_adapters_give_lntunes_logits_in_peft() {
         let ours_logits = lntune_logits(Some(&ours));
         let base = lntune_logits(None);
         let gap = max_abs(&ours_logits, theirs);
+        eprintln!("{}: lntune -> PEFT logits gap {gap:.2e}", method.name());
         assert!(
             gap < 1e-5,
             "{}: PEFT's logits differ from lntune's by {gap}",
@@ -145,14 +152,14 @@ fn exported_peft_adapters_give_lntunes_logits_in_peft() {
 }
 
 #[test]
-fn peft_ln_tuning_adapters_load_with_pefts_logits() {
+fn peft_adapters_load_with_pefts_logits() {
     let Some(py) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("tiny-llava");
-    for simple in [false, true] {
-        let adapter = dir.path().join(format!("peft-{simple}"));
+    for (kind, simple) in [("make-ln", false), ("make-ln", true), ("make-lora", false)] {
+        let adapter = dir.path().join(format!("peft-{kind}-{simple}"));
         let mut args = vec![
-            "make-ln",
+            kind,
             "--base",
             base.to_str().unwrap(),
             "--out",
@@ -164,7 +171,9 @@ fn peft_ln_tuning_adapters_load_with_pefts_logits() {
             args.push("--simple");
         }
         peft_side(&py, &args);
-        let logits_file = dir.path().join(format!("logits-{simple}.safetensors"));
+        let logits_file = dir
+            .path()
+            .join(format!("logits-{kind}-{simple}.safetensors"));
         peft_side(
             &py,
             &[
@@ -182,6 +191,7 @@ fn peft_ln_tuning_adapters_load_with_pefts_logits() {
         let theirs = &load_all(&logits_file)["logits"];
         let ours = lntune_logits(Some(&adapter));
         let gap = max_abs(&ours, theirs);
+        eprintln!("{kind} simple={simple}: PEFT -> lntune logits gap {gap:.2e}");
         assert!(
             gap < 1e-5,
             "simple {simple}: lntune's logits differ from PEFT's by {gap}"

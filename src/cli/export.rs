@@ -15,8 +15,8 @@ pub struct ExportArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ExportWhat {
-    /// An LN-tuning adapter (ln, ln-simple) as a PEFT `LN_TUNING` adapter directory that
-    /// `PeftModel.from_pretrained(base, OUT)` loads
+    /// An ln, ln-simple or lora adapter as a PEFT adapter directory (`LN_TUNING` or `LORA`)
+    /// that `PeftModel.from_pretrained(base, OUT)` loads
     Peft(ExportPeftArgs),
 }
 
@@ -37,7 +37,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     match args.what {
         ExportWhat::Peft(a) => {
             let n = export_peft(&a.model, &a.adapter, &a.out)?;
-            println!("wrote {} ({n} tensors, PEFT LN_TUNING)", a.out.display());
+            println!("wrote {} ({n} tensors)", a.out.display());
             Ok(())
         }
     }

@@ -231,7 +231,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         && comm.size() > 1
     {
         // the other ranks wait in their next all-reduce: end them all now
-        eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.size());
+        // one write, so that the launcher's own messages cannot cut the line
+        let line = format!("error: rank {} of {}: {e:#}\n", comm.rank(), comm.size());
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         comm.abort(1);
     }
     result

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::methods::adapter::{fingerprint, read_adapter_for, set_tensors};
 use crate::methods::peft::{base_layer_keys, to_peft};
+use crate::methods::setup::setup;
 use crate::model::mllm::Mllm;
 use crate::util::files::{write_dir_atomically, write_json};
 
@@ -26,8 +27,10 @@ pub fn export_peft(model: &Path, adapter: &Path, out: &Path) -> Result<usize> {
             .with_context(|| format!("`{name}` missing"))?;
         base_layers.push((key, v.to_dtype(DType::F32)?));
     }
+    // the method's slots (LoRA's A and B) exist before its tensors are set
+    let s = setup(&mut m, &meta.method, 0)?;
     let names = set_tensors(&mut m, &store, &adapter.join("adapter.safetensors"))?;
-    let mut peft = to_peft(&mut m, &meta.method, &names, &meta.base_source)?;
+    let mut peft = to_peft(&mut m, &meta.method, &s.specs, &names, &meta.base_source)?;
     peft.tensors.extend(base_layers);
     let n = peft.tensors.len();
     write_dir_atomically(out, |tmp| {

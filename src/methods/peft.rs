@@ -1,7 +1,8 @@
-//! PEFT's adapter format (`adapter_config.json` + `adapter_model.safetensors`), for LN
-//! tuning: what `lntune export peft` writes and what `--adapter` reads when a directory
-//! holds a PEFT adapter. Keys are PEFT 0.21's as it saves an `LN_TUNING` model of
-//! transformers 5: `base_model.model.<module>.ln_tuning_layers.weight` for a norm, the
+//! PEFT's adapter format (`adapter_config.json` + `adapter_model.safetensors`) for LN
+//! tuning and LoRA: what `lntune export peft` writes and what `--adapter` reads when a
+//! directory holds a PEFT adapter. LoRA factors are `base_model.model.<linear>.lora_A.weight`
+//! and the modules it saves whole are under their plain paths. Keys of an `LN_TUNING`
+//! model of transformers 5 are `base_model.model.<module>.ln_tuning_layers.weight` for a norm, the
 //! embeddings and the head (whose untouched base weight PEFT also saves, as
 //! `<module>.base_layer.weight`), and `…multi_modal_projector.ln_tuning_layers.default.<sub>`
 //! for the projector's tensors (PEFT keeps the adapter name inside container modules).
@@ -16,7 +17,7 @@ use serde_json::json;
 
 use super::{Method, MethodConfig};
 use crate::model::mllm::Mllm;
-use crate::model::params::{KeyPrefixes, Role};
+use crate::model::params::{KeyPrefixes, ParamSpec, Role};
 use crate::util::files::read_json;
 
 /// The PEFT version whose saved format this module writes and reads.
@@ -99,19 +100,24 @@ pub struct PeftAdapter {
     pub tensors: HashMap<String, Tensor>,
 }
 
-/// An lntune LN-tuning adapter (its method and tensors, set on `model`) in PEFT's format.
+/// An lntune adapter (its method, and its tensors set on `model`) in PEFT's format:
+/// `LN_TUNING` for ln and ln-simple, `LORA` for lora (the projector, embeddings and head it
+/// trains as PEFT's `modules_to_save`).
 pub fn to_peft(
     model: &mut Mllm,
     method: &MethodConfig,
+    specs: &[ParamSpec],
     trained: &[String],
     base_name: &str,
 ) -> Result<PeftAdapter> {
-    if !matches!(method.method, Method::Ln | Method::LnSimple) {
-        bail!(
-            "export peft: method `{}` is not exported yet (ln and ln-simple are)",
-            method.method.name()
-        );
-    }
+    let lora = match method.method {
+        Method::Ln | Method::LnSimple => false,
+        Method::Lora => true,
+        other => bail!(
+            "export peft: method `{}` has no PEFT counterpart here (ln, ln-simple and lora do)",
+            other.name()
+        ),
+    };
     let keys = model.keys.clone();
     let Some(paths) = hf_paths(&keys) else {
         bail!(
@@ -119,47 +125,109 @@ pub fn to_peft(
             model.source.display()
         );
     };
-    let roles: HashMap<String, Role> = model
-        .param_specs()
-        .into_iter()
-        .map(|s| (s.name, s.role))
-        .collect();
+    let roles: HashMap<&str, Role> = specs.iter().map(|s| (s.name.as_str(), s.role)).collect();
     let mut tensors = HashMap::new();
     let mut targets: Vec<&str> = Vec::new();
     for name in trained {
         let role = *roles
-            .get(name)
+            .get(name.as_str())
             .with_context(|| format!("export peft: `{name}` is not a parameter of the model"))?;
-        let target = target_name(role).with_context(|| {
-            format!("export peft: `{name}` ({role:?}) is not a tensor LN tuning trains")
-        })?;
-        if !targets.contains(&target) {
-            targets.push(target);
-        }
         let hf = hf_param(&keys, &paths, name)
             .with_context(|| format!("export peft: `{name}` has no transformers path"))?;
         let value = model
             .param(name)
             .with_context(|| format!("export peft: `{name}` is missing from the model"))?
             .to_dtype(DType::F32)?;
-        tensors.insert(ln_tuning_key(role, &hf), value);
+        let target = target_name(role);
+        let key = match (lora, role) {
+            (_, Role::LoraA | Role::LoraB) => format!("{WRAP}{hf}"),
+            (true, _) => format!("{WRAP}{hf}"),
+            (false, _) => ln_tuning_key(role, &hf),
+        };
+        if let Some(t) = target
+            && !targets.contains(&t)
+        {
+            targets.push(t);
+        } else if target.is_none() && !matches!(role, Role::LoraA | Role::LoraB) {
+            bail!("export peft: `{name}` ({role:?}) has no PEFT module to save it in");
+        }
+        tensors.insert(key, value);
     }
-    // PEFT saves the base weight of a wrapped embedding or head too; those are the base
-    // model's values, which `trained` replaced on `model`: read them from the checkpoint
-    // when writing (see `jobs`), here only the keys are named
-    let config = json!({
+    let config = if lora {
+        lora_config(method, base_name, &targets, &paths)
+    } else {
+        json!({
+            "auto_mapping": null,
+            "base_model_name_or_path": base_name,
+            "exclude_modules": null,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "peft_type": "LN_TUNING",
+            "peft_version": PEFT_FORMAT_VERSION,
+            "revision": null,
+            "target_modules": targets,
+            "task_type": "CAUSAL_LM",
+        })
+    };
+    Ok(PeftAdapter { config, tensors })
+}
+
+/// The linear names PEFT's module paths use for lntune's LoRA targets.
+const LORA_MODULES: [(&str, &str); 7] = [
+    ("q", "self_attn.q_proj"),
+    ("k", "self_attn.k_proj"),
+    ("v", "self_attn.v_proj"),
+    ("o", "self_attn.o_proj"),
+    ("gate", "mlp.gate_proj"),
+    ("up", "mlp.up_proj"),
+    ("down", "mlp.down_proj"),
+];
+
+/// PEFT's LoRA config: target_modules as a regex over the decoder's layers (a list of
+/// names would also match the vision tower's q/k/v projections).
+fn lora_config(
+    method: &MethodConfig,
+    base_name: &str,
+    saved: &[&str],
+    paths: &HfPaths,
+) -> serde_json::Value {
+    let alts: Vec<String> = LORA_MODULES
+        .iter()
+        .filter(|(t, _)| method.lora.targets.iter().any(|x| x == t))
+        .map(|(_, m)| regex::escape(m))
+        .collect();
+    let regex = format!(
+        r".*{}\.layers\.\d+\.({})",
+        regex::escape(paths.body.rsplit('.').next().unwrap_or("model")),
+        alts.join("|")
+    );
+    let saved: Vec<&str> = saved.to_vec();
+    json!({
+        "alpha_pattern": {},
         "auto_mapping": null,
         "base_model_name_or_path": base_name,
+        "bias": "none",
         "exclude_modules": null,
+        "fan_in_fan_out": false,
         "inference_mode": true,
-        "modules_to_save": null,
-        "peft_type": "LN_TUNING",
+        "init_lora_weights": true,
+        "layer_replication": null,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "lora_alpha": method.lora.alpha,
+        "lora_bias": false,
+        "lora_dropout": method.lora.dropout,
+        "modules_to_save": if saved.is_empty() { serde_json::Value::Null } else { json!(saved) },
+        "peft_type": "LORA",
         "peft_version": PEFT_FORMAT_VERSION,
+        "r": method.lora.r,
+        "rank_pattern": {},
         "revision": null,
-        "target_modules": targets,
+        "target_modules": regex,
         "task_type": "CAUSAL_LM",
-    });
-    Ok(PeftAdapter { config, tensors })
+        "use_dora": false,
+        "use_rslora": false,
+    })
 }
 
 /// The `base_layer` keys PEFT saves beside a trained embedding or head, with the checkpoint
@@ -190,17 +258,34 @@ pub fn is_peft_dir(dir: &Path) -> bool {
     dir.join("adapter_config.json").is_file() && !dir.join("adapter.json").exists()
 }
 
-/// Reads a PEFT `LN_TUNING` adapter for `model`: the method it amounts to and its tensors
-/// under the model's checkpoint names (base-layer copies skipped).
+/// Reads a PEFT adapter (`LN_TUNING` or `LORA`) for `model`: the method it amounts to and
+/// its tensors under the model's checkpoint names (PEFT's copies of base weights skipped).
 pub fn read_peft(dir: &Path, model: &Mllm) -> Result<(MethodConfig, Vec<(String, Tensor)>)> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg: serde_json::Value = read_json(&cfg_path)?;
     let kind = cfg["peft_type"].as_str().unwrap_or("");
-    if kind != "LN_TUNING" {
-        bail!(
-            "{}: field `peft_type` is `{kind}`; lntune reads PEFT adapters of type LN_TUNING",
+    let lora = match kind {
+        "LN_TUNING" => false,
+        "LORA" => true,
+        _ => bail!(
+            "{}: field `peft_type` is `{kind}`; lntune reads PEFT adapters of type LN_TUNING and LORA",
             cfg_path.display()
-        );
+        ),
+    };
+    if lora {
+        for (field, plain) in [
+            ("use_dora", json!(false)),
+            ("use_rslora", json!(false)),
+            ("bias", json!("none")),
+        ] {
+            if cfg.get(field).is_some_and(|v| *v != plain && !v.is_null()) {
+                bail!(
+                    "{}: field `{field}` is {}; lntune's LoRA is plain LoRA ({field} {plain})",
+                    cfg_path.display(),
+                    cfg[field]
+                );
+            }
+        }
     }
     let keys = &model.keys;
     let Some(paths) = hf_paths(keys) else {
@@ -222,6 +307,7 @@ pub fn read_peft(dir: &Path, model: &Mllm) -> Result<(MethodConfig, Vec<(String,
     store.add_safetensors(&file)?;
     let mut tensors = Vec::new();
     let mut roles = Vec::new();
+    let mut lora_targets: Vec<String> = Vec::new();
     for key in store.keys() {
         if key.contains(".base_layer.") {
             continue;
@@ -232,22 +318,53 @@ pub fn read_peft(dir: &Path, model: &Mllm) -> Result<(MethodConfig, Vec<(String,
                 file.display()
             );
         };
-        let hf = if let Some((module, sub)) = rest.split_once(".ln_tuning_layers.default.") {
-            format!("{module}.{sub}")
-        } else if let Some((module, sub)) = rest.split_once(".ln_tuning_layers.") {
-            format!("{module}.{sub}")
-        } else {
-            bail!(
-                "{}: tensor `{key}` is not an LN-tuning tensor",
-                file.display()
-            );
-        };
-        let Some((name, role)) = by_hf.get(&hf) else {
-            bail!(
+        let unplaced = || {
+            anyhow::anyhow!(
                 "{}: tensor `{key}` has no place in {}",
                 file.display(),
                 model.source.display()
-            );
+            )
+        };
+        let (name, role) = if let Some((module, ab)) = rest
+            .strip_suffix(".weight")
+            .and_then(|r| r.rsplit_once('.'))
+            .filter(|(_, ab)| lora && (*ab == "lora_A" || *ab == "lora_B"))
+        {
+            // a LoRA factor of the decoder linear `module`
+            let (base, role) = by_hf
+                .get(&format!("{module}.weight"))
+                .ok_or_else(unplaced)?;
+            let target = LORA_MODULES
+                .iter()
+                .find(|(_, m)| module.ends_with(m))
+                .map(|(t, _)| *t)
+                .filter(|_| role.is_attention() || role.is_mlp())
+                .ok_or_else(unplaced)?;
+            if !lora_targets.iter().any(|t| t == target) {
+                lora_targets.push(target.to_string());
+            }
+            let stem = base.strip_suffix(".weight").unwrap_or(base);
+            let r = if ab == "lora_A" {
+                Role::LoraA
+            } else {
+                Role::LoraB
+            };
+            (format!("{stem}.{ab}.weight"), r)
+        } else {
+            let hf = if lora {
+                rest.to_string()
+            } else if let Some((module, sub)) = rest.split_once(".ln_tuning_layers.default.") {
+                format!("{module}.{sub}")
+            } else if let Some((module, sub)) = rest.split_once(".ln_tuning_layers.") {
+                format!("{module}.{sub}")
+            } else {
+                bail!(
+                    "{}: tensor `{key}` is not an LN-tuning tensor",
+                    file.display()
+                );
+            };
+            let (name, role) = by_hf.get(&hf).ok_or_else(unplaced)?;
+            (name.clone(), *role)
         };
         let value = store.load_any(&key)?.to_dtype(DType::F32)?;
         let values = value.flatten_all()?.to_vec1::<f32>()?;
@@ -257,17 +374,43 @@ pub fn read_peft(dir: &Path, model: &Mllm) -> Result<(MethodConfig, Vec<(String,
                 file.display()
             );
         }
-        roles.push(*role);
-        tensors.push((name.clone(), value));
+        roles.push(role);
+        tensors.push((name, value));
     }
     let has = |r: Role| roles.contains(&r);
-    let mut method = MethodConfig::new(
-        if has(Role::Embed) || has(Role::Head) || has(Role::Projector) {
-            Method::Ln
-        } else {
-            Method::LnSimple
-        },
-    );
+    let mut method = if lora {
+        let mut m = MethodConfig::new(Method::Lora);
+        let number = |field: &str| {
+            cfg[field].as_f64().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: field `{field}` is missing or not a number",
+                    cfg_path.display()
+                )
+            })
+        };
+        let r = number("r")?;
+        if r < 1.0 || r.fract() != 0.0 {
+            bail!(
+                "{}: field `r` is {r}, not a positive integer",
+                cfg_path.display()
+            );
+        }
+        m.lora.r = r as usize;
+        m.lora.alpha = number("lora_alpha")?;
+        if !(m.lora.alpha.is_finite() && m.lora.alpha > 0.0) {
+            bail!(
+                "{}: field `lora_alpha` must be a positive number",
+                cfg_path.display()
+            );
+        }
+        m.lora.dropout = cfg["lora_dropout"].as_f64().unwrap_or(0.0);
+        m.lora.targets = lora_targets;
+        m
+    } else if has(Role::Embed) || has(Role::Head) || has(Role::Projector) {
+        MethodConfig::new(Method::Ln)
+    } else {
+        MethodConfig::new(Method::LnSimple)
+    };
     method.final_norm = has(Role::FinalNorm);
     method.train_embed = has(Role::Embed);
     method.train_head = has(Role::Head);

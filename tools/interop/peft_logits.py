@@ -7,6 +7,9 @@
   peft_logits.py make-ln --base DIR --out DIR [--simple] [--seed S]
       a PEFT LN_TUNING adapter (PEFT's default llava targets, or only the decoder's norms
       with --simple) whose tensors are the base's, perturbed by a seeded 10% noise
+  peft_logits.py make-lora --base DIR --out DIR [--seed S]
+      a PEFT LoRA adapter (r 4, alpha 8, on q, v and down of the decoder; the projector as
+      a module to save) with seeded random factors and a perturbed projector
 """
 import argparse
 import warnings
@@ -50,9 +53,26 @@ def make_ln(args):
     model.save_pretrained(args.out)
 
 
+def make_lora(args):
+    from peft import LoraConfig, get_peft_model
+    model = load_base(args.base)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=r".*language_model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.down_proj)",
+                     modules_to_save=["multi_modal_projector"])
+    model = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "modules_to_save" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(args.out)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["logits", "make-ln"])
+    ap.add_argument("mode", choices=["logits", "make-ln", "make-lora"])
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter")
     ap.add_argument("--batch")
@@ -60,7 +80,7 @@ def main():
     ap.add_argument("--simple", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    {"logits": logits, "make-ln": make_ln}[args.mode](args)
+    {"logits": logits, "make-ln": make_ln, "make-lora": make_lora}[args.mode](args)
 
 
 if __name__ == "__main__":
