@@ -405,3 +405,35 @@ pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The tiny-llava fixture with the tests' tokenizer, and 32 `shapes` samples at 56 px.
+pub fn workspace(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for src in [fixture("tiny-llava"), fixture("tiny-llava-tokenizer")] {
+        for e in std::fs::read_dir(src).unwrap() {
+            let p = e.unwrap().path();
+            let keep = matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("json" | "safetensors")
+            );
+            if keep {
+                std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let data = dir.join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args([
+            "data", "shapes", "--train", "32", "--test", "4", "--size", "56", "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (model, data)
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use super::common::{fixture, load_all, max_abs};
+use super::common::{load_all, max_abs, workspace};
 
 fn mpirun() -> Option<PathBuf> {
     if !cfg!(feature = "mpi") {
@@ -27,38 +27,6 @@ fn mpirun() -> Option<PathBuf> {
         eprintln!("skipped: no mpirun on PATH (Debian: openmpi-bin)");
     }
     found
-}
-
-/// The tiny-llava fixture with the tests' tokenizer, and 32 `shapes` samples at 56 px.
-fn workspace(dir: &Path) -> (PathBuf, PathBuf) {
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for src in [fixture("tiny-llava"), fixture("tiny-llava-tokenizer")] {
-        for e in std::fs::read_dir(src).unwrap() {
-            let p = e.unwrap().path();
-            let keep = matches!(
-                p.extension().and_then(|x| x.to_str()),
-                Some("json" | "safetensors")
-            );
-            if keep {
-                std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    let data = dir.join("data");
-    let out = Command::new(env!("CARGO_BIN_EXE_lntune"))
-        .args([
-            "data", "shapes", "--train", "32", "--test", "4", "--size", "56", "--out",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (model, data)
 }
 
 fn train_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {

@@ -18,7 +18,7 @@ use lntune::methods::{Method, MethodConfig};
 use lntune::model::batch::Batch;
 use lntune::model::mllm::Mllm;
 
-use super::common::{fixture, load_all, max_abs};
+use super::common::{fixture, load_all, max_abs, workspace};
 
 fn python() -> Option<PathBuf> {
     let p = std::env::var_os("LNTUNE_INTEROP_PYTHON")
@@ -198,4 +198,79 @@ fn peft_adapters_load_with_pefts_logits() {
         );
         assert!(max_abs(&lntune_logits(None), theirs) > 1e-3);
     }
+}
+
+#[test]
+fn tensorboard_reads_the_training_scalars() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = workspace(dir.path());
+    let out = dir.path().join("run");
+    let run = Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args([
+            "train",
+            "--method",
+            "ln",
+            "--steps",
+            "4",
+            "--batch",
+            "4",
+            "--template",
+            "chatml",
+        ])
+        .args(["--quiet", "--report-to", "tensorboard", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(data.join("conversation_train.json"))
+        .arg("--val-data")
+        .arg(data.join("conversation_train.json:8"))
+        .arg("--images")
+        .arg(data.join("images"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/interop/read_tensorboard.py");
+    let read = Command::new(&py).arg(script).arg(&out).output().unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let tb: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (tag, field) in [
+        ("train/loss", "loss"),
+        ("train/learning_rate", "lr"),
+        ("train/grad_norm", "grad_norm"),
+    ] {
+        let points = tb[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {tb}"));
+        assert_eq!(points.len(), 4, "{tag}");
+        for (p, m) in points.iter().zip(&metrics) {
+            assert_eq!(p[0], m["step"], "{tag}");
+            let (a, b) = (p[1].as_f64().unwrap(), m[field].as_f64().unwrap());
+            // TensorBoard scalars are f32
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                "{tag}: {a} vs {b}"
+            );
+        }
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let val = summary["val_loss"].as_f64().expect("a validation loss");
+    let eval = &tb["eval/loss"][0];
+    assert_eq!(eval[0], 4);
+    assert!((eval[1].as_f64().unwrap() - val).abs() <= 1e-6 * val);
 }

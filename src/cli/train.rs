@@ -12,6 +12,7 @@ use crate::data::llava::DataSource;
 use crate::data::template::TemplateName;
 use crate::methods::Method;
 use crate::train::Recompute;
+use crate::train::config::ReportTo;
 use crate::train::run::{GradStatsConfig, RunConfig, RunOutput, train_run};
 use crate::util::device::WeightDtype;
 use crate::util::dist::Comm;
@@ -130,6 +131,10 @@ pub struct TrainArgs {
     /// Steps per window of the across-steps variance [default: 10]
     #[arg(long)]
     pub grad_stats_window: Option<usize>,
+    /// Also log to `tensorboard`: event files beside metrics.jsonl (loss, learning rate,
+    /// gradient norm, tokens/s; the validation loss at the end)
+    #[arg(long, value_enum)]
+    pub report_to: Vec<ReportTo>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// No progress bar
@@ -208,6 +213,11 @@ impl TrainArgs {
         c.cache_features &= !self.no_feature_cache;
         c.group_by_length &= !self.no_group_by_length;
         c.allow_any_image_path |= self.allow_any_image_path;
+        for r in &self.report_to {
+            if !c.report_to.contains(r) {
+                c.report_to.push(*r);
+            }
+        }
         if self.log_grad_stats && c.grad_stats.is_none() {
             c.grad_stats = Some(GradStatsConfig {
                 subset: "trainable".into(),

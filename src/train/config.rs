@@ -76,6 +76,17 @@ pub struct RunConfig {
     pub allow_any_image_path: bool,
     /// record gradient-variance statistics in grad_stats.jsonl
     pub grad_stats: Option<GradStatsConfig>,
+    /// where else the metrics go: `tensorboard` (event files beside metrics.jsonl)
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<ReportTo>,
+}
+
+/// A metrics sink beside metrics.jsonl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// TensorBoard event files (`out/events.out.tfevents.*`)
+    Tensorboard,
 }
 
 impl Default for RunConfig {
@@ -108,6 +119,7 @@ impl Default for RunConfig {
             group_by_length: true,
             allow_any_image_path: false,
             grad_stats: None,
+            report_to: vec![],
         }
     }
 }

@@ -33,7 +33,7 @@ pub(super) struct Resume<'a> {
 /// Settings a resumed run may change: they decide how long it runs and what it records,
 /// not the math of the steps already taken (a new total of steps reshapes the schedule
 /// from here on).
-const RESUME_MAY_CHANGE: [&str; 8] = [
+const RESUME_MAY_CHANGE: [&str; 9] = [
     "model",
     "steps",
     "epochs",
@@ -42,6 +42,7 @@ const RESUME_MAY_CHANGE: [&str; 8] = [
     "cache_features",
     "grad_stats",
     "val_data",
+    "report_to",
 ];
 
 /// Restores the newest checkpoint of `from.dir` into the model and trainer, after checking

@@ -9,6 +9,7 @@
 //! out/adapter/          the trained tensors and adapter.json (at the end)
 //! out/summary.json      the run's headline numbers
 //! out/grad_stats.jsonl  gradient-variance statistics (with `grad_stats`)
+//! out/events.out.tfevents.*  TensorBoard scalars (with `report_to: ["tensorboard"]`)
 
 use std::fs::File;
 use std::io::Write;
@@ -22,7 +23,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{RunState, save_checkpoint};
-pub use super::config::{GradStatsConfig, RunConfig};
+pub use super::config::{GradStatsConfig, ReportTo, RunConfig};
 use super::grad_stats::GradStatsRecorder;
 use super::resume::{Resume, resume_from};
 use super::step::count_scored;
@@ -42,6 +43,7 @@ use crate::util::median;
 use crate::util::plot::{Chart, Series};
 use crate::util::process::peak_rss_mib;
 use crate::util::progress::progress_bar;
+use crate::util::tensorboard::{EVENT_FILE_PREFIX, EventWriter};
 
 /// A run's headline numbers, written to `summary.json` (what `lntune compare` tabulates).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,6 +245,10 @@ pub fn train_run(
         init_tensors: init_names.clone(),
     };
     let loss_title = format!("{} loss", cfg.method.method.name());
+    let mut events = match root && cfg.report_to.contains(&ReportTo::Tensorboard) {
+        true => Some(EventWriter::create(out)?),
+        false => None,
+    };
     while trainer.step < total {
         let (pos, micro) = loader.next()?;
         let r = train_step(
@@ -254,6 +260,17 @@ pub fn train_run(
             metrics.as_mut(),
             device,
         )?;
+        if let Some(ev) = events.as_mut() {
+            ev.scalars(
+                r.0.step as u64,
+                &[
+                    ("train/loss", r.0.loss),
+                    ("train/learning_rate", r.0.lr),
+                    ("train/grad_norm", r.0.grad_norm),
+                    ("train/tokens_per_s", r.1),
+                ],
+            )?;
+        }
         bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.0.loss, r.1));
         bar.inc(1);
         reports.push(r.0);
@@ -292,6 +309,9 @@ pub fn train_run(
     save_adapter(&adapter_dir, &tensors, &m)?;
     plot_loss(&reports, &out.join("loss.png"), &loss_title)?;
     let val_loss = validation_loss(&cfg, &model, &preprocess, cache)?;
+    if let (Some(ev), Some(v)) = (events.as_mut(), val_loss) {
+        ev.scalars(trainer.step as u64, &[("eval/loss", v)])?;
+    }
     let summary = summarize(
         &cfg,
         &trainer,
@@ -371,10 +391,19 @@ fn apply_init_adapter(cfg: &RunConfig, model: &mut Mllm, base_fp: &str) -> Resul
 /// A fresh run starts in a folder without another run's files: it refuses one that holds
 /// a run, unless `overwrite`, which removes the run's files (and only those).
 fn clear_for_fresh_run(out: &Path, overwrite: bool) -> Result<()> {
+    let events: Vec<String> = std::fs::read_dir(out)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(EVENT_FILE_PREFIX))
+                .collect()
+        })
+        .unwrap_or_default();
     let found: Vec<&str> = RUN_FILES
         .iter()
         .copied()
         .filter(|f| out.join(f).exists())
+        .chain(events.iter().map(|s| s.as_str()))
         .collect();
     if found.is_empty() {
         return Ok(());

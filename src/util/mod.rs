@@ -13,6 +13,7 @@ pub mod process;
 pub mod profile;
 pub mod progress;
 pub mod rng;
+pub mod tensorboard;
 
 /// The median of `v` (mean of the middle two for an even count), NaN for none.
 pub fn median(mut v: Vec<f64>) -> f64 {
