@@ -423,3 +423,85 @@ fn committed_tiny_tokenizer_files_are_the_tests_tokenizer() {
         );
     }
 }
+
+#[test]
+fn a_yaml_run_config_trains_as_its_flags_and_its_saved_config_reproduces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = super::common::workspace(dir.path());
+    let yaml = dir.path().join("run.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "# a run config in YAML\nmodel: {}\ndata:\n  - path: {}\nimages: {}\nmethod:\n  method: ln\ntemplate: chatml\nsteps: 3\nbatch: 4\n",
+            model.display(),
+            data.join("conversation_train.json").display(),
+            data.join("images").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .arg("train")
+            .args(args)
+            .arg("--quiet")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    run(&[
+        "--config".as_ref(),
+        yaml.as_os_str(),
+        "--out".as_ref(),
+        a.as_os_str(),
+    ]);
+    let train_json = data.join("conversation_train.json");
+    let images = data.join("images");
+    run(&[
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--data".as_ref(),
+        train_json.as_os_str(),
+        "--images".as_ref(),
+        images.as_os_str(),
+        "--method".as_ref(),
+        "ln".as_ref(),
+        "--template".as_ref(),
+        "chatml".as_ref(),
+        "--steps".as_ref(),
+        "3".as_ref(),
+        "--batch".as_ref(),
+        "4".as_ref(),
+        "--out".as_ref(),
+        b.as_os_str(),
+    ]);
+    let saved = a.join("config.json");
+    run(&[
+        "--config".as_ref(),
+        saved.as_os_str(),
+        "--out".as_ref(),
+        c.as_os_str(),
+    ]);
+    let losses = |run: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].to_string())
+            .collect()
+    };
+    assert_eq!(losses(&a).len(), 3);
+    assert_eq!(losses(&a), losses(&b), "YAML config vs flags");
+    assert_eq!(
+        losses(&a),
+        losses(&c),
+        "the saved config.json vs the YAML it came from"
+    );
+}

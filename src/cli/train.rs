@@ -19,7 +19,8 @@ use crate::util::dist::Comm;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Run config (JSON, e.g. a run's own config.json); the flags given override its fields
+    /// Run config, JSON (e.g. a run's own config.json) or YAML (`.yaml`, `.yml`), with the
+    /// fields of config.json; the flags given override its fields
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Model: llava-hf directory, directory with compose.json, HF LLM directory or .gguf file

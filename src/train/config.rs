@@ -18,7 +18,7 @@ use crate::methods::MethodConfig;
 use crate::model::mllm::Mllm;
 use crate::util::checks;
 use crate::util::device::WeightDtype;
-use crate::util::files::read_json;
+use crate::util::files::{read_json, read_text};
 
 /// Everything that defines a run. `lntune train --config FILE` reads one (fields left out
 /// keep these defaults, LLaVA's recipe), flags override its fields, and the run writes it to
@@ -146,9 +146,27 @@ fn default_grad_stats_window() -> usize {
 }
 
 impl RunConfig {
-    /// Reads a run config file (JSON; fields left out keep their defaults).
+    /// Reads a run config file, JSON or YAML by its extension (`.yaml`, `.yml`); fields
+    /// left out keep their defaults, unknown fields are refused.
     pub fn read(path: &Path) -> Result<Self> {
-        read_json(path)
+        let yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        if !yaml {
+            return read_json(path);
+        }
+        // YAML's parser holds the whole document: a run config is small, a large file is a
+        // wrong path
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if size > 1 << 20 {
+            bail!(
+                "{}: {size} bytes, more than a run config (1 MiB)",
+                path.display()
+            );
+        }
+        let text = read_text(path)?;
+        yaml_serde::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
     /// Checks what the file format cannot: a model, data, and every number in its range
