@@ -274,3 +274,75 @@ fn tensorboard_reads_the_training_scalars() {
     assert_eq!(eval[0], 4);
     assert!((eval[1].as_f64().unwrap() - val).abs() <= 1e-6 * val);
 }
+
+#[test]
+fn merged_hf_exports_load_in_transformers_with_lntunes_logits() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-llava");
+    let base_store = lntune::io::store::Store::open_dir(&base, &Device::Cpu).unwrap();
+    for method in [Method::Ln, Method::Lora] {
+        let adapter = dir.path().join(format!("{}-adapter", method.name()));
+        lntune_adapter(method, &adapter);
+        let merged = dir.path().join(format!("{}-merged", method.name()));
+        // 1 MB shards: tiny-llava's 3.4 MB go to several files and an index
+        let out = Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(["export", "hf", "--max-shard-size", "1", "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&merged)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(merged.join("model.safetensors.index.json").is_file());
+        let logits_file = dir
+            .path()
+            .join(format!("{}-merged.safetensors", method.name()));
+        peft_side(
+            &py,
+            &[
+                "logits",
+                "--base",
+                merged.to_str().unwrap(),
+                "--batch",
+                batch_file().to_str().unwrap(),
+                "--out",
+                logits_file.to_str().unwrap(),
+            ],
+        );
+        let theirs = &load_all(&logits_file)["logits"];
+        let ours = lntune_logits(Some(&adapter));
+        let gap = max_abs(&ours, theirs);
+        eprintln!(
+            "{}: merged export in transformers, logits gap {gap:.2e}",
+            method.name()
+        );
+        assert!(
+            gap < 1e-5,
+            "{}: transformers on the merged export differs by {gap}",
+            method.name()
+        );
+        assert!(max_abs(&lntune_logits(None), theirs) > 1e-3);
+        // what the adapter does not touch is the base's bytes (the vision tower, and the
+        // attention weights an ln adapter leaves alone)
+        let exported = lntune::io::store::Store::open_dir(&merged, &Device::Cpu).unwrap();
+        assert_eq!(exported.keys(), base_store.keys());
+        for k in base_store.keys() {
+            let untouched =
+                k.starts_with("vision_tower.") || (method == Method::Ln && k.contains("self_attn"));
+            if untouched {
+                assert_eq!(
+                    exported.raw(&k).unwrap().2,
+                    base_store.raw(&k).unwrap().2,
+                    "{k}"
+                );
+            }
+        }
+    }
+}

@@ -219,6 +219,24 @@ impl Store {
         Ok(tensor.to_device(&self.device)?)
     }
 
+    /// A memory-mapped tensor as stored: its safetensors dtype, shape and bytes (for copies
+    /// that must stay byte for byte); None for decoded entries.
+    pub fn raw(&self, name: &str) -> Option<(StDtype, &[usize], &[u8])> {
+        match self.entries.get(name)? {
+            Entry::Mapped {
+                file,
+                dtype,
+                shape,
+                start,
+                end,
+            } => {
+                let map = self.files[*file].mmap.as_ref()?;
+                Some((*dtype, shape.as_slice(), &map[*start..*end]))
+            }
+            Entry::Owned { .. } => None,
+        }
+    }
+
     /// Loads a tensor whose shape is not known in advance (inputs, references).
     pub fn load_any(&self, name: &str) -> Result<Tensor> {
         let shape = self

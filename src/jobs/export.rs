@@ -64,3 +64,176 @@ fn write_safetensors_pt(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
     safetensors::serialize_to_file(views, Some(meta), path)
         .with_context(|| format!("{}: cannot write", path.display()))
 }
+
+/// What `export hf` wrote.
+pub struct HfExport {
+    pub shards: usize,
+    pub tensors: usize,
+    /// tensors whose values the adapter changed (the rest are the base's bytes)
+    pub merged: usize,
+}
+
+/// A merged checkpoint directory in the base's own format and key layout: `model` with
+/// `adapter` (lntune's or PEFT's) folded into its weights (LoRA as W + s·B·A), every other
+/// tensor copied byte for byte, sharded at `max_shard_bytes` (with
+/// `model.safetensors.index.json` when there is more than one shard), and the base's
+/// config, tokenizer, chat template and processor files beside it.
+pub fn export_hf(
+    model: &Path,
+    adapter: Option<&Path>,
+    out: &Path,
+    max_shard_bytes: usize,
+) -> Result<HfExport> {
+    if !model.is_dir()
+        || model.join("compose.json").exists()
+        || !model.join("config.json").is_file()
+    {
+        anyhow::bail!(
+            "export hf: {} is not a transformers checkpoint directory (config.json + safetensors); composed and GGUF models are not exported yet",
+            model.display()
+        );
+    }
+    let store = crate::io::store::Store::open_dir(model, &Device::Cpu)?;
+    let mut m = Mllm::load(model, DType::F32, &Device::Cpu)?;
+    let mut merged: HashMap<String, Tensor> = HashMap::new();
+    if let Some(a) = adapter {
+        let (meta, setup, names) = crate::methods::adapter::apply_adapter(a, &mut m)?;
+        let scale = meta.method.lora.alpha / meta.method.lora.r as f64;
+        for name in &names {
+            if let Some(stem) = name.strip_suffix(".lora_A.weight") {
+                let w_name = format!("{stem}.weight");
+                let w = m
+                    .param(&w_name)
+                    .with_context(|| format!("`{w_name}` missing"))?;
+                let la = m.param(name).context("lora_A")?.to_dtype(DType::F32)?;
+                let lb = m
+                    .param(&format!("{stem}.lora_B.weight"))
+                    .context("lora_B")?
+                    .to_dtype(DType::F32)?;
+                let delta = (lb.matmul(&la)? * scale)?;
+                merged.insert(w_name, (w.to_dtype(DType::F32)? + delta)?);
+            } else if !name.ends_with(".lora_B.weight") {
+                merged.insert(name.clone(), m.param(name).context("trained tensor")?);
+            }
+        }
+        drop(setup);
+    }
+    // plan the shards: every tensor of the base, in name order
+    let keys = store.keys();
+    let mut shards: Vec<Vec<String>> = vec![vec![]];
+    let mut used = 0usize;
+    for k in &keys {
+        let (_, _, bytes) = store
+            .raw(k)
+            .with_context(|| format!("{}: `{k}` is not a plain tensor", model.display()))?;
+        if used > 0 && used + bytes.len() > max_shard_bytes {
+            shards.push(vec![]);
+            used = 0;
+        }
+        used += bytes.len();
+        shards.last_mut().expect("one shard").push(k.clone());
+    }
+    let n = shards.len();
+    let file_name = |i: usize| {
+        if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        }
+    };
+    let mut written_merged = 0;
+    write_dir_atomically(out, |tmp| {
+        let mut weight_map = serde_json::Map::new();
+        let mut total = 0usize;
+        for (i, shard) in shards.iter().enumerate() {
+            let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+            for k in shard {
+                let (dtype, shape, bytes) = store.raw(k).expect("planned above");
+                let bytes = match merged.get(k) {
+                    Some(t) => {
+                        written_merged += 1;
+                        tensor_bytes(t, dtype)?
+                    }
+                    None => bytes.to_vec(),
+                };
+                total += bytes.len();
+                weight_map.insert(k.clone(), file_name(i).into());
+                data.push((k.clone(), dtype, shape.to_vec(), bytes));
+            }
+            let views: Vec<(String, safetensors::tensor::TensorView)> = data
+                .iter()
+                .map(|(k, dt, shape, bytes)| {
+                    Ok((
+                        k.clone(),
+                        safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+            let path = tmp.join(file_name(i));
+            safetensors::serialize_to_file(views, Some(meta), &path)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+        }
+        if n > 1 {
+            write_json(
+                &tmp.join("model.safetensors.index.json"),
+                &serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+            )?;
+        }
+        // config, tokenizer, chat template, processor and generation files of the base
+        for e in
+            std::fs::read_dir(model).with_context(|| format!("{}: cannot list", model.display()))?
+        {
+            let p = e?.path();
+            let name = p
+                .file_name()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+            if p.is_file() && !weights && !name.starts_with('.') {
+                std::fs::copy(&p, tmp.join(&name))
+                    .with_context(|| format!("{}: cannot copy", p.display()))?;
+            }
+        }
+        Ok(())
+    })?;
+    if written_merged != merged.len() {
+        anyhow::bail!(
+            "export hf: {} of the adapter's tensors have no place in {}'s files",
+            merged.len() - written_merged,
+            model.display()
+        );
+    }
+    Ok(HfExport {
+        shards: n,
+        tensors: keys.len(),
+        merged: written_merged,
+    })
+}
+
+/// A tensor's values in a safetensors dtype (the base tensor's, so the merged file keeps
+/// the checkpoint's precision).
+fn tensor_bytes(t: &Tensor, dtype: safetensors::Dtype) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match dtype {
+        safetensors::Dtype::F32 => t
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        safetensors::Dtype::BF16 => t
+            .to_dtype(DType::BF16)?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        safetensors::Dtype::F16 => t
+            .to_dtype(DType::F16)?
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        other => anyhow::bail!("export hf: a trained tensor stored as {other:?} cannot be merged"),
+    })
+}
