@@ -93,6 +93,14 @@ pub fn export_hf(
             model.display()
         );
     }
+    if let (Ok(a), Ok(b)) = (model.canonicalize(), out.canonicalize())
+        && a == b
+    {
+        anyhow::bail!(
+            "export hf: --out {} is the base model's directory; write the merged model elsewhere",
+            out.display()
+        );
+    }
     let store = crate::io::store::Store::open_dir(model, &Device::Cpu)?;
     let mut m = Mllm::load(model, DType::F32, &Device::Cpu)?;
     let mut merged: HashMap<String, Tensor> = HashMap::new();
