@@ -51,6 +51,23 @@ fn peft_side(py: &Path, args: &[&str]) {
     );
 }
 
+/// PEFT's (or, with no adapter, plain transformers') logits of `base` on the fixture batch.
+fn transformers_logits(py: &Path, base: &Path, adapter: Option<&Path>, out: &Path) -> Tensor {
+    let batch = batch_file();
+    let mut args = vec!["logits", "--base", base.to_str().unwrap()];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a.to_str().unwrap()]);
+    }
+    args.extend([
+        "--batch",
+        batch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    peft_side(py, &args);
+    load_all(out).remove("logits").unwrap()
+}
+
 fn batch_file() -> PathBuf {
     fixture("tiny-llava/ref/batch.safetensors")
 }
@@ -122,21 +139,7 @@ fn exported_peft_adapters_give_lntunes_logits_in_peft() {
         let logits_file = dir
             .path()
             .join(format!("{}-logits.safetensors", method.name()));
-        peft_side(
-            &py,
-            &[
-                "logits",
-                "--base",
-                fixture("tiny-llava").to_str().unwrap(),
-                "--adapter",
-                peft.to_str().unwrap(),
-                "--batch",
-                batch_file().to_str().unwrap(),
-                "--out",
-                logits_file.to_str().unwrap(),
-            ],
-        );
-        let theirs = &load_all(&logits_file)["logits"];
+        let theirs = &transformers_logits(&py, &fixture("tiny-llava"), Some(&peft), &logits_file);
         let ours_logits = lntune_logits(Some(&ours));
         let base = lntune_logits(None);
         let gap = max_abs(&ours_logits, theirs);
@@ -174,21 +177,7 @@ fn peft_adapters_load_with_pefts_logits() {
         let logits_file = dir
             .path()
             .join(format!("logits-{kind}-{simple}.safetensors"));
-        peft_side(
-            &py,
-            &[
-                "logits",
-                "--base",
-                base.to_str().unwrap(),
-                "--adapter",
-                adapter.to_str().unwrap(),
-                "--batch",
-                batch_file().to_str().unwrap(),
-                "--out",
-                logits_file.to_str().unwrap(),
-            ],
-        );
-        let theirs = &load_all(&logits_file)["logits"];
+        let theirs = &transformers_logits(&py, &base, Some(&adapter), &logits_file);
         let ours = lntune_logits(Some(&adapter));
         let gap = max_abs(&ours, theirs);
         eprintln!("{kind} simple={simple}: PEFT -> lntune logits gap {gap:.2e}");
@@ -304,19 +293,7 @@ fn merged_hf_exports_load_in_transformers_with_lntunes_logits() {
         let logits_file = dir
             .path()
             .join(format!("{}-merged.safetensors", method.name()));
-        peft_side(
-            &py,
-            &[
-                "logits",
-                "--base",
-                merged.to_str().unwrap(),
-                "--batch",
-                batch_file().to_str().unwrap(),
-                "--out",
-                logits_file.to_str().unwrap(),
-            ],
-        );
-        let theirs = &load_all(&logits_file)["logits"];
+        let theirs = &transformers_logits(&py, &merged, None, &logits_file);
         let ours = lntune_logits(Some(&adapter));
         let gap = max_abs(&ours, theirs);
         eprintln!(

@@ -40,23 +40,32 @@ pub fn export_peft(model: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     Ok(n)
 }
 
-/// A safetensors file with PyTorch's `{"format": "pt"}` metadata, as PEFT writes it.
+/// One tensor of a file to write: name, dtype, shape, little-endian bytes.
+type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// An adapter's f32 tensors as one safetensors file, in name order.
 fn write_safetensors_pt(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut data = Vec::new();
     for (name, t) in tensors {
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
-        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        data.push((name.clone(), t.dims().to_vec(), bytes));
+        let bytes = tensor_bytes(t, safetensors::Dtype::F32)?;
+        data.push((
+            name.clone(),
+            safetensors::Dtype::F32,
+            t.dims().to_vec(),
+            bytes,
+        ));
     }
     data.sort_by(|a, b| a.0.cmp(&b.0));
+    write_raw_safetensors(path, &data)
+}
+
+/// A safetensors file with PyTorch's `{"format": "pt"}` metadata, as PEFT and transformers
+/// write theirs.
+fn write_raw_safetensors(path: &Path, data: &[RawTensor]) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
-        .map(|(n, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                shape.clone(),
-                bytes,
-            )?;
+        .map(|(n, dt, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?;
             Ok((n.clone(), view))
         })
         .collect::<Result<_>>()?;
@@ -105,7 +114,7 @@ pub fn export_hf(
     let mut m = Mllm::load(model, DType::F32, &Device::Cpu)?;
     let mut merged: HashMap<String, Tensor> = HashMap::new();
     if let Some(a) = adapter {
-        let (meta, setup, names) = crate::methods::adapter::apply_adapter(a, &mut m)?;
+        let (meta, _setup, names) = crate::methods::adapter::apply_adapter(a, &mut m)?;
         let scale = meta.method.lora.alpha / meta.method.lora.r as f64;
         for name in &names {
             if let Some(stem) = name.strip_suffix(".lora_A.weight") {
@@ -124,7 +133,6 @@ pub fn export_hf(
                 merged.insert(name.clone(), m.param(name).context("trained tensor")?);
             }
         }
-        drop(setup);
     }
     // plan the shards: every tensor of the base, in name order
     let keys = store.keys();
@@ -154,7 +162,7 @@ pub fn export_hf(
         let mut weight_map = serde_json::Map::new();
         let mut total = 0usize;
         for (i, shard) in shards.iter().enumerate() {
-            let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+            let mut data: Vec<RawTensor> = Vec::new();
             for k in shard {
                 let (dtype, shape, bytes) = store.raw(k).expect("planned above");
                 let bytes = match merged.get(k) {
@@ -168,19 +176,7 @@ pub fn export_hf(
                 weight_map.insert(k.clone(), file_name(i).into());
                 data.push((k.clone(), dtype, shape.to_vec(), bytes));
             }
-            let views: Vec<(String, safetensors::tensor::TensorView)> = data
-                .iter()
-                .map(|(k, dt, shape, bytes)| {
-                    Ok((
-                        k.clone(),
-                        safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?,
-                    ))
-                })
-                .collect::<Result<_>>()?;
-            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-            let path = tmp.join(file_name(i));
-            safetensors::serialize_to_file(views, Some(meta), &path)
-                .with_context(|| format!("{}: cannot write", path.display()))?;
+            write_raw_safetensors(&tmp.join(file_name(i)), &data)?;
         }
         if n > 1 {
             write_json(
