@@ -197,24 +197,6 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// llama.cpp's Q/K permutation (convert_hf_to_gguf `permute`), the inverse of
-/// `unpermute_qk_rows`: gguf = hf.reshape(n_head, 2, hd/2, in).swapaxes(1, 2).
-pub fn permute_qk_rows(w: &[f32], n_head: usize, n_in: usize) -> Vec<f32> {
-    let n_out = w.len() / n_in;
-    let hd = n_out / n_head;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_head {
-        for j in 0..hd / 2 {
-            for t in 0..2 {
-                let dst = h * hd + 2 * j + t;
-                let src = h * hd + t * hd / 2 + j;
-                out[dst * n_in..(dst + 1) * n_in].copy_from_slice(&w[src * n_in..(src + 1) * n_in]);
-            }
-        }
-    }
-    out
-}
-
 /// A byte-level BPE tokenizer over a 512-id vocabulary (the tiny fixtures' size): ids 0-4
 /// special (<pad>, <s>, </s>, <|im_start|>, <|im_end|>), 5-260 the 256 byte symbols, then a
 /// few merges; id 511 is `<image>`.
@@ -436,4 +418,41 @@ pub fn workspace(dir: &Path) -> (PathBuf, PathBuf) {
         String::from_utf8_lossy(&out.stderr)
     );
     (model, data)
+}
+
+/// An lntune adapter of `method` on `model` whose every trained tensor is the base's
+/// times a fixed pattern (as a training run would leave it, with no run needed).
+pub fn pattern_adapter(model: &Path, method: lntune::methods::Method, dir: &Path) {
+    let mut m =
+        lntune::model::mllm::Mllm::load(model, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let base_fp = lntune::methods::adapter::fingerprint(&mut m).unwrap();
+    let cfg = lntune::methods::MethodConfig::new(method);
+    let s = lntune::methods::setup::setup(&mut m, &cfg, 0).unwrap();
+    let names: Vec<String> = s.trainable_specs().map(|s| s.name.clone()).collect();
+    for (i, n) in names.iter().enumerate() {
+        let t = m.param(n).unwrap();
+        let k = t.elem_count();
+        let pattern: Vec<f32> = (0..k)
+            .map(|j| 1.0 + 0.05 * (((i * 7 + j) % 13) as f32 - 6.0) / 6.0)
+            .collect();
+        let factor = Tensor::from_vec(pattern, t.dims(), &Device::Cpu).unwrap();
+        // LoRA's B starts at zero: give every factor values of its own
+        let scaled = if n.contains("lora_B") {
+            ((factor - 1.0).unwrap() * 2.0).unwrap()
+        } else {
+            (t * factor).unwrap()
+        };
+        *m.param_mut(n).unwrap() = scaled;
+    }
+    let tensors = lntune::methods::adapter::adapter_tensors(&mut m, &s, &[]).unwrap();
+    let meta = lntune::methods::adapter::AdapterMeta {
+        format: lntune::methods::adapter::FORMAT.into(),
+        method: cfg,
+        base_fingerprint: base_fp,
+        base_source: model.display().to_string(),
+        tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
+        step: 1,
+        init_tensors: vec![],
+    };
+    lntune::methods::adapter::save_adapter(dir, &tensors, &meta).unwrap();
 }

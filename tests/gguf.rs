@@ -9,6 +9,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use lntune::io::gguf::{GgufModel, dequantize, unpermute_qk_rows};
+use lntune::io::gguf_write::{encode, permute_qk_rows};
 use lntune::io::tokenizer::{ChatMessage, ChatTokenizer};
 use lntune::model::batch::Batch;
 use lntune::model::mllm::Mllm;
@@ -429,4 +430,281 @@ fn unsupported_gguf_tokenizer_is_a_clear_error() {
         err.contains("spm.gguf") && err.contains("tokenizer.ggml.model"),
         "{err}"
     );
+}
+
+// --- export gguf ------------------------------------------------------------------------
+
+use candle_core::quantized::gguf_file::Value;
+use lntune::jobs::export_gguf::{GgufExport, GgufType, export_gguf};
+use lntune::methods::Method;
+use lntune::methods::adapter::load_model;
+
+#[test]
+fn encode_matches_the_ggml_reference_quantizers() {
+    // values of both signs, one block of zeros, one block with a single large value
+    let mut x: Vec<f32> = (0..192)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+        .collect();
+    x.extend([0.0; 32]);
+    x.extend((0..32).map(|i| if i == 7 { -3.5 } else { 0.01 * i as f32 }));
+    assert_eq!(encode(GgmlDType::Q8_0, &x).unwrap(), quant_q8_0(&x).0);
+    assert_eq!(encode(GgmlDType::Q4_0, &x).unwrap(), quant_q4_0(&x).0);
+    assert_eq!(encode(GgmlDType::Q4_1, &x).unwrap(), quant_q4_1(&x).0);
+    let f16s = encode(GgmlDType::F16, &x).unwrap();
+    let back = dequantize(GgmlDType::F16, &f16s, x.len()).unwrap();
+    assert!(
+        x.iter()
+            .zip(&back)
+            .all(|(a, b)| (a - b).abs() <= 1e-3 * a.abs().max(1e-3))
+    );
+    assert_eq!(
+        dequantize(
+            GgmlDType::F32,
+            &encode(GgmlDType::F32, &x).unwrap(),
+            x.len()
+        )
+        .unwrap(),
+        x
+    );
+    assert!(encode(GgmlDType::Q8_0, &x[..31]).is_err());
+    // and the row permutation written is the one read back
+    let w: Vec<f32> = (0..8 * 3).map(|i| i as f32).collect();
+    assert_eq!(unpermute_qk_rows(&permute_qk_rows(&w, 2, 3), 2, 3), w);
+}
+
+fn export(model: &Path, adapter: Option<&Path>, out: &Path, ty: GgufType) -> GgufExport {
+    export_gguf(model, adapter, out, ty).unwrap()
+}
+
+fn logits_of(model: &Path, adapter: Option<&Path>) -> Tensor {
+    load_model(model, adapter, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&text_batch())
+        .unwrap()
+}
+
+fn tensor_types(path: &Path) -> HashMap<String, GgmlDType> {
+    let g = GgufModel::open(path).unwrap();
+    g.content
+        .tensor_infos
+        .iter()
+        .map(|(n, i)| (n.clone(), i.ggml_dtype))
+        .collect()
+}
+
+#[test]
+fn gguf_export_of_an_hf_llm_reloads_with_the_adapters_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-dinov2-llama/llm");
+    let base_logits = logits_of(&base, None);
+    for method in [Method::Ln, Method::Lora] {
+        let adapter = tmp.path().join(format!("{}-adapter", method.name()));
+        pattern_adapter(&base, method, &adapter);
+        let want = logits_of(&base, Some(&adapter));
+        let keep = tmp.path().join(format!("{}-keep.gguf", method.name()));
+        let r = export(&base, Some(&adapter), &keep, GgufType::Keep);
+        // both: embeddings and head; ln: 2 norms in each of 2 layers + the final one;
+        // lora: the 7 linears of each layer
+        let changed = if method == Method::Ln { 7 } else { 16 };
+        assert_eq!((r.tensors, r.merged), (21, changed), "{}", method.name());
+        let got = logits_of(&keep, None);
+        let gap = max_abs(&got, &want);
+        eprintln!("{}: keep (f32) export, logits gap {gap:.2e}", method.name());
+        assert!(
+            gap < 1e-5,
+            "{}: keep export differs by {gap}",
+            method.name()
+        );
+        assert!(max_abs(&got, &base_logits) > 1e-3);
+        assert!(
+            tensor_types(&keep).values().all(|t| *t == GgmlDType::F32),
+            "an f32 checkpoint stays f32 under keep"
+        );
+        let q8 = tmp.path().join(format!("{}-q8.gguf", method.name()));
+        export(&base, Some(&adapter), &q8, GgufType::Q8_0);
+        for (n, t) in tensor_types(&q8) {
+            let want_t = if n.contains("norm") {
+                GgmlDType::F32
+            } else {
+                GgmlDType::Q8_0
+            };
+            assert_eq!(t, want_t, "{n}");
+        }
+        let gap = max_abs(&logits_of(&q8, None), &want);
+        eprintln!("{}: q8_0 export, logits gap {gap:.2e}", method.name());
+        assert!(
+            gap < 2e-2,
+            "{}: q8_0 export differs by {gap}",
+            method.name()
+        );
+    }
+}
+
+#[test]
+fn gguf_export_from_a_quantized_gguf_copies_what_the_adapter_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, _) = write_tiny_llama_gguf(tmp.path(), true);
+    let src = GgufModel::open(&base).unwrap();
+    for method in [Method::LnSimple, Method::Lora] {
+        let adapter = tmp.path().join(format!("{}-adapter", method.name()));
+        pattern_adapter(&base, method, &adapter);
+        let out = tmp.path().join(format!("{}.gguf", method.name()));
+        let r = export(&base, Some(&adapter), &out, GgufType::Keep);
+        assert_eq!(
+            r.retyped, 0,
+            "F16, Q8_0, Q4_0 and Q4_1 are all re-encoded in kind"
+        );
+        assert_eq!(r.copied + r.merged, r.tensors);
+        let dst = GgufModel::open(&out).unwrap();
+        assert_eq!(
+            dst.tensor_names(),
+            src.tensor_names(),
+            "same tensors, same order"
+        );
+        for n in src.tensor_names() {
+            let (a, ta, da) = src.tensor_bytes(&n).unwrap();
+            let (b, tb, db) = dst.tensor_bytes(&n).unwrap();
+            assert_eq!((ta, &da), (tb, &db), "{n}: type and shape kept");
+            let touched = match method {
+                Method::LnSimple => n.contains("norm"),
+                // every matrix (LoRA on all 7 linears, embeddings and head trained)
+                _ => !n.contains("norm"),
+            };
+            assert_eq!(
+                a != b,
+                touched,
+                "{}: {n} changed = {touched}",
+                method.name()
+            );
+        }
+        for k in [
+            "general.architecture",
+            "llama.block_count",
+            "llama.rope.freq_base",
+        ] {
+            assert_eq!(
+                format!("{:?}", dst.meta(k)),
+                format!("{:?}", src.meta(k)),
+                "{k}"
+            );
+        }
+        let want = logits_of(&base, Some(&adapter));
+        let gap = max_abs(&logits_of(&out, None), &want);
+        eprintln!(
+            "{}: keep export of a quantized GGUF, logits gap {gap:.2e}",
+            method.name()
+        );
+        if method == Method::LnSimple {
+            // norms travel in F32: nothing is re-quantized
+            assert!(gap < 1e-6, "ln-simple keep export differs by {gap}");
+        } else {
+            // merged matrices are re-quantized to Q8_0/Q4_0/Q4_1: the error is of the size
+            // quantizing the base itself made (the GGUF against the f32 weights it came from)
+            let base_err = max_abs(
+                &logits_of(&base, None),
+                &logits_of(&fixture("tiny-dinov2-llama/llm"), None),
+            );
+            eprintln!("quantizing the base moved its logits by {base_err:.2e}");
+            assert!(gap < 2.0 * base_err, "lora keep export differs by {gap}");
+        }
+    }
+    // --type f16 re-types the matrices and says so in general.file_type
+    let f16 = tmp.path().join("f16.gguf");
+    export(&base, None, &f16, GgufType::F16);
+    let g = GgufModel::open(&f16).unwrap();
+    assert!(matches!(g.meta("general.file_type"), Some(Value::U32(1))));
+    for (n, t) in tensor_types(&f16) {
+        let want = if n.contains("norm") {
+            GgmlDType::F32
+        } else {
+            GgmlDType::F16
+        };
+        assert_eq!(t, want, "{n}");
+    }
+    let gap = max_abs(&logits_of(&f16, None), &logits_of(&base, None));
+    assert!(gap < 1e-3, "f16 of a dequantized base differs by {gap}");
+}
+
+#[test]
+fn gguf_export_of_a_composed_model_reports_the_projector_it_leaves_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-dinov2-llama");
+    let adapter = tmp.path().join("adapter");
+    pattern_adapter(&base, Method::Ln, &adapter);
+    let out = tmp.path().join("llm.gguf");
+    let r = export(&base, Some(&adapter), &out, GgufType::Keep);
+    assert!(!r.left_out.is_empty());
+    assert!(
+        r.left_out.iter().all(|k| k.starts_with("projector.")),
+        "{:?}",
+        r.left_out
+    );
+    assert_eq!(r.merged, 7, "5 norms, embeddings, head");
+    // text only: the LLM alone answers as the composed model does
+    let gap = max_abs(&logits_of(&out, None), &logits_of(&base, Some(&adapter)));
+    assert!(gap < 1e-5, "composed model's LLM export differs by {gap}");
+}
+
+#[test]
+fn gguf_export_refuses_to_write_over_its_base_and_names_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, _) = write_tiny_llama_gguf(tmp.path(), true);
+    let before = std::fs::read(&base).unwrap();
+    for out in [base.clone(), tmp.path().to_path_buf()] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(["export", "gguf", "--model"])
+            .arg(&base)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--out"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+}
+
+#[test]
+fn gguf_export_carries_a_byte_level_bpe_tokenizer_and_chat_template() {
+    use lntune::io::tokenizer::ChatTokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("tiny-llava");
+    copy_dir(&fixture("tiny-llava"), &base);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tiny-llava-tokenizer").join(f), base.join(f)).unwrap();
+    }
+    let out = tmp.path().join("llm.gguf");
+    let r = export(&base, None, &out, GgufType::Keep);
+    assert!(r.no_tokenizer.is_none(), "{:?}", r.no_tokenizer);
+    let hf = ChatTokenizer::from_hf_dir(&base).unwrap().unwrap();
+    let from_gguf = Mllm::load(&out, DType::F32, &Device::Cpu)
+        .unwrap()
+        .tokenizer
+        .expect("a tokenizer rebuilt from the GGUF's metadata");
+    for text in [
+        "hello world",
+        " two  spaces\nand a newline",
+        "<|im_start|>user\nhi<|im_end|>",
+    ] {
+        assert_eq!(
+            from_gguf.encode(text, false).unwrap(),
+            hf.encode(text, false).unwrap(),
+            "{text:?}"
+        );
+    }
+    let chat = [ChatMessage::new("user", "what is this?")];
+    assert_eq!(
+        from_gguf.render_chat(&chat, true).unwrap(),
+        hf.render_chat(&chat, true).unwrap()
+    );
+    // without tokenizer.json the export says why it wrote none
+    let r = export(
+        &fixture("tiny-llava"),
+        None,
+        &tmp.path().join("bare.gguf"),
+        GgufType::Keep,
+    );
+    assert!(r.no_tokenizer.unwrap().contains("tokenizer.json"));
 }

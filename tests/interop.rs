@@ -10,15 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use lntune::methods::adapter::{
-    AdapterMeta, FORMAT, adapter_tensors, fingerprint, load_model, save_adapter,
-};
-use lntune::methods::setup::setup;
-use lntune::methods::{Method, MethodConfig};
+use lntune::methods::Method;
+use lntune::methods::adapter::load_model;
 use lntune::model::batch::Batch;
 use lntune::model::mllm::Mllm;
 
-use super::common::{fixture, load_all, max_abs, workspace};
+use super::common::{fixture, load_all, max_abs, pattern_adapter, workspace};
 
 fn python() -> Option<PathBuf> {
     let p = std::env::var_os("LNTUNE_INTEROP_PYTHON")
@@ -78,40 +75,9 @@ fn lntune_logits(adapter: Option<&Path>) -> Tensor {
     m.forward(&batch).unwrap()
 }
 
-/// An lntune adapter of `method` on tiny-llava whose every trained tensor is the base's
-/// times a fixed pattern (as a training run would leave it, with no run needed).
+/// An lntune adapter of `method` on tiny-llava (see `common::pattern_adapter`).
 fn lntune_adapter(method: Method, dir: &Path) {
-    let mut m = Mllm::load(&fixture("tiny-llava"), DType::F32, &Device::Cpu).unwrap();
-    let base_fp = fingerprint(&mut m).unwrap();
-    let cfg = MethodConfig::new(method);
-    let s = setup(&mut m, &cfg, 0).unwrap();
-    let names: Vec<String> = s.trainable_specs().map(|s| s.name.clone()).collect();
-    for (i, n) in names.iter().enumerate() {
-        let t = m.param(n).unwrap();
-        let k = t.elem_count();
-        let pattern: Vec<f32> = (0..k)
-            .map(|j| 1.0 + 0.05 * (((i * 7 + j) % 13) as f32 - 6.0) / 6.0)
-            .collect();
-        let factor = Tensor::from_vec(pattern, t.dims(), &Device::Cpu).unwrap();
-        // LoRA's B starts at zero: give every factor values of its own
-        let scaled = if n.contains("lora_B") {
-            ((factor - 1.0).unwrap() * 2.0).unwrap()
-        } else {
-            (t * factor).unwrap()
-        };
-        *m.param_mut(n).unwrap() = scaled;
-    }
-    let tensors = adapter_tensors(&mut m, &s, &[]).unwrap();
-    let meta = AdapterMeta {
-        format: FORMAT.into(),
-        method: cfg,
-        base_fingerprint: base_fp,
-        base_source: fixture("tiny-llava").display().to_string(),
-        tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
-        step: 1,
-        init_tensors: vec![],
-    };
-    save_adapter(dir, &tensors, &meta).unwrap();
+    pattern_adapter(&fixture("tiny-llava"), method, dir);
 }
 
 #[test]
@@ -321,5 +287,149 @@ fn merged_hf_exports_load_in_transformers_with_lntunes_logits() {
                 );
             }
         }
+    }
+}
+
+/// A text batch (ids below 256, the second row right-padded) for the LLM alone, and the
+/// same as a file for the Python side.
+fn text_batch(dir: &Path) -> (Batch, PathBuf) {
+    let rows: Vec<Vec<u32>> = vec![
+        (0..16).map(|i| (i * 37 % 250 + 3) as u32).collect(),
+        (0..16).map(|i| (i * 11 % 250 + 3) as u32).collect(),
+    ];
+    let mut mask = vec![vec![true; 16]; 2];
+    for m in mask[1].iter_mut().skip(12) {
+        *m = false;
+    }
+    let flat = |f: &dyn Fn(usize, usize) -> i64| -> Tensor {
+        let v: Vec<i64> = (0..2)
+            .flat_map(|r| (0..16).map(move |c| (r, c)))
+            .map(|(r, c)| f(r, c))
+            .collect();
+        Tensor::from_vec(v, (2, 16), &Device::Cpu).unwrap()
+    };
+    let file = dir.join("text-batch.safetensors");
+    let tensors = std::collections::HashMap::from([
+        ("input_ids".to_string(), flat(&|r, c| rows[r][c] as i64)),
+        (
+            "attention_mask".to_string(),
+            flat(&|r, c| mask[r][c] as i64),
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let batch = Batch {
+        input_ids: rows,
+        attention_mask: mask,
+        labels: None,
+        pixel_values: None,
+        vision_features: None,
+    };
+    (batch, file)
+}
+
+/// transformers' `AutoModelForCausalLM` logits of an HF directory or GGUF file.
+fn lm_logits(py: &Path, model: &Path, batch_file: &Path, out: &Path) -> Tensor {
+    peft_side(
+        py,
+        &[
+            "lm-logits",
+            "--base",
+            model.to_str().unwrap(),
+            "--batch",
+            batch_file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    load_all(out).remove("logits").unwrap()
+}
+
+#[test]
+fn composed_hf_exports_give_transformers_an_llm_with_lntunes_logits() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-dinov2-llama");
+    let adapter = dir.path().join("ln-adapter");
+    pattern_adapter(&base, Method::Ln, &adapter);
+    let merged = dir.path().join("merged");
+    let out = Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(["export", "hf", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (batch, batch_file) = text_batch(dir.path());
+    let want = load_model(&base, Some(&adapter), DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&batch)
+        .unwrap();
+    let theirs = lm_logits(
+        &py,
+        &merged.join("llm"),
+        &batch_file,
+        &dir.path().join("l.safetensors"),
+    );
+    let gap = max_abs(&want, &theirs);
+    eprintln!("composed export: transformers' LlamaForCausalLM on llm/ vs lntune, {gap:.2e}");
+    assert!(
+        gap < 1e-5,
+        "transformers on the merged LLM part differs by {gap}"
+    );
+}
+
+#[test]
+fn gguf_exports_load_in_transformers_within_the_dequantisation_tolerance() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-llava");
+    let adapter = dir.path().join("lora-adapter");
+    lntune_adapter(Method::Lora, &adapter);
+    let (batch, batch_file) = text_batch(dir.path());
+    let want = load_model(&base, Some(&adapter), DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&batch)
+        .unwrap();
+    // (type, bound on transformers against base + adapter)
+    for (ty, bound) in [("keep", 1e-5), ("f16", 2e-3), ("q8_0", 3e-2)] {
+        let gguf = dir.path().join(format!("{ty}.gguf"));
+        let out = Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(["export", "gguf", "--type", ty, "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&gguf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let logits_file = dir.path().join(format!("{ty}-logits.safetensors"));
+        let theirs = lm_logits(&py, &gguf, &batch_file, &logits_file);
+        // the same file in lntune: the same dequantized weights
+        let ours = Mllm::load(&gguf, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&batch)
+            .unwrap();
+        let same_file = max_abs(&ours, &theirs);
+        let to_merged = max_abs(&want, &theirs);
+        eprintln!(
+            "{ty}: transformers' GGUF loader vs lntune on the file {same_file:.2e}, vs base + adapter {to_merged:.2e}"
+        );
+        assert!(
+            same_file < 1e-5,
+            "{ty}: the two readers differ by {same_file}"
+        );
+        assert!(to_merged < bound, "{ty}: {to_merged} from base + adapter");
     }
 }

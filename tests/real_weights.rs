@@ -320,3 +320,72 @@ fn demo_feature_layers_carry_color() {
         acc[1]
     );
 }
+
+/// `export gguf --type keep` of SmolLM2 with an ln adapter: the 210 Q4_1 matrices are the
+/// base's bytes, the tokenizer and chat template travel in the metadata, and the file
+/// decodes greedily exactly as base + adapter does.
+#[test]
+fn smollm2_gguf_export_keeps_the_base_bytes_and_the_greedy_tokens() {
+    let (Some(gguf), Some(refs)) = (
+        asset("LNTUNE_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        shared("fixtures/real/smollm2.safetensors"),
+    ) else {
+        return;
+    };
+    use lntune::eval::generate::{GenConfig, Prompt, generate};
+    use lntune::io::gguf::GgufModel;
+    use lntune::jobs::export_gguf::{GgufType, export_gguf};
+    use lntune::methods::Method;
+    use lntune::methods::adapter::load_model;
+    let want = load_all(&refs);
+    let ids: Vec<u32> = want["prompt0.input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let greedy = |m: &Mllm| -> Vec<u32> {
+        let p = vec![Prompt {
+            ids: ids.clone(),
+            images: vec![],
+            seed: None,
+        }];
+        let tools = m.tokenizer.as_ref().expect("a tokenizer");
+        generate(m, tools, &p, &GenConfig::greedy(12), |_, _| {})
+            .unwrap()
+            .remove(0)
+            .ids
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = GgufModel::open(&gguf).unwrap();
+    for method in [Method::LnSimple, Method::Ln] {
+        let adapter = tmp.path().join(method.name());
+        pattern_adapter(&gguf, method, &adapter);
+        let out = tmp.path().join(format!("{}.gguf", method.name()));
+        let r = export_gguf(&gguf, Some(&adapter), &out, GgufType::Keep).unwrap();
+        // 61 norms; ln also trains the (tied) embeddings, re-encoded in Q8_0
+        let merged = if method == Method::Ln { 62 } else { 61 };
+        assert_eq!((r.tensors, r.merged, r.copied), (272, merged, 272 - merged));
+        let g = GgufModel::open(&out).unwrap();
+        for n in base.tensor_names() {
+            if !n.contains("norm") && n != "token_embd.weight" {
+                assert_eq!(
+                    g.tensor_bytes(&n).unwrap().0,
+                    base.tensor_bytes(&n).unwrap().0,
+                    "{n}"
+                );
+            }
+        }
+        let exported = Mllm::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let merged_model = load_model(&gguf, Some(&adapter), DType::F32, &Device::Cpu).unwrap();
+        let base_model = Mllm::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+        let (a, b) = (greedy(&exported), greedy(&merged_model));
+        eprintln!("{}: exported {a:?}, base + adapter {b:?}", method.name());
+        assert_eq!(a, b, "{}", method.name());
+        assert_ne!(
+            b,
+            greedy(&base_model),
+            "the adapter changes the continuation"
+        );
+    }
+}

@@ -6,6 +6,7 @@ mod common;
 mod compare_cli;
 mod distributed;
 mod eval_cli;
+mod export;
 mod generation;
 mod gguf;
 mod interop;

@@ -164,6 +164,83 @@ fn stage_two_from_stage_one_and_base_mismatch() {
     );
 }
 
+/// `--init-adapter` takes a PEFT LN_TUNING directory (here one `export peft` wrote) and
+/// starts exactly where the lntune adapter it came from does; a PEFT LoRA is refused by name.
+#[test]
+fn init_adapter_accepts_a_peft_ln_tuning_directory() {
+    let t = TinyRun::new();
+    let conv = t.path("data/conversation_train.json").display().to_string();
+    let export = |run: &str, method: &str| {
+        let (ok, err) = t.train(run, &["--data", &conv, "--method", method, "--steps", "2"]);
+        assert!(ok, "{err}");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(["export", "peft", "--model"])
+            .arg(t.path("model"))
+            .arg("--adapter")
+            .arg(t.path(&format!("{run}/adapter")))
+            .arg("--out")
+            .arg(t.path(&format!("{run}-peft")))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        t.path(&format!("{run}-peft")).display().to_string()
+    };
+    let peft_ln = export("s1", "ln");
+    let ours = t.path("s1/adapter").display().to_string();
+    let mut first_loss = Vec::new();
+    for (run, init) in [("from-peft", &peft_ln), ("from-lntune", &ours)] {
+        let (ok, err) = t.train(
+            run,
+            &[
+                "--data",
+                &conv,
+                "--method",
+                "ln-simple",
+                "--steps",
+                "1",
+                "--init-adapter",
+                init,
+            ],
+        );
+        assert!(ok, "{run}: {err}");
+        first_loss.push(
+            metrics(&t.path(&format!("{run}/metrics.jsonl")))[0]["loss"]
+                .as_f64()
+                .unwrap(),
+        );
+    }
+    assert!(
+        (first_loss[0] - first_loss[1]).abs() <= 1e-6 * first_loss[1].abs(),
+        "PEFT and lntune inits start at {first_loss:?}"
+    );
+    let s1 = load_all(&t.path("s1/adapter/adapter.safetensors"));
+    let s2 = load_all(&t.path("from-peft/adapter/adapter.safetensors"));
+    let key = "multi_modal_projector.linear_1.weight";
+    assert_eq!(
+        max_abs(&s2[key], &s1[key]),
+        0.0,
+        "the init's projector travels on"
+    );
+    let peft_lora = export("l1", "lora");
+    let (ok, err) = t.train(
+        "from-lora",
+        &[
+            "--data",
+            &conv,
+            "--method",
+            "ln",
+            "--steps",
+            "1",
+            "--init-adapter",
+            &peft_lora,
+        ],
+    );
+    assert!(
+        !ok && err.contains("--init-adapter") && err.contains("LORA"),
+        "{err}"
+    );
+}
+
 #[test]
 fn non_finite_loss_stops_without_an_adapter() {
     let t = TinyRun::new();

@@ -88,7 +88,8 @@ pub struct TrainArgs {
     /// Apply weight decay to norm scales and biases too
     #[arg(long)]
     pub decay_norms: bool,
-    /// Start from this adapter's tensors (stage 2 from a stage-1 adapter)
+    /// Start from this adapter's tensors (stage 2 from a stage-1 adapter): an lntune adapter
+    /// or a PEFT LN_TUNING directory
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
     /// Write a checkpoint every N steps

@@ -116,8 +116,37 @@ pub fn unpermute_qk_rows(w: &[f32], n_head: usize, n_in: usize) -> Vec<f32> {
     out
 }
 
+/// GGUF block module names and their HF LLaMA counterparts.
+const BLOCK_MODULES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// HF LLaMA checkpoint name -> GGUF tensor name (the inverse of `hf_name`).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let (g, _) = BLOCK_MODULES.iter().find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
 /// GGUF tensor name -> HF LLaMA checkpoint name.
-fn hf_name(gguf: &str) -> Option<String> {
+pub fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -128,18 +157,7 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = tail.rsplit_once('.')?;
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, hf) = BLOCK_MODULES.iter().find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
@@ -279,8 +297,21 @@ impl GgufModel {
         })
     }
 
-    /// The raw bytes of a tensor, bounds-checked against the file.
-    fn tensor_bytes(&self, name: &str) -> Result<(&[u8], GgmlDType, Vec<usize>)> {
+    /// Tensor names in the order of their data in the file.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<(&String, u64)> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n, i.offset))
+            .collect();
+        names.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)));
+        names.into_iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The raw bytes of a tensor, bounds-checked against the file, with its type and
+    /// row-major dims.
+    pub fn tensor_bytes(&self, name: &str) -> Result<(&[u8], GgmlDType, Vec<usize>)> {
         let info = self
             .content
             .tensor_infos

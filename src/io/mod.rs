@@ -3,6 +3,7 @@
 
 pub mod assets;
 pub mod gguf;
+pub mod gguf_write;
 pub mod onnx;
 pub mod store;
 pub mod tokenizer;

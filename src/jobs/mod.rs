@@ -5,4 +5,5 @@ pub mod check;
 pub mod compare;
 pub mod demo;
 pub mod export;
+pub mod export_gguf;
 pub mod timing;

@@ -384,6 +384,20 @@ fn apply_init_adapter(cfg: &RunConfig, model: &mut Mllm, base_fp: &str) -> Resul
     let Some(dir) = &cfg.init_adapter else {
         return Ok(vec![]);
     };
+    if crate::methods::peft::is_peft_dir(dir) {
+        // PEFT records no fingerprint of its base: names and shapes are what is checked
+        let (method, tensors) = crate::methods::peft::read_peft(dir, model)?;
+        if method.method == crate::methods::Method::Lora {
+            bail!(
+                "--init-adapter {}: a PEFT LORA adapter's factors have no place before the run's own LoRA exists; merge it with `lntune export hf` and train on the merged model",
+                dir.display()
+            );
+        }
+        let file = dir.join("adapter_model.safetensors");
+        let mut store = crate::io::store::Store::new(&Device::Cpu);
+        store.add_owned(&file, tensors)?;
+        return set_tensors(model, &store, &file);
+    }
     let (_, store) = read_adapter_for(dir, base_fp)?;
     set_tensors(model, &store, &dir.join("adapter.safetensors"))
 }

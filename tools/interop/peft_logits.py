@@ -4,6 +4,9 @@
   peft_logits.py logits --base DIR [--adapter DIR] --batch F --out F
       logits of LlavaForConditionalGeneration (DIR) with a PEFT adapter, on a batch file
       (input_ids, attention_mask, pixel_values), saved as {"logits": f32}
+  peft_logits.py lm-logits --base DIR|F.gguf --batch F --out F
+      logits of AutoModelForCausalLM (an HF directory, or a GGUF file through transformers'
+      GGUF loader, dequantized to f32) on a text batch file (input_ids, attention_mask)
   peft_logits.py make-ln --base DIR --out DIR [--simple] [--seed S]
       a PEFT LN_TUNING adapter (PEFT's default llava targets, or only the decoder's norms
       with --simple) whose tensors are the base's, perturbed by a seeded 10% noise
@@ -34,6 +37,20 @@ def logits(args):
     with torch.no_grad():
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                     pixel_values=b["pixel_values"])
+    save_file({"logits": out.logits.float().contiguous()}, args.out)
+
+
+def lm_logits(args):
+    import os
+    from transformers import AutoModelForCausalLM
+    if os.path.isdir(args.base):
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+    else:
+        d, f = os.path.split(os.path.abspath(args.base))
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    b = load_file(args.batch)
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     save_file({"logits": out.logits.float().contiguous()}, args.out)
 
 
@@ -72,7 +89,7 @@ def make_lora(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["logits", "make-ln", "make-lora"])
+    ap.add_argument("mode", choices=["logits", "lm-logits", "make-ln", "make-lora"])
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter")
     ap.add_argument("--batch")
@@ -80,7 +97,7 @@ def main():
     ap.add_argument("--simple", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    {"logits": logits, "make-ln": make_ln, "make-lora": make_lora}[args.mode](args)
+    {"logits": logits, "lm-logits": lm_logits, "make-ln": make_ln, "make-lora": make_lora}[args.mode](args)
 
 
 if __name__ == "__main__":
