@@ -316,6 +316,49 @@ fn train_logs_gradient_statistics_and_analyze_reads_them() {
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(windows, [3, 6]);
+    // a run resumed in its own folder from its step-3 checkpoint logs steps 4-6 once, as
+    // the uninterrupted run did (they were once kept twice)
+    train_ln(
+        "gr",
+        &[
+            "--log-grad-stats",
+            "--grad-stats-window",
+            "3",
+            "--grad-stats-subset",
+            "projector",
+            "--save-every",
+            "3",
+        ],
+    );
+    let ck = p(&t.path("gr/checkpoints/step-000003"));
+    train_ln(
+        "gr",
+        &[
+            "--log-grad-stats",
+            "--grad-stats-window",
+            "3",
+            "--grad-stats-subset",
+            "projector",
+            "--save-every",
+            "3",
+            "--resume",
+            &ck,
+        ],
+    );
+    let resumed: Vec<serde_json::Value> = std::fs::read_to_string(t.path("gr/grad_stats.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = resumed
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        resumed, lines,
+        "the resumed log equals the uninterrupted one"
+    );
     // the statistics only observe: the same run without them has the same loss curve (so
     // `compare` may reuse a method arm trained with them)
     train_ln("g-plain", &[]);

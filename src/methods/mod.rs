@@ -321,7 +321,7 @@ pub fn peft_to_checkpoint(peft_key: &str, keys: &KeyPrefixes) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::config::{LlmArch, LlmConfig, ProjectorConfig, RopeConfig, RopeScaling};
     use crate::model::params::{llm_specs, projector_specs};
@@ -361,7 +361,8 @@ mod tests {
         }
     }
 
-    fn trained(m: &MethodConfig, tie: bool) -> Vec<String> {
+    /// The names `m` trains in a 2-layer LLaMA (tied head or not) with a projector.
+    pub(crate) fn trained(m: &MethodConfig, tie: bool) -> Vec<String> {
         let mut specs = llm_specs(&llama(2, tie), &keys());
         let p = ProjectorConfig {
             num_linears: 2,

@@ -143,32 +143,37 @@ fn check_same_run(ck: &Path, cfg: &RunConfig) -> Result<()> {
 /// Keeps the lines of `metrics.jsonl` up to `step` (rewritten atomically when `write`) and
 /// returns their reports.
 fn keep_metrics_up_to(metrics_path: &Path, step: usize, write: bool) -> Result<Vec<StepReport>> {
-    let mut reports = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(metrics_path) {
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| (s as usize) <= step)
-            })
-            .collect();
-        for l in &kept {
-            if let Ok(r) = serde_json::from_str::<StepReport>(l) {
-                reports.push(r);
-            }
-        }
-        if !write {
-            return Ok(reports);
-        }
+    Ok(keep_jsonl_up_to(metrics_path, step, write)?
+        .iter()
+        .filter_map(|l| serde_json::from_str::<StepReport>(l).ok())
+        .collect())
+}
+
+/// The lines of a per-step log (metrics.jsonl, grad_stats.jsonl) whose `step` is at most
+/// `step`; with `write`, the file is rewritten to hold only those, so a resumed run appends
+/// after them instead of after the steps the interrupted run logged past its checkpoint.
+pub(crate) fn keep_jsonl_up_to(path: &Path, step: usize, write: bool) -> Result<Vec<String>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(vec![]);
+    };
+    let kept: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| (s as usize) <= step)
+        })
+        .map(str::to_string)
+        .collect();
+    if write {
         write_atomically(
-            metrics_path,
+            path,
             kept.iter()
                 .map(|l| format!("{l}\n"))
                 .collect::<String>()
                 .as_bytes(),
         )?;
     }
-    Ok(reports)
+    Ok(kept)
 }

@@ -515,6 +515,9 @@ impl GradStatsLog {
         let path = out.join("grad_stats.jsonl");
         if trainer.step == 0 {
             let _ = std::fs::remove_file(&path);
+        } else {
+            // a resumed run: the steps logged past the checkpoint are logged again
+            super::resume::keep_jsonl_up_to(&path, trainer.step, true)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -42,10 +42,15 @@ pub fn lr_of(cfg: &CompareConfig, m: Method) -> f64 {
 }
 
 /// The method `m` with the comparison's freezing: `freeze_embed_head` keeps embeddings and
-/// head frozen for the methods that would train them (not ln-simple, projector, full).
+/// head frozen in every method (full finetuning included: its rule defers to these flags,
+/// and a tied head is the embedding).
 pub fn method_of(cfg: &CompareConfig, m: Method) -> MethodConfig {
+    arm_method(m, cfg.freeze_embed_head)
+}
+
+fn arm_method(m: Method, freeze_embed_head: bool) -> MethodConfig {
     let mut mc = MethodConfig::new(m);
-    if cfg.freeze_embed_head && !matches!(m, Method::LnSimple | Method::Projector | Method::Full) {
+    if freeze_embed_head {
         mc.train_embed = false;
         mc.train_head = false;
     }
@@ -185,4 +190,45 @@ pub fn parse_data_types(spec: &str) -> Result<Vec<(String, PathBuf)>> {
         bail!("--data-types is empty");
     }
     Ok(kinds)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::*;
+
+    #[test]
+    fn frozen_embed_head_holds_in_every_arm_tied_or_not() {
+        for &m in Method::value_variants() {
+            if m == Method::Custom {
+                continue; // trains what --include names, nothing by rule
+            }
+            // the test model's k/v projections are 4 wide
+            let arm = |freeze| {
+                let mut mc = arm_method(m, freeze);
+                mc.lora.r = 2;
+                mc
+            };
+            for tie in [false, true] {
+                let names = crate::methods::tests::trained(&arm(true), tie);
+                assert!(
+                    !names
+                        .iter()
+                        .any(|n| n.contains("embed_tokens") || n.contains("lm_head")),
+                    "{} (tied {tie}) trains {names:?}",
+                    m.name()
+                );
+                // and without the flag the paper's sets keep them wherever it trains them
+                let free = crate::methods::tests::trained(&arm(false), tie);
+                let paper = !matches!(m, Method::LnSimple | Method::Projector);
+                assert_eq!(
+                    free.iter().any(|n| n.contains("embed_tokens")),
+                    paper,
+                    "{}",
+                    m.name()
+                );
+            }
+        }
+    }
 }
