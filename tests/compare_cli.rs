@@ -157,6 +157,28 @@ fn compare_report_is_complete_finite_and_resumable() {
                 && sc["captions"]["cider"].is_number()
         );
     }
+    // lora against ln on the same questions, per benchmark kind
+    let paired = r["paired"].as_array().unwrap();
+    assert!(!paired.is_empty());
+    for c in paired {
+        assert_eq!(c["method"], "lora");
+        let (d, lo, hi) = (
+            c["diff"].as_f64().unwrap(),
+            c["ci95"][0].as_f64().unwrap(),
+            c["ci95"][1].as_f64().unwrap(),
+        );
+        assert!(lo <= d && d <= hi, "{c}");
+        let want = c["other"].as_f64().unwrap() - c["reference"].as_f64().unwrap();
+        assert!((d - want).abs() < 1e-9, "{c}");
+        assert!(c["questions"].as_u64().unwrap() > 0);
+        if c["bench"] != "vqav2" {
+            assert!(
+                (0.0..=1.0).contains(&c["mcnemar_p"].as_f64().unwrap()),
+                "{c}"
+            );
+        }
+    }
+    assert!(out.contains("Paired against ln"), "{out}");
     assert_eq!(r["connector"].as_array().unwrap().len(), 3);
     assert!(
         !dir.join("runs/connector/ln___connector").exists()

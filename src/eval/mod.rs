@@ -7,6 +7,7 @@ pub mod benchmarks;
 pub mod chat;
 pub mod generate;
 pub mod metrics;
+pub mod paired;
 pub mod predictions;
 pub mod protocol;
 pub mod run;

@@ -31,7 +31,7 @@ use crate::util::progress::progress_bar;
 pub use arms::parse_data_types;
 use arms::{Arm, MethodArms, ablation_arms, method_arms, reuses_ln_arm};
 pub use config::{Ablation, CompareConfig};
-use report::{ArmResult, CompareReport, write_report};
+use report::{ArmResult, CompareReport, PairedRow, write_report};
 use runner::{LedgerFile, Runner};
 
 /// Runs (or resumes) the comparison and writes its report; returns report.md's text.
@@ -131,6 +131,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
     }
     bar.finish_and_clear();
+    let paired = paired_against_ln(&runner, &sweep_arms)?;
 
     let (wall_s, invocations) = ledger.tick()?;
     let report = CompareReport {
@@ -151,6 +152,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         data_type,
         similarity: similarity_report,
         gradvar: grad_rows,
+        paired,
     };
     write_report(&report, &cfg.out)?;
     read_text(&cfg.out.join("report.md"))
@@ -185,6 +187,52 @@ fn sweep_split(cfg: &CompareConfig) -> Result<(Vec<DataSource>, Vec<DataSource>)
         }]
     };
     Ok((source(d.join("train.json")), source(d.join("val.json"))))
+}
+
+/// Every method's chosen arm against ln's on the same evaluation questions (empty without
+/// an ln arm): per-question scores from the arms' predictions, then `eval::paired`.
+fn paired_against_ln(runner: &Runner, sweep_arms: &[MethodArms]) -> Result<Vec<PairedRow>> {
+    use crate::eval::paired::{compare, item_scores};
+    use crate::eval::predictions::PredictionLine;
+    let cfg = runner.cfg;
+    let Some(ln) = sweep_arms
+        .iter()
+        .position(|a| a[0].method.method == Method::Ln)
+    else {
+        return Ok(vec![]);
+    };
+    let items =
+        crate::eval::benchmarks::load_items(&cfg.eval.bench, cfg.eval.limit, cfg.eval.seed)?;
+    let scores = |arms: &[Arm]| -> Result<std::collections::BTreeMap<String, Vec<f64>>> {
+        let path = runner.dir(chosen(arms)).join("eval/predictions.jsonl");
+        let answers = crate::util::files::read_jsonl::<PredictionLine>(&path)?
+            .into_iter()
+            .map(|p| (p.id, p.answer))
+            .collect();
+        item_scores(&items, &answers).with_context(|| format!("{}", path.display()))
+    };
+    let reference = scores(&sweep_arms[ln])?;
+    let mut rows = Vec::new();
+    for (i, arms) in sweep_arms.iter().enumerate() {
+        if i == ln {
+            continue;
+        }
+        let other = scores(arms)?;
+        for (bench, r) in &reference {
+            rows.push(PairedRow {
+                method: arms[0].method.method.name().into(),
+                comparison: compare(
+                    bench,
+                    r,
+                    other
+                        .get(bench)
+                        .context("the arms answered different questions")?,
+                    cfg.seed,
+                ),
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// The arm a method's row stands for: the one evaluated (the sweep's choice).

@@ -51,6 +51,36 @@ pub struct CompareReport {
     pub similarity: Option<SimilarityReport>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub gradvar: Vec<GradvarRun>,
+    /// every method against ln on the same questions
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub paired: Vec<PairedRow>,
+}
+
+/// One method against ln on one benchmark's questions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairedRow {
+    pub method: String,
+    #[serde(flatten)]
+    pub comparison: crate::eval::paired::PairedComparison,
+}
+
+/// The paired-statistics table of report.md.
+fn paired_table(rows: &[PairedRow]) -> String {
+    let mut md = String::from(
+        "| method | benchmark | questions | ln | method's | difference [95% CI] | McNemar p (discordant ln/method) |\n|---|---|---:|---:|---:|---|---|\n",
+    );
+    for r in rows {
+        let c = &r.comparison;
+        let mcnemar = match (c.mcnemar_p, c.discordant) {
+            (Some(p), Some([a, b])) => format!("{p:.3} ({a}/{b})"),
+            _ => "(soft scores)".into(),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:+.1} [{:+.1}, {:+.1}] | {mcnemar} |\n",
+            r.method, c.bench, c.questions, c.reference, c.other, c.diff, c.ci95[0], c.ci95[1]
+        ));
+    }
+    md
 }
 
 /// The score columns of a benchmark's scores: (name, value), the headline first.
@@ -178,6 +208,13 @@ pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
     md.push_str(&format!("Command: `{}`\n\nMachine: {}. Wall time {:.0} s over {} invocation(s) (`wall_time.json`); training time of all arms {:.0} s.\n\n", r.command, r.machine, r.wall_s, r.invocations, r.train_wall_s));
     md.push_str("## Quality (the shape of the paper's Table 1)\n\n");
     md.push_str(&methods_table(&r.methods, false));
+    if !r.paired.is_empty() {
+        md.push_str(&format!(
+            "\n### Paired against ln (the same questions; per-question scores in percent, {} bootstrap resamples; an interval that holds 0 does not separate the methods)\n\n",
+            crate::eval::paired::RESAMPLES
+        ));
+        md.push_str(&paired_table(&r.paired));
+    }
     md.push_str("\n## Cost (the shape of the paper's Table 2)\n\n");
     md.push_str(&efficiency_table(&r.methods));
     if !r.lr_sweep.is_empty() {
