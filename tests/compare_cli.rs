@@ -499,3 +499,48 @@ fn analyze_similarity_writes_tables_and_heatmaps() {
         t.path("sim/similarity_base.png").is_file() && t.path("sim/similarity_tuned.png").is_file()
     );
 }
+
+/// `--seeds 0,1`: each method's chosen arm trained again at seed 1 (its own run folder and
+/// loss curve), mean ± sd across seeds in the report, ln paired with each method per seed
+/// and on the per-question means over seeds.
+#[test]
+fn compare_trains_every_method_at_every_seed() {
+    let t = TinyRun::new();
+    let mut args = compare_args(&t, "seeds");
+    args.extend(s(&["--seeds", "0,1", "--no-analysis"]));
+    let (ok, out, err) = lntune(&args);
+    assert!(ok, "{err}");
+    assert!(out.contains("Across seeds"), "{out}");
+    let dir = t.path("seeds");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let seed_runs = r["seed_runs"].as_array().unwrap();
+    let names: Vec<&str> = seed_runs
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ln/seed-1", "lora/seed-1"]);
+    for (m, x) in r["methods"].as_array().unwrap().iter().zip(seed_runs) {
+        assert_eq!(m["method"], x["method"]);
+        assert!(x["scores"].is_object(), "each seed is evaluated");
+        assert_ne!(
+            m["loss_curve"], x["loss_curve"],
+            "another seed, another run"
+        );
+    }
+    let paired = r["paired"].as_array().unwrap();
+    let seeds: std::collections::BTreeSet<String> = paired
+        .iter()
+        .map(|c| {
+            c.get("seed")
+                .map(|s| s.to_string())
+                .unwrap_or("mean".into())
+        })
+        .collect();
+    assert_eq!(seeds.into_iter().collect::<Vec<_>>(), ["0", "1", "mean"]);
+    // a given seed twice is refused by name
+    let mut twice = compare_args(&t, "twice");
+    twice.extend(s(&["--seeds", "1,1"]));
+    let (ok, _, err) = lntune(&twice);
+    assert!(!ok && err.contains("--seeds"), "{err}");
+}

@@ -57,6 +57,11 @@ pub struct CompareArgs {
     pub max_length: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Train every method at each of these seeds, e.g. `0,1,2` (the first one also seeds the
+    /// sweep, the ablations and the data split); the report gives mean and spread across
+    /// seeds [default: --seed]
+    #[arg(long)]
+    pub seeds: Option<String>,
     #[arg(long, value_enum)]
     pub template: Option<TemplateName>,
     /// Keep embed_tokens and lm_head frozen in every method (the paper's LN set trains them)
@@ -149,6 +154,26 @@ impl CompareArgs {
                     .map_err(|_| anyhow::anyhow!("--sweep-factors: `{f}` is not a number"))
             })
             .collect::<Result<_>>()?;
+        let seeds: Vec<u64> = match &a.seeds {
+            None => vec![a.seed],
+            Some(spec) => spec
+                .split(',')
+                .map(|x| {
+                    x.trim().parse::<u64>().map_err(|_| {
+                        anyhow::anyhow!("--seeds: `{x}` is not a seed (a non-negative integer)")
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        if seeds.is_empty() {
+            bail!("--seeds is empty");
+        }
+        if (1..seeds.len()).any(|i| seeds[..i].contains(&seeds[i])) {
+            bail!(
+                "--seeds `{}`: a seed is given twice",
+                a.seeds.as_deref().unwrap_or("")
+            );
+        }
         let data_types = match &a.data_types {
             Some(spec) => parse_data_types(spec)?,
             None => vec![],
@@ -167,7 +192,8 @@ impl CompareArgs {
             batch: a.batch,
             grad_accum: a.grad_accum,
             max_length: a.max_length,
-            seed: a.seed,
+            seed: seeds[0],
+            seeds,
             template: a.template,
             freeze_embed_head: a.freeze_embed_head,
             eval: EvalConfig {

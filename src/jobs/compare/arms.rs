@@ -18,6 +18,8 @@ pub struct Arm {
     pub name: String,
     pub method: MethodConfig,
     pub lr: f64,
+    /// the training run's seed
+    pub seed: u64,
     pub data: Vec<DataSource>,
     pub val: Vec<DataSource>,
     /// evaluate this arm (sweep candidates that lose are not evaluated)
@@ -83,6 +85,7 @@ pub fn method_arms(
                     },
                     method: method_of(cfg, m),
                     lr,
+                    seed: cfg.seed,
                     data: train.to_vec(),
                     val: val.to_vec(),
                     evaluate: !cfg.lr_sweep,
@@ -90,6 +93,16 @@ pub fn method_arms(
                 .collect()
         })
         .collect()
+}
+
+/// The chosen arm of a method again at another seed (`<method>/seed-<s>`).
+pub fn seed_arm(chosen: &Arm, seed: u64) -> Arm {
+    Arm {
+        name: format!("{}/seed-{seed}", chosen.method.method.name()),
+        seed,
+        evaluate: true,
+        ..chosen.clone()
+    }
 }
 
 /// The ln method arm is the connector ablation's "ln + connector" arm when it trains the
@@ -132,6 +145,7 @@ pub fn ablation_arms(cfg: &CompareConfig) -> Result<Vec<Arm>> {
                 name: name.into(),
                 method,
                 lr,
+                seed: cfg.seed,
                 data: cfg.data.clone(),
                 val: vec![],
                 evaluate: true,
@@ -148,6 +162,7 @@ pub fn ablation_arms(cfg: &CompareConfig) -> Result<Vec<Arm>> {
             name,
             method: method_of(cfg, Method::Ln),
             lr: ln_lr,
+            seed: cfg.seed,
             data,
             val: vec![],
             evaluate: true,

@@ -41,7 +41,10 @@ pub struct CompareConfig {
     pub batch: usize,
     pub grad_accum: usize,
     pub max_length: usize,
+    /// the first of `seeds`: the sweep's, the ablations' and the data split's
     pub seed: u64,
+    /// every method is trained at each (the report gives mean and spread across them)
+    pub seeds: Vec<u64>,
     pub template: Option<TemplateName>,
     /// keep embed_tokens and lm_head frozen in every method that would train them
     pub freeze_embed_head: bool,

@@ -29,7 +29,7 @@ use crate::util::files::{FolderLock, read_text, write_atomically};
 use crate::util::process::machine_description;
 use crate::util::progress::progress_bar;
 pub use arms::parse_data_types;
-use arms::{Arm, MethodArms, ablation_arms, method_arms, reuses_ln_arm};
+use arms::{Arm, MethodArms, ablation_arms, method_arms, reuses_ln_arm, seed_arm};
 pub use config::{Ablation, CompareConfig};
 use report::{ArmResult, CompareReport, PairedRow, write_report};
 use runner::{LedgerFile, Runner};
@@ -63,7 +63,11 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         exe: std::env::current_exe().context("cannot find the lntune executable")?,
         ledger: &ledger,
     };
-    let n_stages: usize = sweep_arms.iter().map(|v| v.len() + 1).sum::<usize>()
+    let extra_seeds = cfg.seeds.len().saturating_sub(1);
+    let n_stages: usize = sweep_arms
+        .iter()
+        .map(|v| v.len() + 1 + 2 * extra_seeds)
+        .sum::<usize>()
         + 2 * ablations.len()
         + usize::from(cfg.analysis);
     let bar = progress_bar(n_stages as u64, 0, cfg.progress, "compare");
@@ -78,13 +82,27 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
     };
 
-    // the methods (and their sweeps)
+    // the methods (and their sweeps), then each chosen arm at the other seeds
     let mut methods_rows = Vec::new();
     let mut sweep_rows = Vec::new();
+    let mut seed_rows = Vec::new();
+    let mut seed_arms: Vec<Vec<Arm>> = Vec::new();
     for arms in &mut sweep_arms {
         let (row, swept) = run_method(&runner, arms, &step)?;
         methods_rows.push(row);
         sweep_rows.extend(swept);
+        let first = chosen(arms).clone();
+        let mut per_seed = vec![first.clone()];
+        for &seed in &cfg.seeds[1..] {
+            let arm = seed_arm(&first, seed);
+            let ran = runner.train(&arm, arm.method.method != Method::LnSimple)?;
+            step(format!("train {}", arm.name), ran);
+            let ran = runner.eval(&arm)?;
+            step(format!("eval {}", arm.name), ran);
+            seed_rows.push(runner.result(&arm)?);
+            per_seed.push(arm);
+        }
+        seed_arms.push(per_seed);
     }
     // the ablations
     let mut connector = Vec::new();
@@ -117,11 +135,19 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         let (sim, ran) = analyse_similarity(&runner, &sweep_arms, &methods_rows, &val)?;
         step("analysis".into(), ran);
         similarity_report = Some(sim);
-        let runs: Vec<(String, PathBuf)> = sweep_arms
+        // every seed's run: the spread across seeds is part of the result
+        let runs: Vec<(String, PathBuf)> = seed_arms
             .iter()
-            .zip(&methods_rows)
-            .filter(|(arms, _)| arms[0].method.method != Method::LnSimple)
-            .map(|(arms, row)| (row.name.clone(), runner.dir(chosen(arms))))
+            .flatten()
+            .filter(|arm| arm.method.method != Method::LnSimple)
+            .map(|arm| {
+                let name = if arm.seed == cfg.seed {
+                    arm.method.method.name().to_string()
+                } else {
+                    arm.name.clone()
+                };
+                (name, runner.dir(arm))
+            })
             .collect();
         if !runs.is_empty() {
             grad_rows = gradvar(&runs, &cfg.out.join("analysis/gradvar"))?;
@@ -131,7 +157,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
     }
     bar.finish_and_clear();
-    let paired = paired_against_ln(&runner, &sweep_arms)?;
+    let paired = paired_against_ln(&runner, &seed_arms)?;
 
     let (wall_s, invocations) = ledger.tick()?;
     let report = CompareReport {
@@ -147,6 +173,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
             .map(|r| r.summary.wall_s)
             .sum(),
         methods: methods_rows,
+        seed_runs: seed_rows,
         lr_sweep: sweep_rows,
         connector,
         data_type,
@@ -189,13 +216,17 @@ fn sweep_split(cfg: &CompareConfig) -> Result<(Vec<DataSource>, Vec<DataSource>)
     Ok((source(d.join("train.json")), source(d.join("val.json"))))
 }
 
-/// Every method's chosen arm against ln's on the same evaluation questions (empty without
-/// an ln arm): per-question scores from the arms' predictions, then `eval::paired`.
-fn paired_against_ln(runner: &Runner, sweep_arms: &[MethodArms]) -> Result<Vec<PairedRow>> {
+/// Every method against ln on the same evaluation questions (empty without an ln arm): at
+/// each seed, the two chosen arms of that seed; with several seeds also the per-question
+/// scores averaged over the seeds. Per-question scores come from the arms' predictions
+/// (`eval::paired`).
+fn paired_against_ln(runner: &Runner, seed_arms: &[Vec<Arm>]) -> Result<Vec<PairedRow>> {
+    use std::collections::BTreeMap;
+
     use crate::eval::paired::{compare, item_scores};
     use crate::eval::predictions::PredictionLine;
     let cfg = runner.cfg;
-    let Some(ln) = sweep_arms
+    let Some(ln) = seed_arms
         .iter()
         .position(|a| a[0].method.method == Method::Ln)
     else {
@@ -203,33 +234,67 @@ fn paired_against_ln(runner: &Runner, sweep_arms: &[MethodArms]) -> Result<Vec<P
     };
     let items =
         crate::eval::benchmarks::load_items(&cfg.eval.bench, cfg.eval.limit, cfg.eval.seed)?;
-    let scores = |arms: &[Arm]| -> Result<std::collections::BTreeMap<String, Vec<f64>>> {
-        let path = runner.dir(chosen(arms)).join("eval/predictions.jsonl");
+    let scores = |arm: &Arm| -> Result<BTreeMap<String, Vec<f64>>> {
+        let path = runner.dir(arm).join("eval/predictions.jsonl");
         let answers = crate::util::files::read_jsonl::<PredictionLine>(&path)?
             .into_iter()
             .map(|p| (p.id, p.answer))
             .collect();
         item_scores(&items, &answers).with_context(|| format!("{}", path.display()))
     };
-    let reference = scores(&sweep_arms[ln])?;
-    let mut rows = Vec::new();
-    for (i, arms) in sweep_arms.iter().enumerate() {
-        if i == ln {
-            continue;
+    // per method, per seed: per-question scores by benchmark
+    let all: Vec<Vec<BTreeMap<String, Vec<f64>>>> = seed_arms
+        .iter()
+        .map(|arms| arms.iter().map(scores).collect::<Result<_>>())
+        .collect::<Result<_>>()?;
+    let mean_over_seeds = |per_seed: &[BTreeMap<String, Vec<f64>>]| {
+        let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for s in per_seed {
+            for (bench, v) in s {
+                let e = m.entry(bench.clone()).or_insert_with(|| vec![0.0; v.len()]);
+                for (a, x) in e.iter_mut().zip(v) {
+                    *a += x / per_seed.len() as f64;
+                }
+            }
         }
-        let other = scores(arms)?;
-        for (bench, r) in &reference {
+        m
+    };
+    let mut rows = Vec::new();
+    let mut push = |method: &str,
+                    seed: Option<u64>,
+                    r: &BTreeMap<String, Vec<f64>>,
+                    o: &BTreeMap<String, Vec<f64>>|
+     -> Result<()> {
+        for (bench, rs) in r {
             rows.push(PairedRow {
-                method: arms[0].method.method.name().into(),
+                method: method.into(),
+                seed,
                 comparison: compare(
                     bench,
-                    r,
-                    other
-                        .get(bench)
+                    rs,
+                    o.get(bench)
                         .context("the arms answered different questions")?,
                     cfg.seed,
                 ),
             });
+        }
+        Ok(())
+    };
+    for (i, arms) in seed_arms.iter().enumerate() {
+        if i == ln {
+            continue;
+        }
+        let name = arms[0].method.method.name();
+        for (k, arm) in arms.iter().enumerate() {
+            push(name, Some(arm.seed), &all[ln][k], &all[i][k])?;
+        }
+        if arms.len() > 1 {
+            push(
+                name,
+                None,
+                &mean_over_seeds(&all[ln]),
+                &mean_over_seeds(&all[i]),
+            )?;
         }
     }
     Ok(rows)

@@ -41,6 +41,9 @@ pub struct CompareReport {
     /// sum of every arm's training wall time (all invocations)
     pub train_wall_s: f64,
     pub methods: Vec<ArmResult>,
+    /// every method's chosen arm at the other seeds of `--seeds`
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub seed_runs: Vec<ArmResult>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub lr_sweep: Vec<ArmResult>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
@@ -60,6 +63,9 @@ pub struct CompareReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PairedRow {
     pub method: String,
+    /// the seed both arms were trained with; none: per-question scores averaged over seeds
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub seed: Option<u64>,
     #[serde(flatten)]
     pub comparison: crate::eval::paired::PairedComparison,
 }
@@ -67,7 +73,7 @@ pub struct PairedRow {
 /// The paired-statistics table of report.md.
 fn paired_table(rows: &[PairedRow]) -> String {
     let mut md = String::from(
-        "| method | benchmark | questions | ln | method's | difference [95% CI] | McNemar p (discordant ln/method) |\n|---|---|---:|---:|---:|---|---|\n",
+        "| method | seed | benchmark | questions | ln | method's | difference [95% CI] | McNemar p (discordant ln/method) |\n|---|---|---|---:|---:|---:|---|---|\n",
     );
     for r in rows {
         let c = &r.comparison;
@@ -75,8 +81,12 @@ fn paired_table(rows: &[PairedRow]) -> String {
             (Some(p), Some([a, b])) => format!("{p:.3} ({a}/{b})"),
             _ => "(soft scores)".into(),
         };
+        let seed = r
+            .seed
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "mean of seeds".into());
         md.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:+.1} [{:+.1}, {:+.1}] | {mcnemar} |\n",
+            "| {} | {seed} | {} | {} | {:.1} | {:.1} | {:+.1} [{:+.1}, {:+.1}] | {mcnemar} |\n",
             r.method, c.bench, c.questions, c.reference, c.other, c.diff, c.ci95[0], c.ci95[1]
         ));
     }
@@ -152,6 +162,59 @@ fn methods_table(rows: &[ArmResult], with_lr: bool) -> String {
     s
 }
 
+/// Mean and sample standard deviation of every score and the final train loss across the
+/// seeds of each method (its row in `methods` and its `seed_runs`).
+fn seeds_table(methods: &[ArmResult], seed_runs: &[ArmResult]) -> String {
+    let cols: Vec<String> = methods
+        .iter()
+        .find_map(|r| r.scores.as_ref())
+        .map(|s| score_columns(s).into_iter().map(|c| c.0).collect())
+        .unwrap_or_default();
+    let mut md = String::from("| method | seeds |");
+    for c in &cols {
+        md.push_str(&format!(" {c} |"));
+    }
+    md.push_str(" final train loss |\n");
+    md.push_str(&"|---".repeat(3 + cols.len()));
+    md.push_str("|\n");
+    let mean_sd = |v: &[f64]| {
+        let n = v.len() as f64;
+        let m = v.iter().sum::<f64>() / n;
+        let sd = if v.len() > 1 {
+            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        format!("{m:.2} ± {sd:.2}")
+    };
+    for row in methods {
+        let runs: Vec<&ArmResult> = std::iter::once(row)
+            .chain(seed_runs.iter().filter(|r| r.method == row.method))
+            .collect();
+        md.push_str(&format!("| {} | {} |", row.method, runs.len()));
+        for c in &cols {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| {
+                    let s = score_columns(r.scores.as_ref()?);
+                    s.into_iter().find(|x| &x.0 == c).map(|x| x.1)
+                })
+                .collect();
+            md.push_str(&format!(
+                " {} |",
+                if v.is_empty() {
+                    "-".into()
+                } else {
+                    mean_sd(&v)
+                }
+            ));
+        }
+        let losses: Vec<f64> = runs.iter().map(|r| r.summary.final_loss).collect();
+        md.push_str(&format!(" {} |\n", mean_sd(&losses)));
+    }
+    md
+}
+
 fn efficiency_table(rows: &[ArmResult]) -> String {
     let mut s = String::from(
         "| method | lr | peak memory (MiB) | median step (s) | tokens/s | final train loss | validation loss | train wall (s) |\n|---|---|---|---|---|---|---|---|\n",
@@ -208,6 +271,10 @@ pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
     md.push_str(&format!("Command: `{}`\n\nMachine: {}. Wall time {:.0} s over {} invocation(s) (`wall_time.json`); training time of all arms {:.0} s.\n\n", r.command, r.machine, r.wall_s, r.invocations, r.train_wall_s));
     md.push_str("## Quality (the shape of the paper's Table 1)\n\n");
     md.push_str(&methods_table(&r.methods, false));
+    if !r.seed_runs.is_empty() {
+        md.push_str("\n### Across seeds (mean ± sample standard deviation)\n\n");
+        md.push_str(&seeds_table(&r.methods, &r.seed_runs));
+    }
     if !r.paired.is_empty() {
         md.push_str(&format!(
             "\n### Paired against ln (the same questions; per-question scores in percent, {} bootstrap resamples; an interval that holds 0 does not separate the methods)\n\n",

@@ -118,7 +118,7 @@ impl Runner<'_> {
             batch: c.batch,
             grad_accum: c.grad_accum,
             max_length: c.max_length,
-            seed: c.seed,
+            seed: arm.seed,
             init_adapter: c.init_adapter.clone(),
             image: c.image.clone(),
             // about five windows per run
