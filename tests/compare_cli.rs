@@ -127,6 +127,7 @@ fn compare_report_is_complete_finite_and_resumable() {
         "loss_curves.png",
         "score_vs_trainable.png",
         "score_vs_memory.png",
+        "paired_vs_ln.png",
         "ablation_connector.png",
         "ablation_data_type.png",
         "analysis/gradvar/gradvar_steps.png",

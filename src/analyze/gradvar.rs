@@ -79,9 +79,11 @@ pub fn gradvar(runs: &[(String, PathBuf)], out: &Path) -> Result<Vec<GradvarRun>
                     .filter_map(|l| pick(l).map(|v| (l.step as f64, v)))
                     .collect(),
                 scatter: false,
+                intervals: vec![],
             })
             .collect(),
         log_x: false,
+        x_names: vec![],
     };
     chart("gradient variance across steps", "mean var", &|l| {
         l.window_var

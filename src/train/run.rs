@@ -672,14 +672,17 @@ pub fn plot_loss(reports: &[StepReport], path: &Path, title: &str) -> Result<()>
                 label: "loss".into(),
                 points: raw,
                 scatter: false,
+                intervals: vec![],
             },
             Series {
                 label: "mean of 10".into(),
                 points: avg,
                 scatter: false,
+                intervals: vec![],
             },
         ],
         log_x: false,
+        x_names: vec![],
     }
     .save_png(path)
 }

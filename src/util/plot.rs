@@ -1,9 +1,13 @@
-//! Small PNG charts (loss curves, method comparisons) without a plotting dependency: lines
-//! or points on axes with numeric ticks, a title and a legend, text in a built-in 3×5 font.
+//! PNG charts (loss curves, method comparisons with their intervals, heatmaps) drawn with
+//! plotters into an RGB buffer, text in DejaVu Sans (embedded, `assets/fonts`), encoded
+//! with `image` and written atomically.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use plotters::element::ErrorBar;
+use plotters::prelude::*;
 
 /// One series of a chart.
 pub struct Series {
@@ -11,6 +15,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// draw markers instead of a line
     pub scatter: bool,
+    /// a (low, high) interval per point, drawn as an error bar (empty: none)
+    pub intervals: Vec<(f64, f64)>,
 }
 
 pub struct Chart {
@@ -20,14 +26,16 @@ pub struct Chart {
     pub series: Vec<Series>,
     /// logarithmic x axis (for parameter counts)
     pub log_x: bool,
+    /// names for the integer x positions (a categorical axis: methods, say)
+    pub x_names: Vec<String>,
 }
 
-const W: usize = 800;
-const H: usize = 500;
-const LEFT: usize = 80;
-const RIGHT: usize = 20;
-const TOP: usize = 40;
-const BOTTOM: usize = 60;
+const W: usize = 900;
+const H: usize = 560;
+/// a heatmap's canvas: square cells beside a color bar
+const HEATMAP_W: usize = 700;
+const HEATMAP_CELLS_W: u32 = 545;
+const FONT: &str = "sans-serif";
 const PALETTE: [[u8; 3]; 8] = [
     [31, 119, 180],
     [255, 127, 14],
@@ -39,120 +47,43 @@ const PALETTE: [[u8; 3]; 8] = [
     [127, 127, 127],
 ];
 
-/// 3×5 glyphs, rows top to bottom, 3 bits each (MSB = left column).
-fn glyph(c: char) -> [u8; 5] {
-    match c.to_ascii_uppercase() {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 2, 2],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        'A' => [2, 5, 7, 5, 5],
-        'B' => [6, 5, 6, 5, 6],
-        'C' => [3, 4, 4, 4, 3],
-        'D' => [6, 5, 5, 5, 6],
-        'E' => [7, 4, 6, 4, 7],
-        'F' => [7, 4, 6, 4, 4],
-        'G' => [3, 4, 5, 5, 3],
-        'H' => [5, 5, 7, 5, 5],
-        'I' => [7, 2, 2, 2, 7],
-        'J' => [1, 1, 1, 5, 2],
-        'K' => [5, 5, 6, 5, 5],
-        'L' => [4, 4, 4, 4, 7],
-        'M' => [5, 7, 7, 5, 5],
-        'N' => [6, 5, 5, 5, 5],
-        'O' => [2, 5, 5, 5, 2],
-        'P' => [6, 5, 6, 4, 4],
-        'Q' => [2, 5, 5, 6, 3],
-        'R' => [6, 5, 6, 5, 5],
-        'S' => [3, 4, 2, 1, 6],
-        'T' => [7, 2, 2, 2, 2],
-        'U' => [5, 5, 5, 5, 7],
-        'V' => [5, 5, 5, 5, 2],
-        'W' => [5, 5, 7, 7, 5],
-        'X' => [5, 5, 2, 5, 5],
-        'Y' => [5, 5, 2, 2, 2],
-        'Z' => [7, 1, 2, 4, 7],
-        '.' => [0, 0, 0, 0, 2],
-        ',' => [0, 0, 0, 2, 4],
-        '-' => [0, 0, 7, 0, 0],
-        '+' => [0, 2, 7, 2, 0],
-        ':' => [0, 2, 0, 2, 0],
-        '%' => [5, 1, 2, 4, 5],
-        '(' => [1, 2, 2, 2, 1],
-        ')' => [4, 2, 2, 2, 4],
-        '/' => [1, 1, 2, 4, 4],
-        '_' => [0, 0, 0, 0, 7],
-        '=' => [0, 7, 0, 7, 0],
-        '[' => [3, 2, 2, 2, 3],
-        ']' => [6, 2, 2, 2, 6],
-        '<' => [1, 2, 4, 2, 1],
-        '>' => [4, 2, 1, 2, 4],
-        '*' => [0, 5, 2, 5, 0],
-        _ => [0, 0, 0, 0, 0],
+/// Registers DejaVu Sans as plotters' sans-serif font (once per process).
+fn font() -> Result<()> {
+    static DEJAVU: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+    static READY: OnceLock<bool> = OnceLock::new();
+    let ok = *READY
+        .get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, DEJAVU).is_ok());
+    if !ok {
+        bail!("the embedded DejaVu Sans font cannot be read");
     }
+    Ok(())
 }
 
-struct Canvas {
-    px: Vec<u8>,
+fn drawing_error(e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("drawing a plot: {e:?}")
 }
 
-impl Canvas {
-    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
-        if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
-            let i = (y as usize * W + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: [u8; 3], thick: i64) {
-        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
-        for i in 0..=n {
-            let t = i as f64 / n as f64;
-            let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t);
-            for dx in 0..thick {
-                for dy in 0..thick {
-                    self.set(x as i64 + dx, y as i64 + dy, c);
-                }
-            }
-        }
-    }
-
-    /// Text at (x, y) top-left, `scale` pixels per font dot.
-    /// The chart's title, large and centered at the top.
-    fn title(&mut self, s: &str) {
-        self.text(W.saturating_sub(text_width(s, 3)) / 2, 8, s, 3, [0, 0, 0]);
-    }
-
-    fn text(&mut self, x: usize, y: usize, s: &str, scale: usize, c: [u8; 3]) {
-        for (i, ch) in s.chars().enumerate() {
-            let g = glyph(ch);
-            for (row, bits) in g.iter().enumerate() {
-                for col in 0..3 {
-                    if bits & (4 >> col) != 0 {
-                        for dx in 0..scale {
-                            for dy in 0..scale {
-                                self.set(
-                                    (x + i * 4 * scale + col * scale + dx) as i64,
-                                    (y + row * scale + dy) as i64,
-                                    c,
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+fn color(i: usize) -> RGBColor {
+    let [r, g, b] = PALETTE[i % PALETTE.len()];
+    RGBColor(r, g, b)
 }
 
-fn text_width(s: &str, scale: usize) -> usize {
-    s.chars().count() * 4 * scale
+/// The range of `v` padded by 5% on both sides, so that no mark sits on an axis.
+fn padded(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = v
+        .filter(|x| x.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(x), b.max(x))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let span = if hi > lo {
+        hi - lo
+    } else {
+        lo.abs().max(1.0) * 0.1
+    };
+    (lo - 0.05 * span, hi + 0.05 * span)
 }
 
 /// A tick label with as many decimals as the spacing between ticks needs; scientific
@@ -195,121 +126,119 @@ pub fn trailing_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
 impl Chart {
     /// Draws the chart and writes it as PNG (temporary file, then rename).
     pub fn save_png(&self, path: &Path) -> Result<()> {
-        let mut cv = Canvas {
-            px: vec![255; W * H * 3],
-        };
-        let pts: Vec<(f64, f64)> = self
+        font()?;
+        // a log axis is drawn as log10 of x, labelled with x
+        let tx = |x: f64| if self.log_x { x.log10() } else { x };
+        let series: Vec<Vec<(f64, f64)>> = self
             .series
             .iter()
-            .flat_map(|s| s.points.iter().copied())
-            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_x || *x > 0.0))
+            .map(|s| {
+                s.points
+                    .iter()
+                    .map(|&(x, y)| (tx(x), y))
+                    .filter(|(x, y)| x.is_finite() && y.is_finite())
+                    .collect()
+            })
             .collect();
-        let tx = |x: f64| if self.log_x { x.log10() } else { x };
-        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-        for (x, y) in &pts {
-            x0 = x0.min(tx(*x));
-            x1 = x1.max(tx(*x));
-            y0 = y0.min(*y);
-            y1 = y1.max(*y);
-        }
-        if pts.is_empty() {
-            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-        }
-        if x1 - x0 < 1e-12 {
-            x1 = x0 + 1.0;
-        }
-        let pad = (y1 - y0).max(1e-9) * 0.05;
-        let (y0, y1) = (y0 - pad, y1 + pad);
-        let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
-        let sx = |x: f64| LEFT as f64 + (tx(x) - x0) / (x1 - x0) * pw;
-        let sy = |y: f64| TOP as f64 + (y1 - y) / (y1 - y0) * ph;
-        let grey = [200, 200, 200];
-        let black = [0, 0, 0];
-        // grid and ticks
-        for i in 0..=5 {
-            let fy = y0 + (y1 - y0) * i as f64 / 5.0;
-            let py = sy(fy);
-            cv.line((LEFT as f64, py), ((W - RIGHT) as f64, py), grey, 1);
-            let lbl = fmt_tick(fy, (y1 - y0) / 5.0);
-            cv.text(
-                LEFT - 8 - text_width(&lbl, 2),
-                py as usize - 5,
-                &lbl,
-                2,
-                black,
-            );
-            let fx = x0 + (x1 - x0) * i as f64 / 5.0;
-            let vx = if self.log_x { 10f64.powf(fx) } else { fx };
-            let px = LEFT as f64 + (fx - x0) / (x1 - x0) * pw;
-            cv.line((px, TOP as f64), (px, (H - BOTTOM) as f64), grey, 1);
-            let step_x = if self.log_x {
-                vx * (1.0 - 10f64.powf(-(x1 - x0) / 5.0))
-            } else {
-                (x1 - x0) / 5.0
+        let (x0, x1) = if self.x_names.is_empty() {
+            padded(series.iter().flatten().map(|p| p.0))
+        } else {
+            (-0.5, self.x_names.len() as f64 - 0.5)
+        };
+        let ys = series.iter().flatten().map(|p| p.1);
+        let bars = self
+            .series
+            .iter()
+            .flat_map(|s| s.intervals.iter().flat_map(|&(a, b)| [a, b]));
+        let (y0, mut y1) = padded(ys.chain(bars));
+        // room above the data for the legend box
+        y1 += 0.12 * (y1 - y0);
+        let mut buf = vec![255u8; W * H * 3];
+        {
+            let root =
+                BitMapBackend::with_buffer(&mut buf, (W as u32, H as u32)).into_drawing_area();
+            let mut chart = ChartBuilder::on(&root)
+                .caption(&self.title, (FONT, 22))
+                .margin(14)
+                .x_label_area_size(48)
+                .y_label_area_size(76)
+                .build_cartesian_2d(x0..x1, y0..y1)
+                .map_err(drawing_error)?;
+            let (xs, ys) = ((x1 - x0) / 8.0, (y1 - y0) / 8.0);
+            let x_fmt = |v: &f64| {
+                if !self.x_names.is_empty() {
+                    let i = v.round();
+                    if (v - i).abs() < 1e-6 && i >= 0.0 {
+                        return self.x_names.get(i as usize).cloned().unwrap_or_default();
+                    }
+                    return String::new();
+                }
+                if self.log_x {
+                    fmt_tick(10f64.powf(*v), 10f64.powf(*v) / 2.0)
+                } else {
+                    fmt_tick(*v, xs)
+                }
             };
-            let lbl = fmt_tick(vx, step_x);
-            cv.text(
-                (px as usize).saturating_sub(text_width(&lbl, 2) / 2),
-                H - BOTTOM + 8,
-                &lbl,
-                2,
-                black,
-            );
-        }
-        cv.line(
-            (LEFT as f64, TOP as f64),
-            (LEFT as f64, (H - BOTTOM) as f64),
-            black,
-            2,
-        );
-        cv.line(
-            (LEFT as f64, (H - BOTTOM) as f64),
-            ((W - RIGHT) as f64, (H - BOTTOM) as f64),
-            black,
-            2,
-        );
-        cv.title(&self.title);
-        cv.text(
-            (W - text_width(&self.x_label, 2)) / 2,
-            H - 22,
-            &self.x_label,
-            2,
-            black,
-        );
-        cv.text(6, TOP - 16, &self.y_label, 2, black);
-        for (k, s) in self.series.iter().enumerate() {
-            let c = PALETTE[k % PALETTE.len()];
-            let p: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_x || *x > 0.0))
-                .map(|&(x, y)| (sx(x), sy(y)))
-                .collect();
-            if s.scatter {
-                for &(x, y) in &p {
-                    for dx in -3..=3 {
-                        for dy in -3..=3 {
-                            cv.set(x as i64 + dx, y as i64 + dy, c);
-                        }
+            let y_fmt = |v: &f64| fmt_tick(*v, ys);
+            let mut mesh = chart.configure_mesh();
+            mesh.x_desc(self.x_label.as_str())
+                .y_desc(self.y_label.as_str())
+                .x_label_formatter(&x_fmt)
+                .y_label_formatter(&y_fmt)
+                .label_style((FONT, 14))
+                .axis_desc_style((FONT, 16))
+                .light_line_style(RGBColor(238, 238, 238))
+                .bold_line_style(RGBColor(215, 215, 215));
+            if !self.x_names.is_empty() {
+                mesh.x_labels(self.x_names.len());
+            }
+            mesh.draw().map_err(drawing_error)?;
+            for (i, (s, pts)) in self.series.iter().zip(&series).enumerate() {
+                let c = color(i);
+                for (&(x, y), &(lo, hi)) in s.points.iter().zip(&s.intervals) {
+                    let x = tx(x);
+                    if x.is_finite() && lo.is_finite() && hi.is_finite() {
+                        chart
+                            .draw_series([ErrorBar::new_vertical(
+                                x,
+                                lo,
+                                y,
+                                hi,
+                                c.stroke_width(2),
+                                10,
+                            )])
+                            .map_err(drawing_error)?;
                     }
                 }
-            } else {
-                for w in p.windows(2) {
-                    cv.line(w[0], w[1], c, 2);
+                if s.scatter {
+                    chart
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
+                        .map_err(drawing_error)?
+                        .label(s.label.as_str())
+                        .legend(move |(x, y)| Circle::new((x + 10, y), 5, c.filled()));
+                } else {
+                    chart
+                        .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+                        .map_err(drawing_error)?
+                        .label(s.label.as_str())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                        });
                 }
             }
-            // legend
-            let ly = TOP + 10 + k * 16;
-            let lx = W - RIGHT - 10 - text_width(&s.label, 2) - 24;
-            cv.line(
-                (lx as f64, ly as f64 + 4.0),
-                (lx as f64 + 16.0, ly as f64 + 4.0),
-                c,
-                3,
-            );
-            cv.text(lx + 22, ly, &s.label, 2, black);
+            if self.series.iter().any(|s| !s.label.is_empty()) {
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK.mix(0.3))
+                    .label_font((FONT, 14))
+                    .draw()
+                    .map_err(drawing_error)?;
+            }
+            root.present().map_err(drawing_error)?;
         }
-        write_png(&cv, path)
+        write_png(&buf, W, path)
     }
 }
 
@@ -341,87 +270,94 @@ fn ramp(t: f64) -> [u8; 3] {
 
 impl Heatmap {
     pub fn save_png(&self, path: &Path) -> Result<()> {
-        let mut cv = Canvas {
-            px: vec![255; W * H * 3],
-        };
-        let black = [0, 0, 0];
-        let n = self.values.len().max(1);
-        let side = (H - TOP - BOTTOM).min(W - LEFT - 200);
-        let cell = (side / n).max(1);
-        let side = cell * n;
+        font()?;
+        let n = self.values.len().max(1) as f64;
         let span = (self.hi - self.lo).max(1e-12);
-        for (i, row) in self.values.iter().enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                let c = ramp((v - self.lo) / span);
-                for dy in 0..cell {
-                    for dx in 0..cell {
-                        cv.set(
-                            (LEFT + j * cell + dx) as i64,
-                            (TOP + i * cell + dy) as i64,
-                            c,
-                        );
-                    }
+        let mut buf = vec![255u8; HEATMAP_W * H * 3];
+        {
+            let root = BitMapBackend::with_buffer(&mut buf, (HEATMAP_W as u32, H as u32))
+                .into_drawing_area();
+            let root = root
+                .titled(&self.title, (FONT, 22))
+                .map_err(drawing_error)?;
+            let (cells, bar) = root.split_horizontally(HEATMAP_CELLS_W);
+            let mut chart = ChartBuilder::on(&cells)
+                .margin(14)
+                .x_label_area_size(48)
+                .y_label_area_size(56)
+                .build_cartesian_2d(-0.5..n - 0.5, n - 0.5..-0.5)
+                .map_err(drawing_error)?;
+            let idx = |v: &f64| {
+                let i = v.round();
+                if (v - i).abs() < 1e-6 && i >= 0.0 && i < n {
+                    format!("{i:.0}")
+                } else {
+                    String::new()
                 }
+            };
+            chart
+                .configure_mesh()
+                .disable_mesh()
+                .x_desc(self.axis_label.as_str())
+                .y_desc(self.axis_label.as_str())
+                .x_label_formatter(&idx)
+                .y_label_formatter(&idx)
+                .x_labels(self.values.len().clamp(2, 13))
+                .y_labels(self.values.len().clamp(2, 13))
+                .label_style((FONT, 14))
+                .axis_desc_style((FONT, 16))
+                .draw()
+                .map_err(drawing_error)?;
+            for (i, row) in self.values.iter().enumerate() {
+                chart
+                    .draw_series(row.iter().enumerate().map(|(j, &v)| {
+                        let [r, g, b] = ramp((v - self.lo) / span);
+                        let (x, y) = (j as f64, i as f64);
+                        Rectangle::new(
+                            [(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)],
+                            RGBColor(r, g, b).filled(),
+                        )
+                    }))
+                    .map_err(drawing_error)?;
             }
+            // the color bar, labelled with the values it maps
+            let mut key = ChartBuilder::on(&bar)
+                .margin(14)
+                .margin_left(10)
+                .x_label_area_size(48)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..1.0, self.lo..self.hi.max(self.lo + 1e-12))
+                .map_err(drawing_error)?;
+            let step = span / 6.0;
+            let fmt = |v: &f64| fmt_tick(*v, step);
+            key.configure_mesh()
+                .disable_mesh()
+                .disable_x_axis()
+                .y_label_formatter(&fmt)
+                .label_style((FONT, 14))
+                .draw()
+                .map_err(drawing_error)?;
+            let k = 100;
+            key.draw_series((0..k).map(|i| {
+                let (a, b) = (i as f64 / k as f64, (i + 1) as f64 / k as f64);
+                let [r, g, bl] = ramp(a);
+                Rectangle::new(
+                    [(0.0, self.lo + a * span), (1.0, self.lo + b * span)],
+                    RGBColor(r, g, bl).filled(),
+                )
+            }))
+            .map_err(drawing_error)?;
+            root.present().map_err(drawing_error)?;
         }
-        // indices every few cells
-        let every = n.div_ceil(12).max(1);
-        for k in (0..n).step_by(every) {
-            let lbl = k.to_string();
-            cv.text(
-                LEFT - 8 - text_width(&lbl, 2),
-                TOP + k * cell + cell / 2 - 5,
-                &lbl,
-                2,
-                black,
-            );
-            cv.text(
-                LEFT + k * cell + cell / 2 - text_width(&lbl, 2) / 2,
-                TOP + side + 6,
-                &lbl,
-                2,
-                black,
-            );
-        }
-        cv.title(&self.title);
-        cv.text(
-            LEFT + side / 2 - text_width(&self.axis_label, 2) / 2,
-            TOP + side + 24,
-            &self.axis_label,
-            2,
-            black,
-        );
-        // color bar
-        let bx = LEFT + side + 40;
-        for y in 0..side {
-            let c = ramp(1.0 - y as f64 / side as f64);
-            for dx in 0..20 {
-                cv.set((bx + dx) as i64, (TOP + y) as i64, c);
-            }
-        }
-        cv.text(
-            bx + 28,
-            TOP,
-            &fmt_tick(self.hi, self.hi - self.lo),
-            2,
-            black,
-        );
-        cv.text(
-            bx + 28,
-            TOP + side - 10,
-            &fmt_tick(self.lo, self.hi - self.lo),
-            2,
-            black,
-        );
-        write_png(&cv, path)
+        write_png(&buf, HEATMAP_W, path)
     }
 }
 
-fn write_png(cv: &Canvas, path: &Path) -> Result<()> {
+fn write_png(px: &[u8], width: usize, path: &Path) -> Result<()> {
     use image::ImageEncoder;
     let mut png = Vec::new();
     image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(&cv.px, W as u32, H as u32, image::ExtendedColorType::Rgb8)
+        .write_image(px, width as u32, H as u32, image::ExtendedColorType::Rgb8)
         .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
     super::files::write_atomically(path, &png)
 }
@@ -471,12 +407,14 @@ mod tests {
                     .map(|i| (i as f64, 5.0 / (1.0 + i as f64)))
                     .collect(),
                 scatter: false,
+                intervals: vec![],
             }],
             log_x: false,
+            x_names: vec![],
         };
         chart.save_png(&path).unwrap();
         let img = image::open(&path).unwrap();
-        assert_eq!((img.width(), img.height()), (800, 500));
+        assert_eq!((img.width(), img.height()), (W as u32, H as u32));
         // the series color appears somewhere
         let rgb = img.to_rgb8();
         assert!(rgb.pixels().any(|p| p.0 == PALETTE[0]));

@@ -259,9 +259,11 @@ fn loss_chart(title: &str, rows: &[ArmResult]) -> Chart {
                     LOSS_WINDOW,
                 ),
                 scatter: false,
+                intervals: vec![],
             })
             .collect(),
         log_x: false,
+        x_names: vec![],
     }
 }
 
@@ -323,6 +325,11 @@ pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
     } else {
         ", `ablation_data_type.png`"
     });
+    md.push_str(if r.paired.is_empty() {
+        ""
+    } else {
+        ", `paired_vs_ln.png`"
+    });
     md.push_str(".\n");
     write_atomically(&out.join("report.md"), md.as_bytes())?;
     write_json(&out.join("report.json"), r)?;
@@ -351,9 +358,11 @@ pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
                         .unwrap_or(f64::NAN),
                 )],
                 scatter: true,
+                intervals: vec![],
             })
             .collect(),
         log_x,
+        x_names: vec![],
     };
     scatter("trainable %", &|m| m.summary.trainable_percent, true)
         .save_png(&out.join("score_vs_trainable.png"))?;
@@ -367,5 +376,61 @@ pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
         loss_chart("data-type ablation: training loss", &r.data_type)
             .save_png(&out.join("ablation_data_type.png"))?;
     }
+    if !r.paired.is_empty() {
+        paired_chart(&r.paired).save_png(&out.join("paired_vs_ln.png"))?;
+    }
     Ok(())
+}
+
+/// Each method's difference to ln per benchmark with its 95% interval: on the per-question
+/// means over seeds when there are several seeds, else at the one seed.
+fn paired_chart(rows: &[PairedRow]) -> Chart {
+    let pooled = rows.iter().any(|r| r.seed.is_none());
+    let rows: Vec<&PairedRow> = rows.iter().filter(|r| r.seed.is_none() == pooled).collect();
+    let mut methods: Vec<String> = Vec::new();
+    let mut benches: Vec<String> = Vec::new();
+    for r in &rows {
+        if !methods.contains(&r.method) {
+            methods.push(r.method.clone());
+        }
+        if !benches.contains(&r.comparison.bench) {
+            benches.push(r.comparison.bench.clone());
+        }
+    }
+    let nb = benches.len() as f64;
+    Chart {
+        title: format!(
+            "difference to ln, 95% bootstrap interval{}",
+            if pooled { " (mean over seeds)" } else { "" }
+        ),
+        x_label: "method".into(),
+        y_label: "points (per-question score)".into(),
+        series: benches
+            .iter()
+            .enumerate()
+            .map(|(k, b)| {
+                // benchmarks side by side around each method's position
+                let offset = (k as f64 - (nb - 1.0) / 2.0) * 0.12;
+                let of_bench: Vec<(usize, &&PairedRow)> = rows
+                    .iter()
+                    .filter(|r| &r.comparison.bench == b)
+                    .filter_map(|r| Some((methods.iter().position(|m| m == &r.method)?, r)))
+                    .collect();
+                Series {
+                    label: b.clone(),
+                    points: of_bench
+                        .iter()
+                        .map(|(i, r)| (*i as f64 + offset, r.comparison.diff))
+                        .collect(),
+                    scatter: true,
+                    intervals: of_bench
+                        .iter()
+                        .map(|(_, r)| (r.comparison.ci95[0], r.comparison.ci95[1]))
+                        .collect(),
+                }
+            })
+            .collect(),
+        log_x: false,
+        x_names: methods,
+    }
 }
