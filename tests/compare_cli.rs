@@ -66,6 +66,9 @@ fn compare_args(t: &TinyRun, out: &str) -> Vec<String> {
     a.extend(s(&["--images"]));
     a.push(p(&t.path("data/images")));
     a.extend(s(&[
+        // a small rank (the paper's 64 is the tiny model's whole key/value width)
+        "--lora-r",
+        "8",
         "--methods",
         "ln,lora",
         "--steps",
@@ -539,6 +542,17 @@ fn compare_trains_every_method_at_every_seed() {
         })
         .collect();
     assert_eq!(seeds.into_iter().collect::<Vec<_>>(), ["0", "1", "mean"]);
+    // a LoRA rank above the tiny model's 64-wide key/value projections: refused before any
+    // arm runs
+    let mut wide = compare_args(&t, "wide");
+    let at = wide.iter().position(|a| a == "--lora-r").unwrap();
+    wide[at + 1] = "128".into();
+    let (ok, _, err) = lntune(&wide);
+    assert!(
+        !ok && err.contains("--methods lora") && err.contains("at most"),
+        "{err}"
+    );
+    assert!(!t.path("wide/runs").exists());
     // a given seed twice is refused by name
     let mut twice = compare_args(&t, "twice");
     twice.extend(s(&["--seeds", "1,1"]));

@@ -64,6 +64,9 @@ pub struct CompareArgs {
     pub seeds: Option<String>,
     #[arg(long, value_enum)]
     pub template: Option<TemplateName>,
+    /// LoRA rank of the lora arm (alpha = 2 x rank); the paper's LoRA baselines use 32 or 64
+    #[arg(long, default_value_t = 64)]
+    pub lora_r: usize,
     /// Keep embed_tokens and lm_head frozen in every method (the paper's LN set trains them)
     #[arg(long)]
     pub freeze_embed_head: bool,
@@ -196,6 +199,7 @@ impl CompareArgs {
             seeds,
             template: a.template,
             freeze_embed_head: a.freeze_embed_head,
+            lora_r: a.lora_r,
             eval: EvalConfig {
                 model: a.model.clone(),
                 adapter: None,

@@ -47,7 +47,11 @@ pub fn lr_of(cfg: &CompareConfig, m: Method) -> f64 {
 /// head frozen in every method (full finetuning included: its rule defers to these flags,
 /// and a tied head is the embedding).
 pub fn method_of(cfg: &CompareConfig, m: Method) -> MethodConfig {
-    arm_method(m, cfg.freeze_embed_head)
+    let mut mc = arm_method(m, cfg.freeze_embed_head);
+    // the paper's LoRA baselines: rank 32 or 64, alpha twice the rank
+    mc.lora.r = cfg.lora_r;
+    mc.lora.alpha = 2.0 * cfg.lora_r as f64;
+    mc
 }
 
 fn arm_method(m: Method, freeze_embed_head: bool) -> MethodConfig {

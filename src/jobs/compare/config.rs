@@ -46,6 +46,8 @@ pub struct CompareConfig {
     /// every method is trained at each (the report gives mean and spread across them)
     pub seeds: Vec<u64>,
     pub template: Option<TemplateName>,
+    /// LoRA rank of the lora arm (alpha twice the rank)
+    pub lora_r: usize,
     /// keep embed_tokens and lm_head frozen in every method that would train them
     pub freeze_embed_head: bool,
     /// the evaluation every chosen arm gets (its adapter filled in per arm)

@@ -53,6 +53,16 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
     }
     cfg.eval.validate()?;
+    // every method's trainable set on the model's configs, before any arm runs (a LoRA rank
+    // above a projection's width, say)
+    let spec = crate::model::spec::ModelSpec::from_path(&cfg.model)?;
+    for &m in &cfg.methods {
+        if m != Method::Custom {
+            arms::method_of(cfg, m)
+                .apply(&mut spec.param_specs())
+                .with_context(|| format!("--methods {}", m.name()))?;
+        }
+    }
     let _lock = FolderLock::acquire(&cfg.out)?;
     let (train, val) = sweep_split(cfg)?;
     let mut sweep_arms = method_arms(cfg, &train, &val);
