@@ -510,8 +510,27 @@ fn analyze_similarity_writes_tables_and_heatmaps() {
 #[test]
 fn compare_trains_every_method_at_every_seed() {
     let t = TinyRun::new();
+    // a second benchmark: the shapes POPE questions in POPE's own file layout
+    let pope = t.path("pope");
+    std::fs::create_dir_all(&pope).unwrap();
+    std::fs::copy(
+        t.path("data/pope_test_random.jsonl"),
+        pope.join("coco_pope_random.json"),
+    )
+    .unwrap();
+    for e in std::fs::read_dir(t.path("data/images")).unwrap() {
+        let f = e.unwrap().path();
+        if f.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("test_")
+        {
+            std::fs::copy(&f, pope.join(f.file_name().unwrap())).unwrap();
+        }
+    }
     let mut args = compare_args(&t, "seeds");
-    args.extend(s(&["--seeds", "0,1", "--no-analysis"]));
+    args.extend(s(&["--seeds", "0,1", "--no-analysis", "--also-eval"]));
+    args.push(format!("pope={}", p(&pope)));
     let (ok, out, err) = lntune(&args);
     assert!(ok, "{err}");
     assert!(out.contains("Across seeds"), "{out}");
@@ -532,7 +551,20 @@ fn compare_trains_every_method_at_every_seed() {
             "another seed, another run"
         );
     }
+    // the second benchmark: scored for every arm and seed, paired against ln, in the tables
+    for x in r["methods"].as_array().unwrap().iter().chain(seed_runs) {
+        assert!(
+            x["more_scores"]["pope"]["pope"]["random"]["accuracy"].is_number(),
+            "{x}"
+        );
+    }
+    assert!(out.contains("pope: POPE acc"), "{out}");
+    assert!(dir.join("runs/methods/ln/eval-pope/scores.json").is_file());
     let paired = r["paired"].as_array().unwrap();
+    assert!(
+        paired.iter().any(|c| c["bench"] == "pope/pope"),
+        "{paired:?}"
+    );
     let seeds: std::collections::BTreeSet<String> = paired
         .iter()
         .map(|c| {

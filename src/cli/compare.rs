@@ -87,6 +87,10 @@ pub struct CompareArgs {
     /// The user text that asks for a caption (as `lntune eval --caption-prompt`)
     #[arg(long)]
     pub caption_prompt: Option<String>,
+    /// Another benchmark every chosen arm is evaluated on too, as BENCH=DATA (repeatable;
+    /// DATA as `lntune eval --data`, images found where `lntune eval` looks by default)
+    #[arg(long = "also-eval", value_name = "BENCH=DATA")]
+    pub also_eval: Vec<String>,
     /// Ablations to run as well (repeatable)
     #[arg(long, value_enum)]
     pub ablation: Vec<Ablation>,
@@ -177,6 +181,27 @@ impl CompareArgs {
                 a.seeds.as_deref().unwrap_or("")
             );
         }
+        let mut also_eval: Vec<BenchFiles> = Vec::new();
+        for spec in &a.also_eval {
+            let (name, data) = spec
+                .split_once('=')
+                .with_context(|| format!("--also-eval `{spec}`: expected BENCH=DATA"))?;
+            let bench = BenchName::from_str(name.trim(), true)
+                .map_err(|_| anyhow::anyhow!("--also-eval `{spec}`: unknown benchmark `{name}`"))?;
+            if bench == a.bench || also_eval.iter().any(|b| b.bench == bench) {
+                bail!(
+                    "--also-eval `{spec}`: {} is evaluated already",
+                    bench.name()
+                );
+            }
+            also_eval.push(BenchFiles {
+                bench,
+                data: PathBuf::from(data.trim()),
+                images: None,
+                annotations: None,
+                split: "test".into(),
+            });
+        }
         let data_types = match &a.data_types {
             Some(spec) => parse_data_types(spec)?,
             None => vec![],
@@ -221,6 +246,7 @@ impl CompareArgs {
                 dtype: WeightDtype::F32,
                 image: a.image.processing(),
             },
+            also_eval,
             ablations: a.ablation.clone(),
             data_types,
             data_type_samples: a.data_type_samples,

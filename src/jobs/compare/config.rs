@@ -52,6 +52,8 @@ pub struct CompareConfig {
     pub freeze_embed_head: bool,
     /// the evaluation every chosen arm gets (its adapter filled in per arm)
     pub eval: EvalConfig,
+    /// further benchmarks each chosen arm is evaluated on (`eval-<bench>/` in its folder)
+    pub also_eval: Vec<crate::eval::benchmarks::BenchFiles>,
     pub ablations: Vec<Ablation>,
     /// data-type ablation: (kind, file)
     pub data_types: Vec<(String, PathBuf)>,

@@ -63,6 +63,11 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
                 .with_context(|| format!("--methods {}", m.name()))?;
         }
     }
+    // every benchmark's files read before any arm runs
+    for b in std::iter::once(&cfg.eval.bench).chain(&cfg.also_eval) {
+        crate::eval::benchmarks::load_items(b, cfg.eval.limit, cfg.eval.seed)
+            .with_context(|| format!("the {} benchmark", b.bench.name()))?;
+    }
     let _lock = FolderLock::acquire(&cfg.out)?;
     let (train, val) = sweep_split(cfg)?;
     let mut sweep_arms = method_arms(cfg, &train, &val);
@@ -242,15 +247,37 @@ fn paired_against_ln(runner: &Runner, seed_arms: &[Vec<Arm>]) -> Result<Vec<Pair
     else {
         return Ok(vec![]);
     };
-    let items =
-        crate::eval::benchmarks::load_items(&cfg.eval.bench, cfg.eval.limit, cfg.eval.seed)?;
+    // every benchmark's items: the main one (its kinds unprefixed) and each --also-eval one
+    // (`<bench>/<kind>`), with the folder its predictions are in
+    let mut benches = vec![(
+        String::new(),
+        "eval".to_string(),
+        crate::eval::benchmarks::load_items(&cfg.eval.bench, cfg.eval.limit, cfg.eval.seed)?,
+    )];
+    for b in &cfg.also_eval {
+        benches.push((
+            format!("{}/", b.bench.name()),
+            format!("eval-{}", b.bench.name()),
+            crate::eval::benchmarks::load_items(b, cfg.eval.limit, cfg.eval.seed)?,
+        ));
+    }
     let scores = |arm: &Arm| -> Result<BTreeMap<String, Vec<f64>>> {
-        let path = runner.dir(arm).join("eval/predictions.jsonl");
-        let answers = crate::util::files::read_jsonl::<PredictionLine>(&path)?
-            .into_iter()
-            .map(|p| (p.id, p.answer))
-            .collect();
-        item_scores(&items, &answers).with_context(|| format!("{}", path.display()))
+        let mut all = BTreeMap::new();
+        for (prefix, folder, items) in &benches {
+            let path = runner.dir(arm).join(folder).join("predictions.jsonl");
+            let answers = crate::util::files::read_jsonl::<PredictionLine>(&path)?
+                .into_iter()
+                .map(|p| (p.id, p.answer))
+                .collect();
+            let by_kind =
+                item_scores(items, &answers).with_context(|| format!("{}", path.display()))?;
+            all.extend(
+                by_kind
+                    .into_iter()
+                    .map(|(k, v)| (format!("{prefix}{k}"), v)),
+            );
+        }
+        Ok(all)
     };
     // per method, per seed: per-question scores by benchmark
     let all: Vec<Vec<BTreeMap<String, Vec<f64>>>> = seed_arms

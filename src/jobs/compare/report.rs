@@ -24,6 +24,9 @@ pub struct ArmResult {
     pub summary: RunSummary,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scores: Option<Scores>,
+    /// the scores of each `--also-eval` benchmark, by its name
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty", default)]
+    pub more_scores: std::collections::BTreeMap<String, Scores>,
     /// (step, loss) of every step
     pub loss_curve: Vec<(usize, f64)>,
 }
@@ -124,11 +127,25 @@ pub fn score_columns(s: &Scores) -> Vec<(String, f64)> {
     v
 }
 
+/// Every score column of an arm: the main benchmark's, then each `--also-eval` one's
+/// prefixed with its name.
+fn arm_columns(r: &ArmResult) -> Vec<(String, f64)> {
+    let mut v = r.scores.as_ref().map(score_columns).unwrap_or_default();
+    for (bench, s) in &r.more_scores {
+        v.extend(
+            score_columns(s)
+                .into_iter()
+                .map(|(c, x)| (format!("{bench}: {c}"), x)),
+        );
+    }
+    v
+}
+
 fn methods_table(rows: &[ArmResult], with_lr: bool) -> String {
     let cols: Vec<String> = rows
         .iter()
-        .find_map(|r| r.scores.as_ref())
-        .map(|s| score_columns(s).into_iter().map(|c| c.0).collect())
+        .find(|r| r.scores.is_some())
+        .map(|r| arm_columns(r).into_iter().map(|c| c.0).collect())
         .unwrap_or_default();
     let mut s = String::from("| method |");
     if with_lr {
@@ -150,7 +167,7 @@ fn methods_table(rows: &[ArmResult], with_lr: bool) -> String {
             " {} | {:.3} |",
             r.summary.trainable_params, r.summary.trainable_percent
         ));
-        let vals = r.scores.as_ref().map(score_columns).unwrap_or_default();
+        let vals = arm_columns(r);
         for c in &cols {
             match vals.iter().find(|v| &v.0 == c) {
                 Some((_, x)) => s.push_str(&format!(" {x:.2} |")),
@@ -167,8 +184,8 @@ fn methods_table(rows: &[ArmResult], with_lr: bool) -> String {
 fn seeds_table(methods: &[ArmResult], seed_runs: &[ArmResult]) -> String {
     let cols: Vec<String> = methods
         .iter()
-        .find_map(|r| r.scores.as_ref())
-        .map(|s| score_columns(s).into_iter().map(|c| c.0).collect())
+        .find(|r| r.scores.is_some())
+        .map(|r| arm_columns(r).into_iter().map(|c| c.0).collect())
         .unwrap_or_default();
     let mut md = String::from("| method | seeds |");
     for c in &cols {
@@ -195,10 +212,7 @@ fn seeds_table(methods: &[ArmResult], seed_runs: &[ArmResult]) -> String {
         for c in &cols {
             let v: Vec<f64> = runs
                 .iter()
-                .filter_map(|r| {
-                    let s = score_columns(r.scores.as_ref()?);
-                    s.into_iter().find(|x| &x.0 == c).map(|x| x.1)
-                })
+                .filter_map(|r| arm_columns(r).into_iter().find(|x| &x.0 == c).map(|x| x.1))
                 .collect();
             md.push_str(&format!(
                 " {} |",

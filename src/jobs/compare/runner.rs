@@ -161,29 +161,40 @@ impl Runner<'_> {
         Ok(true)
     }
 
-    /// Evaluates the arm's adapter unless its scores exist.
+    /// Evaluates the arm's adapter on every benchmark whose scores do not exist yet: the
+    /// main one in `eval/`, each `--also-eval` one in `eval-<bench>/`.
     pub fn eval(&self, arm: &Arm) -> Result<bool> {
         let dir = self.dir(arm);
-        if dir.join("eval/scores.json").is_file() {
-            return Ok(false);
-        }
         let c = self.cfg;
-        let eval = EvalConfig {
-            adapter: Some(dir.join("adapter")),
-            ..c.eval.clone()
-        };
-        let config = dir.join("eval_config.json");
-        write_json(&config, &eval)?;
-        let args: Vec<String> = vec![
-            "eval".into(),
-            "--config".into(),
-            config.display().to_string(),
-            "--out".into(),
-            dir.join("eval").display().to_string(),
-            "--quiet".into(),
-        ];
-        self.child(&args, &dir.join("eval.log"))?;
-        Ok(true)
+        let mut ran = false;
+        let benches = std::iter::once((String::from("eval"), c.eval.bench.clone())).chain(
+            c.also_eval
+                .iter()
+                .map(|b| (format!("eval-{}", b.bench.name()), b.clone())),
+        );
+        for (out, bench) in benches {
+            if dir.join(&out).join("scores.json").is_file() {
+                continue;
+            }
+            let eval = EvalConfig {
+                adapter: Some(dir.join("adapter")),
+                bench,
+                ..c.eval.clone()
+            };
+            let config = dir.join(format!("{out}_config.json"));
+            write_json(&config, &eval)?;
+            let args: Vec<String> = vec![
+                "eval".into(),
+                "--config".into(),
+                config.display().to_string(),
+                "--out".into(),
+                dir.join(&out).display().to_string(),
+                "--quiet".into(),
+            ];
+            self.child(&args, &dir.join(format!("{out}.log")))?;
+            ran = true;
+        }
+        Ok(ran)
     }
 
     /// What the arm's files say: its summary, scores (if evaluated) and loss curve.
@@ -195,6 +206,13 @@ impl Runner<'_> {
         } else {
             None
         };
+        let mut more_scores = std::collections::BTreeMap::new();
+        if arm.evaluate {
+            for b in &self.cfg.also_eval {
+                let f = dir.join(format!("eval-{}/scores.json", b.bench.name()));
+                more_scores.insert(b.bench.name().to_string(), read_json::<Scores>(&f)?);
+            }
+        }
         let loss_curve = read_text(&dir.join("metrics.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -207,6 +225,7 @@ impl Runner<'_> {
             lr: arm.lr,
             summary,
             scores,
+            more_scores,
             loss_curve,
         })
     }
