@@ -560,6 +560,9 @@ fn compare_trains_every_method_at_every_seed() {
     }
     assert!(out.contains("pope: POPE acc"), "{out}");
     assert!(dir.join("runs/methods/ln/eval-pope/scores.json").is_file());
+    // every arm trained and evaluated from one store of image features
+    let stores: Vec<_> = std::fs::read_dir(dir.join("features")).unwrap().collect();
+    assert_eq!(stores.len(), 1, "one tower, one preprocessing: one store");
     let paired = r["paired"].as_array().unwrap();
     assert!(
         paired.iter().any(|c| c["bench"] == "pope/pope"),
@@ -590,4 +593,69 @@ fn compare_trains_every_method_at_every_seed() {
     twice.extend(s(&["--seeds", "1,1"]));
     let (ok, _, err) = lntune(&twice);
     assert!(!ok && err.contains("--seeds"), "{err}");
+}
+
+/// The disk store of image features (`compare` points all its arms at one): a second cache
+/// reads what the first wrote, and different preprocessing is a different store.
+#[test]
+fn feature_store_is_shared_and_keyed_by_what_features_depend_on() {
+    use lntune::data::features::FeatureCache;
+    use lntune::data::image::ImageProcessing;
+    let tmp = tempfile::tempdir().unwrap();
+    let (model_dir, data) = workspace(tmp.path());
+    let mut m = lntune::model::mllm::Mllm::load(
+        &model_dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let fp = lntune::methods::adapter::fingerprint(&mut m).unwrap();
+    let pre = ImageProcessing::default().preprocess(&m).unwrap();
+    let mut imgs: Vec<std::path::PathBuf> = std::fs::read_dir(data.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    imgs.sort();
+    imgs.truncate(3);
+    let root = tmp.path().join("features");
+    let mut a = FeatureCache::new(true);
+    a.attach_disk(&root, &m, &pre, &fp).unwrap();
+    let fa = a
+        .for_paths(&m, &imgs, &pre, &candle_core::Device::Cpu, false)
+        .unwrap();
+    let dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1);
+    assert_eq!(
+        std::fs::read_dir(&dirs[0]).unwrap().count(),
+        3,
+        "one file per image"
+    );
+    // what a second process finds is what it uses: mark the first image's file
+    let sha = lntune::util::files::sha256_file(&imgs[0]).unwrap();
+    let marked = (fa[0].zeros_like().unwrap() + 7.0).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("features".to_string(), marked.clone())]),
+        dirs[0].join(format!("{sha}.safetensors")),
+    )
+    .unwrap();
+    let mut b = FeatureCache::new(true);
+    b.attach_disk(&root, &m, &pre, &fp).unwrap();
+    let fb = b
+        .for_paths(&m, &imgs, &pre, &candle_core::Device::Cpu, false)
+        .unwrap();
+    assert_eq!(max_abs(&fb[0], &marked), 0.0, "read from the store");
+    assert_eq!(max_abs(&fb[1], &fa[1]), 0.0);
+    // other normalization: another store, computed afresh
+    let mut pre2 = pre.clone();
+    pre2.mean = [0.0, 0.0, 0.0];
+    let mut c = FeatureCache::new(true);
+    c.attach_disk(&root, &m, &pre2, &fp).unwrap();
+    let fc = c
+        .for_paths(&m, &imgs, &pre2, &candle_core::Device::Cpu, false)
+        .unwrap();
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2);
+    assert!(max_abs(&fc[0], &marked) > 1.0);
 }

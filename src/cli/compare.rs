@@ -243,6 +243,8 @@ impl CompareArgs {
                 caption_tokens: 64,
                 template: a.template,
                 caption_prompt: a.caption_prompt.clone(),
+                // every arm's evaluation and training share one store of image features
+                feature_dir: Some(a.out.join("features")),
                 dtype: WeightDtype::F32,
                 image: a.image.processing(),
             },

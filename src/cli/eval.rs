@@ -109,6 +109,7 @@ impl EvalArgs {
                 caption_tokens: 64,
                 template: None,
                 caption_prompt: None,
+                feature_dir: None,
                 dtype: WeightDtype::F32,
                 image: Default::default(),
             },

@@ -1,8 +1,10 @@
 //! The frozen vision tower's features per image file, computed once and reused by every
-//! step and every question that shows the image.
+//! step and every question that shows the image; with a disk store attached, also by every
+//! process that runs the same tower, feature selection and preprocessing (the arms of a
+//! comparison: each trains and evaluates in its own process on the same images).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -17,6 +19,8 @@ use crate::util::progress::progress_bar;
 pub struct FeatureCache {
     map: HashMap<PathBuf, Tensor>,
     pub enabled: bool,
+    /// `<root>/<key>/`: one safetensors file per image content (see `attach_disk`)
+    disk: Option<PathBuf>,
 }
 
 impl FeatureCache {
@@ -24,7 +28,48 @@ impl FeatureCache {
         Self {
             map: HashMap::new(),
             enabled,
+            disk: None,
         }
+    }
+
+    /// Keeps features on disk under `root` too: in a folder named by a digest of what they
+    /// depend on (the base model's fingerprint, which hidden states are selected, the image
+    /// preprocessing, the weights' dtype), one file per image named by the sha256 of the
+    /// image file's bytes. Files are written atomically, so concurrent writers are harmless.
+    pub fn attach_disk(
+        &mut self,
+        root: &Path,
+        model: &Mllm,
+        pre: &Preprocess,
+        base_fingerprint: &str,
+    ) -> Result<()> {
+        use sha2::Digest;
+        let v = model
+            .vision
+            .as_ref()
+            .context("a feature store needs a model with a vision tower")?;
+        let what = format!(
+            "{base_fingerprint}|{:?}|{}|{:?}",
+            v.select,
+            serde_json::to_string(pre)?,
+            model.llm.embed_tokens.dtype()
+        );
+        let digest = sha2::Sha256::digest(what.as_bytes());
+        let key: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+        let dir = root.join(key);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        self.disk = Some(dir);
+        Ok(())
+    }
+
+    /// The store's file for an image (None without a store).
+    fn disk_file(&self, image: &Path) -> Result<Option<PathBuf>> {
+        let Some(dir) = &self.disk else {
+            return Ok(None);
+        };
+        let sha = crate::util::files::sha256_file(image)?;
+        Ok(Some(dir.join(format!("{sha}.safetensors"))))
     }
 
     /// Images whose features are held.
@@ -60,6 +105,28 @@ impl FeatureCache {
             .collect();
         missing.sort();
         missing.dedup();
+        // what the disk store holds already
+        let mut files = HashMap::new();
+        if self.disk.is_some() {
+            let mut still = Vec::new();
+            for p in missing {
+                let f = self.disk_file(p)?.expect("a store");
+                match f.is_file() {
+                    true => {
+                        let t = candle_core::safetensors::load(&f, dev)
+                            .with_context(|| format!("{}: unreadable feature file", f.display()))?
+                            .remove("features")
+                            .with_context(|| format!("{}: no `features` tensor", f.display()))?;
+                        self.map.insert(p.clone(), t);
+                    }
+                    false => {
+                        files.insert(p.clone(), f);
+                        still.push(p);
+                    }
+                }
+            }
+            missing = still;
+        }
         let bar = progress_bar(
             missing.len() as u64,
             0,
@@ -77,7 +144,17 @@ impl FeatureCache {
             let t = Tensor::from_vec(px, (chunk.len(), 3, hw.0, hw.1), dev)?;
             let f = v.tower.features(&t, &v.select)?;
             for (k, p) in chunk.iter().enumerate() {
-                self.map.insert((*p).clone(), f.get(k)?);
+                let t = f.get(k)?;
+                if let Some(file) = files.get(*p) {
+                    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
+                    candle_core::safetensors::save(
+                        &HashMap::from([("features".to_string(), t.clone())]),
+                        &tmp,
+                    )?;
+                    std::fs::rename(&tmp, file)
+                        .with_context(|| format!("{}: cannot rename into place", file.display()))?;
+                }
+                self.map.insert((*p).clone(), t);
             }
             bar.inc(chunk.len() as u64);
         }

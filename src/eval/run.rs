@@ -57,6 +57,10 @@ pub struct EvalConfig {
     /// the model's chat template if it has one, else vicuna_v1, when not given
     #[serde(default)]
     pub template: Option<TemplateName>,
+    /// keep the tower's image features on disk here too, shared with other evaluations and
+    /// trainings of the same base model (see `data::features`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_dir: Option<PathBuf>,
     /// the user text that asks for a caption (LLaVA's; shapes: "Give a short caption for
     /// the image.")
     #[serde(default)]
@@ -179,6 +183,7 @@ pub fn evaluate(
             demonstrations(cfg.protocol, true)
         },
         seed: cfg.seed,
+        feature_dir: cfg.feature_dir.clone(),
     };
     let setup = EvalSetup {
         bench: cfg.bench.bench.name().into(),
@@ -287,6 +292,8 @@ pub struct ItemPrompts<'a> {
     /// sampling seed per item (from the run seed and the item id), so that answers do not
     /// depend on how items were batched or on where a run was resumed
     pub seed: u64,
+    /// the disk store of image features, if any
+    pub feature_dir: Option<PathBuf>,
 }
 
 fn item_seed(seed: u64, id: &str) -> u64 {
@@ -334,6 +341,16 @@ pub fn run_eval(
         &setup.bench,
     );
     let mut cache = FeatureCache::new(true);
+    if let Some(dir) = &askers.feature_dir
+        && askers.short.model.vision.is_some()
+    {
+        cache.attach_disk(
+            dir,
+            askers.short.model,
+            askers.short.preprocess,
+            &setup.model_fingerprint,
+        )?;
+    }
     let dev = askers.short.model.llm.embed_tokens.device().clone();
     // short questions and captions are generated in separate batches (different settings)
     for caption in [false, true] {

@@ -69,6 +69,10 @@ pub struct RunConfig {
     pub image: ImageProcessing,
     /// compute each image's (frozen) tower features once and reuse them
     pub cache_features: bool,
+    /// also keep them on disk here, shared with other runs of the same base model (compare
+    /// points every arm's training and evaluation at one store)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature_dir: Option<PathBuf>,
     /// batch examples of similar length together (LLaVA's group_by_modality_length)
     pub group_by_length: bool,
     /// accept absolute image paths and paths with `..` in the data (else a sample whose
@@ -116,6 +120,7 @@ impl Default for RunConfig {
             recompute: Recompute::Auto,
             image: ImageProcessing::default(),
             cache_features: true,
+            feature_dir: None,
             group_by_length: true,
             allow_any_image_path: false,
             grad_stats: None,

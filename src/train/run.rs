@@ -211,6 +211,11 @@ pub fn train_run(
         cfg.group_by_length,
         (comm.rank(), comm.size()),
     );
+    if let Some(dir) = &cfg.feature_dir
+        && model.vision.is_some()
+    {
+        cache.attach_disk(dir, &model, &preprocess, &base_fp)?;
+    }
     precompute_features(
         &cfg,
         &model,

@@ -121,6 +121,7 @@ impl Runner<'_> {
             seed: arm.seed,
             init_adapter: c.init_adapter.clone(),
             image: c.image.clone(),
+            feature_dir: Some(c.out.join("features")),
             // about five windows per run
             grad_stats: grad_stats.then(|| GradStatsConfig {
                 subset: "projector".into(),
