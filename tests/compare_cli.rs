@@ -269,6 +269,25 @@ fn compare_report_is_complete_finite_and_resumable() {
     let w1 = r["wall_s"].as_f64().unwrap();
     let w2 = r2["wall_s"].as_f64().unwrap();
     assert!(w1 > 0.0 && w2 > w1, "{w1} {w2}");
+
+    // carried to another machine without its adapters (the full-finetuning ones are model
+    // sized): a rerun trains nothing, and the report, layer similarity included, is the same
+    for table in ["methods", "connector", "data-type"] {
+        for e in std::fs::read_dir(dir.join("runs").join(table)).unwrap() {
+            let a = e.unwrap().path().join("adapter");
+            if a.is_dir() {
+                std::fs::remove_dir_all(&a).unwrap();
+            }
+        }
+    }
+    let (ok, _, err) = lntune(&again);
+    assert!(ok, "{err}");
+    assert!(!err.contains("done train"), "nothing retrained: {err}");
+    let r3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r3["similarity"], r2["similarity"]);
+    assert_eq!(r3["methods"], r2["methods"]);
+    assert_eq!(r3["paired"], r2["paired"]);
 }
 
 #[test]

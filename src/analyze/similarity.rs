@@ -3,7 +3,7 @@
 //! samples. The paper reads a lower similarity as more expressive power. `similarity`
 //! compares a base model and adapters on the same samples.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -174,13 +174,36 @@ pub fn similarity(cfg: &SimilarityConfig, device: &Device) -> Result<SimilarityR
     if cfg.models.is_empty() {
         bail!("nothing to analyse: give --adapter or keep --base true");
     }
-    std::fs::create_dir_all(&cfg.out)
-        .with_context(|| format!("{}: cannot create", cfg.out.display()))?;
     let mut report = SimilarityReport { models: vec![] };
     let mut cache = FeatureCache::new(true);
     for (name, adapter) in &cfg.models {
-        let model = load_model(&cfg.model, adapter.as_deref(), cfg.dtype, device)?;
-        let r = model_similarity(cfg, &model, &mut cache, device)?;
+        let r = one_model_similarity(cfg, adapter.as_deref(), &mut cache, device)?;
+        eprintln!(
+            "{name}: all pairs {:.4}, adjacent {:.4}",
+            r.all_pairs, r.adjacent
+        );
+        report.models.push((name.clone(), r));
+    }
+    write_similarity_report(&report, &cfg.out)?;
+    Ok(report)
+}
+
+/// The layer similarity of the base model with `adapter` (None: the base alone) on the
+/// first `cfg.samples` examples of `cfg.data` (`cfg.models` and `cfg.out` are not used).
+pub fn one_model_similarity(
+    cfg: &SimilarityConfig,
+    adapter: Option<&Path>,
+    cache: &mut FeatureCache,
+    device: &Device,
+) -> Result<LayerSimilarity> {
+    let model = load_model(&cfg.model, adapter, cfg.dtype, device)?;
+    model_similarity(cfg, &model, cache, device)
+}
+
+/// similarity.json, similarity.md and one heatmap per model under `out`.
+pub fn write_similarity_report(report: &SimilarityReport, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    for (name, r) in &report.models {
         Heatmap {
             title: format!("layer similarity: {name}"),
             axis_label: "decoder layer".into(),
@@ -194,16 +217,11 @@ pub fn similarity(cfg: &SimilarityConfig, device: &Device) -> Result<SimilarityR
                 .min(0.0),
             hi: 1.0,
         }
-        .save_png(&cfg.out.join(format!("similarity_{}.png", file_safe(name))))?;
-        eprintln!(
-            "{name}: all pairs {:.4}, adjacent {:.4}",
-            r.all_pairs, r.adjacent
-        );
-        report.models.push((name.clone(), r));
+        .save_png(&out.join(format!("similarity_{}.png", file_safe(name))))?;
     }
-    write_json(&cfg.out.join("similarity.json"), &report)?;
-    write_atomically(&cfg.out.join("similarity.md"), report.markdown().as_bytes())?;
-    Ok(report)
+    write_json(&out.join("similarity.json"), report)?;
+    write_atomically(&out.join("similarity.md"), report.markdown().as_bytes())?;
+    Ok(())
 }
 
 /// One model's similarity on the first `cfg.samples` examples of the data.

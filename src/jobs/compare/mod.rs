@@ -21,7 +21,10 @@ use anyhow::{Context, Result, bail};
 use candle_core::DType;
 
 use crate::analyze::gradvar::gradvar;
-use crate::analyze::similarity::{SimilarityConfig, SimilarityReport, similarity};
+use crate::analyze::similarity::{
+    LayerSimilarity, SimilarityConfig, SimilarityReport, one_model_similarity,
+    write_similarity_report,
+};
 use crate::data::llava::{DataSource, load_mixture};
 use crate::methods::Method;
 use crate::util::checks;
@@ -107,6 +110,17 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         methods_rows.push(row);
         sweep_rows.extend(swept);
         let first = chosen(arms).clone();
+        // the layer similarity of the chosen adapter now, while it is at hand: a comparison
+        // carried to another machine without its adapters still completes its analysis
+        if cfg.analysis {
+            let file = runner.dir(&first).join("similarity.json");
+            cached_similarity(
+                &runner,
+                &file,
+                Some(runner.dir(&first).join("adapter")),
+                &val,
+            )?;
+        }
         let mut per_seed = vec![first.clone()];
         for &seed in &cfg.seeds[1..] {
             let arm = seed_arm(&first, seed);
@@ -147,7 +161,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
     // the projector gradient (trained by every method but ln-simple)
     let (mut similarity_report, mut grad_rows) = (None, Vec::new());
     if cfg.analysis {
-        let (sim, ran) = analyse_similarity(&runner, &sweep_arms, &methods_rows, &val)?;
+        let (sim, ran) = analyse_similarity(&runner, &seed_arms, &methods_rows, &val)?;
         step("analysis".into(), ran);
         similarity_report = Some(sim);
         // every seed's run: the spread across seeds is part of the result
@@ -377,33 +391,11 @@ fn run_method(
     Ok((r, sweep_rows))
 }
 
-/// Layer similarity of the stage-1 model (or the base) and every method's chosen adapter,
-/// on the validation data (or the training data); reused when it exists.
-fn analyse_similarity(
-    runner: &Runner,
-    sweep_arms: &[MethodArms],
-    rows: &[ArmResult],
-    val: &[DataSource],
-) -> Result<(SimilarityReport, bool)> {
-    let cfg = runner.cfg;
-    let dir = cfg.out.join("analysis/similarity");
-    let json = dir.join("similarity.json");
-    if json.is_file() {
-        return Ok((crate::util::files::read_json(&json)?, false));
-    }
-    let mut models: Vec<(String, Option<PathBuf>)> = match &cfg.init_adapter {
-        Some(init) => vec![("stage-1".into(), Some(init.clone()))],
-        None => vec![("base".into(), None)],
-    };
-    for (arms, row) in sweep_arms.iter().zip(rows) {
-        models.push((
-            row.name.clone(),
-            Some(runner.dir(chosen(arms)).join("adapter")),
-        ));
-    }
-    let sim = SimilarityConfig {
+/// The similarity settings of the comparison (`models` and `out` unused per model).
+fn similarity_config(cfg: &CompareConfig, val: &[DataSource]) -> SimilarityConfig {
+    SimilarityConfig {
         model: cfg.model.clone(),
-        models,
+        models: vec![],
         data: if val.is_empty() {
             cfg.data.clone()
         } else {
@@ -416,9 +408,68 @@ fn analyse_similarity(
         batch: 8,
         dtype: DType::F32,
         image: cfg.image.clone(),
-        out: dir,
-    };
-    let report = similarity(&sim, &cfg.device.device()?)?;
+        out: cfg.out.join("analysis/similarity"),
+    }
+}
+
+/// One model's layer similarity, kept in `file`: read when it exists, else computed (the
+/// base with `adapter`) and written. Returns it and whether it was computed.
+fn cached_similarity(
+    runner: &Runner,
+    file: &std::path::Path,
+    adapter: Option<PathBuf>,
+    val: &[DataSource],
+) -> Result<(LayerSimilarity, bool)> {
+    if file.is_file() {
+        return Ok((crate::util::files::read_json(file)?, false));
+    }
+    let cfg = runner.cfg;
+    let sim = similarity_config(cfg, val);
+    let mut cache = crate::data::features::FeatureCache::new(true);
+    let r = one_model_similarity(&sim, adapter.as_deref(), &mut cache, &cfg.device.device()?)?;
+    crate::util::files::write_json(file, &r)?;
     runner.ledger.tick()?;
-    Ok((report, true))
+    Ok((r, true))
+}
+
+/// Layer similarity of the stage-1 model (or the base) and every method's chosen adapter,
+/// on the validation data (or the training data): each model's result is kept beside its run
+/// (`runs/methods/<m>/similarity.json`; the base's under `analysis/similarity/`), so only
+/// missing ones are computed; then the report and heatmaps.
+fn analyse_similarity(
+    runner: &Runner,
+    seed_arms: &[Vec<Arm>],
+    rows: &[ArmResult],
+    val: &[DataSource],
+) -> Result<(SimilarityReport, bool)> {
+    let cfg = runner.cfg;
+    let dir = cfg.out.join("analysis/similarity");
+    let (first_name, first_adapter) = match &cfg.init_adapter {
+        Some(init) => ("stage-1", Some(init.clone())),
+        None => ("base", None),
+    };
+    let mut ran = false;
+    let (r, computed) = cached_similarity(
+        runner,
+        &dir.join(format!("{first_name}.json")),
+        first_adapter,
+        val,
+    )?;
+    ran |= computed;
+    let mut report = SimilarityReport {
+        models: vec![(first_name.to_string(), r)],
+    };
+    for (arms, row) in seed_arms.iter().zip(rows) {
+        let arm = &arms[0];
+        let (r, computed) = cached_similarity(
+            runner,
+            &runner.dir(arm).join("similarity.json"),
+            Some(runner.dir(arm).join("adapter")),
+            val,
+        )?;
+        ran |= computed;
+        report.models.push((row.name.clone(), r));
+    }
+    write_similarity_report(&report, &dir)?;
+    Ok((report, ran))
 }

@@ -134,7 +134,9 @@ impl Runner<'_> {
     /// Trains the arm unless its summary exists (resuming from a checkpoint if one does).
     pub fn train(&self, arm: &Arm, grad_stats: bool) -> Result<bool> {
         let dir = self.dir(arm);
-        if dir.join("summary.json").is_file() && dir.join("adapter/adapter.json").is_file() {
+        if dir.join("summary.json").is_file()
+            && (dir.join("adapter/adapter.json").is_file() || self.needs_no_adapter(arm))
+        {
             return Ok(false);
         }
         std::fs::create_dir_all(&dir)
@@ -149,6 +151,8 @@ impl Runner<'_> {
             dir.display().to_string(),
             "--quiet".into(),
         ];
+        // a layer similarity kept from an earlier training of this arm is not this one's
+        let _ = std::fs::remove_file(dir.join("similarity.json"));
         // the comparison owns the arm's folder: a run with a checkpoint continues, anything
         // else (a run cut before its first checkpoint) starts over
         if dir.join("checkpoints").is_dir() {
@@ -160,6 +164,31 @@ impl Runner<'_> {
         // a finished arm needs no resume point (full finetuning's are gigabytes)
         let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
         Ok(true)
+    }
+
+    /// A finished arm whose adapter is gone (a comparison carried to another machine
+    /// without its adapters) is kept when nothing left to do needs the adapter: it is a sweep
+    /// candidate (only its validation loss counts), or its scores on every benchmark and,
+    /// for a method's arm at the first seed with the analyses on, its layer similarity are
+    /// there.
+    fn needs_no_adapter(&self, arm: &Arm) -> bool {
+        let dir = self.dir(arm);
+        let c = self.cfg;
+        if !arm.evaluate {
+            return true;
+        }
+        let scored = std::iter::once("eval".to_string())
+            .chain(
+                c.also_eval
+                    .iter()
+                    .map(|b| format!("eval-{}", b.bench.name())),
+            )
+            .all(|e| dir.join(e).join("scores.json").is_file());
+        let analysed = !c.analysis
+            || arm.table != "methods"
+            || arm.seed != c.seed
+            || dir.join("similarity.json").is_file();
+        scored && analysed
     }
 
     /// Evaluates the arm's adapter on every benchmark whose scores do not exist yet: the
