@@ -678,3 +678,88 @@ fn feature_store_is_shared_and_keyed_by_what_features_depend_on() {
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2);
     assert!(max_abs(&fc[0], &marked) > 1.0);
 }
+
+#[test]
+fn data_type_ablation_at_equal_token_budgets() {
+    let t = TinyRun::new();
+    let mut args = compare_args(&t, "cmp");
+    let at = args.iter().position(|a| a == "ln,lora").unwrap();
+    args[at] = "ln".into();
+    args.extend(s(&[
+        "--no-analysis",
+        "--ablation",
+        "data-type",
+        "--data-type-tokens",
+        "60",
+        "--data-type-epochs",
+        "2",
+        "--data-types",
+    ]));
+    let kinds = ["conversation", "detail"];
+    args.push(
+        kinds
+            .iter()
+            .map(|k| format!("{k}={}", p(&t.path(&format!("data/{k}_train.json")))))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    let (ok, out, err) = lntune(&args);
+    assert!(ok, "{err}");
+    assert!(out.contains("equal token budgets"), "{out}");
+    let dir = t.path("cmp");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let budgets = r["data_type_budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 3);
+    let ids = |f: &Path| -> Vec<String> {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        v.iter().map(|x| x["id"].to_string()).collect()
+    };
+    for b in budgets {
+        let name = b["name"].as_str().unwrap();
+        let samples = b["samples"].as_u64().unwrap() as usize;
+        let tokens = b["tokens"].as_u64().unwrap();
+        let (files, want): (Vec<String>, u64) = if name == "mixed" {
+            (kinds.iter().map(|k| format!("mixed-{k}")).collect(), 60)
+        } else {
+            (vec![name.to_string()], 60)
+        };
+        assert!(tokens >= want, "{name}: {tokens} tokens");
+        // every subset is drawn from its kind's file, and holds `samples` samples
+        let mut n = 0;
+        for f in &files {
+            let kind = f.trim_start_matches("mixed-");
+            let got = ids(&dir.join(format!("data/data-type/{f}.json")));
+            let all = ids(&t.path(&format!("data/{kind}_train.json")));
+            assert!(got.iter().all(|i| all.contains(i)), "{f}");
+            n += got.len();
+        }
+        assert_eq!(n, samples, "{name}");
+        // two epochs of batch 2 x 2, whatever --steps says
+        let arm = r["data_type"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap();
+        assert_eq!(
+            arm["summary"]["steps"].as_u64().unwrap() as usize,
+            (2 * samples).div_ceil(4),
+            "{name}"
+        );
+    }
+    // a budget no kind can fill is refused by name before any arm trains
+    let mut big = args.clone();
+    let at = big.iter().position(|a| a == "60").unwrap();
+    big[at] = "100000000".into();
+    let out = big.iter().position(|a| a == "--out").unwrap();
+    big[out + 1] = p(&t.path("cmp2"));
+    let (ok, _, err) = lntune(&big);
+    assert!(!ok);
+    assert!(
+        err.contains("--data-type-tokens 100000000") && err.contains("conversation_train.json"),
+        "{err}"
+    );
+    assert!(!t.path("cmp2/runs").exists());
+}

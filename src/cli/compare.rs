@@ -100,6 +100,14 @@ pub struct CompareArgs {
     /// data-type ablation: samples per arm (the mixed arm draws them evenly from all kinds)
     #[arg(long, default_value_t = 400)]
     pub data_type_samples: usize,
+    /// data-type ablation: equal token budgets instead of sample counts: each arm gets the
+    /// samples (seeded order) whose trained tokens reach N (the mixed arm N/kinds from each
+    /// kind) and trains --data-type-epochs epochs over them, whatever --steps says
+    #[arg(long, value_name = "N")]
+    pub data_type_tokens: Option<usize>,
+    /// data-type ablation with --data-type-tokens: epochs over each arm's subset
+    #[arg(long, default_value_t = 1.0)]
+    pub data_type_epochs: f64,
     /// Skip the layer-similarity and gradient-variance analyses
     #[arg(long)]
     pub no_analysis: bool,
@@ -252,6 +260,8 @@ impl CompareArgs {
             ablations: a.ablation.clone(),
             data_types,
             data_type_samples: a.data_type_samples,
+            data_type_tokens: a.data_type_tokens,
+            data_type_epochs: a.data_type_epochs,
             analysis: !a.no_analysis,
             similarity_samples: a.similarity_samples,
             image: a.image.processing(),

@@ -213,6 +213,40 @@ pub struct ExampleSpec<'a> {
 /// The examples of `spec` for `model` (its tokenizer, image token and image size in tokens)
 /// and what was skipped; no usable example at all is an error.
 pub fn load_examples(model: &Mllm, spec: &ExampleSpec) -> Result<(Vec<Example>, DataReport)> {
+    let samples = load_mixture(spec.data, spec.seed)?;
+    let (ex, report) = with_builder(model, spec, |b| b.examples(&samples))?;
+    if ex.is_empty() {
+        bail!("no usable training example: {}", report.summary());
+    }
+    Ok((ex, report))
+}
+
+/// The trained (labelled) tokens of each sample as `load_examples` would build it under
+/// `spec` (its template, length limit and image folder; `spec.data` is not read), `None` for
+/// a sample it would skip.
+pub fn trained_tokens(
+    model: &Mllm,
+    spec: &ExampleSpec,
+    samples: &[Sample],
+) -> Result<Vec<Option<usize>>> {
+    with_builder(model, spec, |b| {
+        samples
+            .iter()
+            .map(|s| {
+                b.example(s)
+                    .ok()
+                    .map(|(ex, _)| ex.tokens.labels.iter().filter(|&&l| l >= 0).count())
+            })
+            .collect()
+    })
+}
+
+/// Runs `f` with the example builder of `model` under `spec`.
+fn with_builder<T>(
+    model: &Mllm,
+    spec: &ExampleSpec,
+    f: impl FnOnce(&ExampleBuilder) -> T,
+) -> Result<T> {
     let tokenizer = model
         .tokenizer
         .as_ref()
@@ -225,7 +259,6 @@ pub fn load_examples(model: &Mllm, spec: &ExampleSpec) -> Result<(Vec<Example>, 
         }
         None => (u32::MAX, 0),
     };
-    let samples = load_mixture(spec.data, spec.seed)?;
     let builder = ExampleBuilder {
         template: &template,
         tokenizer,
@@ -236,11 +269,7 @@ pub fn load_examples(model: &Mllm, spec: &ExampleSpec) -> Result<(Vec<Example>, 
         allow_any_image_path: spec.allow_any_image_path,
         add_special: true,
     };
-    let (ex, report) = builder.examples(&samples);
-    if ex.is_empty() {
-        bail!("no usable training example: {}", report.summary());
-    }
-    Ok((ex, report))
+    Ok(f(&builder))
 }
 
 /// The id that pads token rows: the model's EOS (0 without a tokenizer).

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 
 use super::config::{Ablation, CompareConfig};
+use super::token_budget::TokenSubset;
 use crate::data::llava::DataSource;
 use crate::methods::{Method, MethodConfig};
 
@@ -24,6 +25,8 @@ pub struct Arm {
     pub val: Vec<DataSource>,
     /// evaluate this arm (sweep candidates that lose are not evaluated)
     pub evaluate: bool,
+    /// epochs over `data` instead of the comparison's `--steps` (token-budget data-type arms)
+    pub epochs: Option<f64>,
 }
 
 /// The arms of one method: one rate, or the sweep's grid around it.
@@ -93,6 +96,7 @@ pub fn method_arms(
                     data: train.to_vec(),
                     val: val.to_vec(),
                     evaluate: !cfg.lr_sweep,
+                    epochs: None,
                 })
                 .collect()
         })
@@ -121,8 +125,12 @@ pub fn reuses_ln_arm(cfg: &CompareConfig) -> bool {
 }
 
 /// The arms of the ablations: connector (LN + connector, LN only, connector only) and data
-/// type (LN tuning on equal budgets of each kind, and of all kinds mixed).
-pub fn ablation_arms(cfg: &CompareConfig) -> Result<Vec<Arm>> {
+/// type (LN tuning on equal budgets of each kind, and of all kinds mixed: `token_subsets`
+/// when the budgets are in tokens, else `--data-type-samples` samples each).
+pub fn ablation_arms(
+    cfg: &CompareConfig,
+    token_subsets: Option<&[TokenSubset]>,
+) -> Result<Vec<Arm>> {
     let mut arms = Vec::new();
     let ln_lr = lr_of(cfg, Method::Ln);
     if cfg.ablations.contains(&Ablation::Connector) {
@@ -153,6 +161,7 @@ pub fn ablation_arms(cfg: &CompareConfig) -> Result<Vec<Arm>> {
                 data: cfg.data.clone(),
                 val: vec![],
                 evaluate: true,
+                epochs: None,
             });
         }
     }
@@ -160,8 +169,7 @@ pub fn ablation_arms(cfg: &CompareConfig) -> Result<Vec<Arm>> {
         if cfg.data_types.is_empty() {
             bail!("--ablation data-type needs --data-types KIND=FILE,...");
         }
-        let n = cfg.data_type_samples;
-        let arm = |name: String, data: Vec<DataSource>| Arm {
+        let arm = |name: String, data: Vec<DataSource>, epochs: Option<f64>| Arm {
             table: "data-type",
             name,
             method: method_of(cfg, Method::Ln),
@@ -170,27 +178,46 @@ pub fn ablation_arms(cfg: &CompareConfig) -> Result<Vec<Arm>> {
             data,
             val: vec![],
             evaluate: true,
+            epochs,
         };
-        for (k, f) in &cfg.data_types {
-            arms.push(arm(
-                k.clone(),
-                vec![DataSource {
-                    path: f.clone(),
-                    budget: Some(n),
-                }],
-            ));
+        match token_subsets {
+            // equal token budgets: the subsets were drawn and written beforehand
+            Some(subsets) => {
+                for s in subsets {
+                    arms.push(arm(
+                        s.budget.name.clone(),
+                        s.sources.clone(),
+                        Some(s.budget.epochs),
+                    ));
+                }
+            }
+            // equal sample budgets
+            None => {
+                let n = cfg.data_type_samples;
+                for (k, f) in &cfg.data_types {
+                    arms.push(arm(
+                        k.clone(),
+                        vec![DataSource {
+                            path: f.clone(),
+                            budget: Some(n),
+                        }],
+                        None,
+                    ));
+                }
+                let per = n / cfg.data_types.len();
+                arms.push(arm(
+                    "mixed".into(),
+                    cfg.data_types
+                        .iter()
+                        .map(|(_, f)| DataSource {
+                            path: f.clone(),
+                            budget: Some(per),
+                        })
+                        .collect(),
+                    None,
+                ));
+            }
         }
-        let per = n / cfg.data_types.len();
-        arms.push(arm(
-            "mixed".into(),
-            cfg.data_types
-                .iter()
-                .map(|(_, f)| DataSource {
-                    path: f.clone(),
-                    budget: Some(per),
-                })
-                .collect(),
-        ));
     }
     Ok(arms)
 }

@@ -59,6 +59,10 @@ pub struct CompareConfig {
     pub data_types: Vec<(String, PathBuf)>,
     /// data-type ablation: samples per arm
     pub data_type_samples: usize,
+    /// data-type ablation: trained tokens per arm instead (each arm trains
+    /// `data_type_epochs` epochs over its subset)
+    pub data_type_tokens: Option<usize>,
+    pub data_type_epochs: f64,
     pub analysis: bool,
     pub similarity_samples: usize,
     pub image: ImageProcessing,

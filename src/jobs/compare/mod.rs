@@ -14,6 +14,7 @@ mod arms;
 mod config;
 mod report;
 mod runner;
+mod token_budget;
 
 use std::path::PathBuf;
 
@@ -48,6 +49,11 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
     checks::positive_if_set("--steps", cfg.steps)?;
     checks::positive("--max-length", cfg.max_length)?;
     checks::positive("--data-type-samples", cfg.data_type_samples)?;
+    checks::positive_if_set("--data-type-tokens", cfg.data_type_tokens)?;
+    checks::finite_positive("--data-type-epochs", cfg.data_type_epochs)?;
+    if cfg.data_type_tokens.is_some() && !cfg.ablations.contains(&Ablation::DataType) {
+        bail!("--data-type-tokens needs --ablation data-type");
+    }
     checks::positive("--similarity-samples", cfg.similarity_samples)?;
     if cfg.lr_sweep {
         checks::positive("--val-samples", cfg.val_samples)?;
@@ -74,7 +80,13 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
     let _lock = FolderLock::acquire(&cfg.out)?;
     let (train, val) = sweep_split(cfg)?;
     let mut sweep_arms = method_arms(cfg, &train, &val);
-    let ablations = ablation_arms(cfg)?;
+    let token_subsets = match cfg.data_type_tokens {
+        Some(n) if cfg.ablations.contains(&Ablation::DataType) => {
+            Some(token_budget::token_subsets(cfg, n, cfg.data_type_epochs)?)
+        }
+        _ => None,
+    };
+    let ablations = ablation_arms(cfg, token_subsets.as_deref())?;
     let ledger = LedgerFile::open(&cfg.out);
     let runner = Runner {
         cfg,
@@ -194,18 +206,27 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         machine: machine_description(),
         wall_s,
         invocations,
-        train_wall_s: methods_rows
-            .iter()
-            .chain(&sweep_rows)
-            .chain(&connector)
-            .chain(&data_type)
-            .map(|r| r.summary.wall_s)
-            .sum(),
+        // every training once: with a sweep its rows hold the chosen arms
+        train_wall_s: if cfg.lr_sweep {
+            &sweep_rows
+        } else {
+            &methods_rows
+        }
+        .iter()
+        .chain(&seed_rows)
+        // a reused ln arm is the methods table's
+        .chain(connector.iter().skip(usize::from(reuses_ln_arm(cfg))))
+        .chain(&data_type)
+        .map(|r| r.summary.wall_s)
+        .sum(),
         methods: methods_rows,
         seed_runs: seed_rows,
         lr_sweep: sweep_rows,
         connector,
         data_type,
+        data_type_budgets: token_subsets
+            .map(|v| v.into_iter().map(|s| s.budget).collect())
+            .unwrap_or_default(),
         similarity: similarity_report,
         gradvar: grad_rows,
         paired,

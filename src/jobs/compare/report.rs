@@ -53,6 +53,9 @@ pub struct CompareReport {
     pub connector: Vec<ArmResult>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub data_type: Vec<ArmResult>,
+    /// the data-type arms' token budgets (empty when they had equal sample counts)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_type_budgets: Vec<super::token_budget::DataTypeBudget>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub similarity: Option<SimilarityReport>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
@@ -313,7 +316,26 @@ pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
         md.push_str(&efficiency_table(&r.connector));
     }
     if !r.data_type.is_empty() {
-        md.push_str("\n## Ablation: data type (LN tuning, equal sample budgets)\n\n");
+        if r.data_type_budgets.is_empty() {
+            md.push_str("\n## Ablation: data type (LN tuning, equal sample budgets)\n\n");
+        } else {
+            md.push_str("\n## Ablation: data type (LN tuning, equal token budgets)\n\n");
+            md.push_str(
+                "| arm | samples | trained tokens | epochs | steps |\n|---|---|---|---|---|\n",
+            );
+            for b in &r.data_type_budgets {
+                let steps = r
+                    .data_type
+                    .iter()
+                    .find(|a| a.name == b.name)
+                    .map_or("-".to_string(), |a| a.summary.steps.to_string());
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {steps} |\n",
+                    b.name, b.samples, b.tokens, b.epochs
+                ));
+            }
+            md.push('\n');
+        }
         md.push_str(&methods_table(&r.data_type, false));
         md.push('\n');
         md.push_str(&efficiency_table(&r.data_type));

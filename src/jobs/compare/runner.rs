@@ -113,8 +113,13 @@ impl Runner<'_> {
             method: arm.method.clone(),
             template: c.template,
             lr: Some(arm.lr),
-            steps: c.steps,
-            save_every: c.steps.map(|s| (s / 4).max(5)),
+            // a token-budget arm trains its epochs, whatever `--steps` says
+            steps: c.steps.filter(|_| arm.epochs.is_none()),
+            epochs: arm.epochs.unwrap_or(1.0),
+            save_every: c
+                .steps
+                .filter(|_| arm.epochs.is_none())
+                .map(|s| (s / 4).max(5)),
             batch: c.batch,
             grad_accum: c.grad_accum,
             max_length: c.max_length,
