@@ -405,3 +405,29 @@ fn transformers_variants_match() {
         );
     }
 }
+
+#[test]
+fn composed_model_input_size_is_the_default_image_size() {
+    use lntune::data::image::ImageProcessing;
+    let model = Mllm::load(&fixture("tiny-dinov2-llama"), DType::F32, &Device::Cpu).unwrap();
+    // compose.json says input_hw [42, 42]: DINOv2's own 256/224 would not be what it was made for
+    let p = ImageProcessing::default().preprocess(&model).unwrap();
+    assert_eq!((p.shortest_edge, p.crop), (Some(42), Some((42, 42))));
+    let chosen = ImageProcessing {
+        size: Some(56),
+        ..Default::default()
+    };
+    let p = chosen.preprocess(&model).unwrap();
+    assert_eq!((p.shortest_edge, p.crop), (Some(56), Some((56, 56))));
+    // without the field: the processor's own
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("tiny-dinov2-llama"), tmp.path());
+    let cfg_path = tmp.path().join("compose.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["vision"].as_object_mut().unwrap().remove("input_hw");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let model = Mllm::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+    let p = ImageProcessing::default().preprocess(&model).unwrap();
+    assert_eq!((p.shortest_edge, p.crop), (Some(256), Some((224, 224))));
+}

@@ -23,7 +23,8 @@ pub struct ImageArgs {
     /// Image processor [default: clip for CLIP towers, dinov2 for DINOv2 towers]
     #[arg(long, value_enum)]
     pub image_processor: Option<ImageProcessor>,
-    /// Resize the shortest side to N and center-crop N×N (default: the processor's own)
+    /// Resize the shortest side to N and center-crop N×N (default: the model's square input
+    /// size when its compose.json names one, `input_hw`, else the processor's own)
     #[arg(long)]
     pub image_size: Option<usize>,
 }

@@ -346,7 +346,8 @@ pub enum ImageProcessor {
 }
 
 /// A command's image preprocessing choice: the processor (default: the one of the model's
-/// tower) and the side to resize and crop to (default: the processor's own).
+/// tower) and the side to resize and crop to (default: the model's square input size when
+/// its config names one, compose.json `input_hw`, else the processor's own).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageProcessing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -404,7 +405,14 @@ impl ImageProcessing {
             ImageProcessor::ClipPad => Preprocess::clip_pad(tower_size.unwrap_or(224)),
             ImageProcessor::Dinov2 => Preprocess::dinov2(),
         };
-        if let Some(s) = self.size {
+        // a composed model made for one square size (the demo's 126 px) is used at it
+        let model_size = model
+            .vision
+            .as_ref()
+            .and_then(|v| v.input_hw)
+            .filter(|(h, w)| h == w)
+            .map(|(h, _)| h);
+        if let Some(s) = self.size.or(model_size) {
             p.shortest_edge = Some(s);
             p.crop = Some((s, s));
         }

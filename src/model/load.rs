@@ -169,6 +169,7 @@ impl Mllm {
                 select: spec.select.clone(),
                 projector,
                 image_token_id: spec.image_token_id,
+                input_hw: None,
             }),
             llm,
             keys: KeyPrefixes {
@@ -262,6 +263,7 @@ impl Mllm {
             },
             projector,
             image_token_id,
+            input_hw: c.vision.input_hw.map(|[h, w]| (h, w)),
         };
         if let (Some(n), Some([h, w])) = (c.image_tokens_per_image, c.vision.input_hw) {
             let got = vision.tokens_per_image(h, w);

@@ -22,6 +22,9 @@ pub struct VisionSide {
     pub select: FeatureSelect,
     pub projector: Projector,
     pub image_token_id: u32,
+    /// the pixel (height, width) the model is used with, when its config names one
+    /// (compose.json `input_hw`): the default image size of every command
+    pub input_hw: Option<(usize, usize)>,
 }
 
 pub struct Mllm {
