@@ -389,3 +389,69 @@ fn smollm2_gguf_export_keeps_the_base_bytes_and_the_greedy_tokens() {
         );
     }
 }
+
+/// `generate --raw` continues plain text; `generate --system` renders the system message as
+/// the model's own chat template does: both give the reference's greedy text.
+#[test]
+fn smollm2_generate_raw_and_with_a_system_message_match_the_reference() {
+    let (Some(gguf), Some(prompts)) = (
+        asset("LNTUNE_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        shared("fixtures/real/smollm2_prompts.json"),
+    ) else {
+        return;
+    };
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prompts).unwrap()).unwrap();
+    let run = |args: &[&str]| -> String {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+            .args(["generate", "--model", gguf.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    // raw: the 20 greedy tokens after "The capital of France is" (no EOS among them)
+    let raw = &refs["prompt0"];
+    assert_eq!(raw["kind"], "raw");
+    let got = run(&[
+        "--raw",
+        "--prompt",
+        raw["text"].as_str().unwrap(),
+        "--max-new-tokens",
+        "20",
+    ]);
+    assert_eq!(
+        got,
+        format!("{}\n", raw["greedy_new_text"].as_str().unwrap())
+    );
+    // chat: the GGUF's template inserts SmolLM's default system prompt; given as --system,
+    // lntune's chatml rendering must give the same tokens, so the same answer up to EOS
+    let chat = &refs["prompt1"];
+    let text = chat["text"].as_str().unwrap();
+    let system = text
+        .strip_prefix("<|im_start|>system\n")
+        .and_then(|t| t.split_once("<|im_end|>"))
+        .unwrap()
+        .0;
+    let eos = chat["first_eos_index_in_new"].as_u64().unwrap() as usize;
+    let got = run(&[
+        "--system",
+        system,
+        "--prompt",
+        chat["messages"][0]["content"].as_str().unwrap(),
+        "--max-new-tokens",
+        "20",
+    ]);
+    let want = chat["greedy_new_text"].as_str().unwrap();
+    let want = want.split("<|im_end|>").next().unwrap();
+    assert_eq!(got, format!("{want}\n"), "eos at {eos}");
+    // raw refuses a template or a system message
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(["generate", "--model", gguf.to_str().unwrap(), "--raw"])
+        .args(["--system", "x", "--prompt", "y"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--system"));
+}

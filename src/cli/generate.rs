@@ -10,7 +10,7 @@ use clap::Args;
 use super::args::{DeviceArgs, ImageArgs};
 use crate::data::llava::Turn;
 use crate::data::template::TemplateName;
-use crate::eval::chat::{ChatConfig, ChatSession, user_turn};
+use crate::eval::chat::{ChatConfig, ChatSession, system_turn, user_turn};
 use crate::util::device::WeightDtype;
 
 /// Model and decoding flags shared by `generate` and `chat`.
@@ -42,6 +42,10 @@ pub struct DecodeArgs {
     /// always on)
     #[arg(long)]
     pub stop: Vec<String>,
+    /// System message, placed where the template puts one (replaces the template's default
+    /// system prompt, e.g. vicuna_v1's)
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDtype,
     #[command(flatten)]
@@ -52,6 +56,14 @@ pub struct DecodeArgs {
 
 impl DecodeArgs {
     fn session(&self) -> Result<ChatSession> {
+        let s = self.load_session()?;
+        if self.system.is_some() && s.template.name == TemplateName::Plain {
+            anyhow::bail!("--system: the plain template has no system message");
+        }
+        Ok(s)
+    }
+
+    fn load_session(&self) -> Result<ChatSession> {
         let cfg = ChatConfig {
             model: self.model.clone(),
             adapter: self.adapter.clone(),
@@ -78,6 +90,10 @@ pub struct GenerateArgs {
     pub image: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
+    /// Complete the prompt as plain text, with no template (stops at EOS, --stop or
+    /// --max-new-tokens; an --image goes in front of the text)
+    #[arg(long, conflicts_with_all = ["template", "system"])]
+    pub raw: bool,
 }
 
 #[derive(Args, Debug)]
@@ -96,9 +112,14 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(|p| s.image_features(p))
         .transpose()?;
-    let turns = vec![user_turn(&args.prompt, image.is_some())];
     let mut out = std::io::stdout();
-    s.reply(&turns, image.as_ref(), &mut out)?;
+    if args.raw {
+        s.complete_raw(&args.prompt, image.as_ref(), &mut out)?;
+    } else {
+        let mut turns: Vec<Turn> = args.decode.system.iter().map(|t| system_turn(t)).collect();
+        turns.push(user_turn(&args.prompt, image.is_some()));
+        s.reply(&turns, image.as_ref(), &mut out)?;
+    }
     writeln!(out)?;
     Ok(())
 }
@@ -110,7 +131,9 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         .as_deref()
         .map(|p| s.image_features(p))
         .transpose()?;
-    let mut turns: Vec<Turn> = Vec::new();
+    // the conversation so far, after the system message if one was given
+    let system: Vec<Turn> = args.decode.system.iter().map(|t| system_turn(t)).collect();
+    let mut turns = system.clone();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     eprintln!(
@@ -131,21 +154,24 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
             break;
         }
         if line == "/reset" {
-            turns.clear();
+            turns.clone_from(&system);
             continue;
         }
         if let Some(p) = line.strip_prefix("/image") {
             match s.image_features(Path::new(p.trim())) {
                 Ok(f) => {
                     image = Some(f);
-                    turns.clear();
+                    turns.clone_from(&system);
                 }
                 Err(e) => eprintln!("error: {e:#}"),
             }
             continue;
         }
         // the image goes with the first user turn, as in LLaVA's data
-        turns.push(user_turn(line, image.is_some() && turns.is_empty()));
+        turns.push(user_turn(
+            line,
+            image.is_some() && turns.len() == system.len(),
+        ));
         match s.fit_to_context(&mut turns) {
             Ok(0) => {}
             Ok(n) => eprintln!("({n} older round(s) dropped to fit the model's context)"),

@@ -44,6 +44,8 @@ pub struct ChatSession {
     pub template: Template,
     pub preprocess: Option<Preprocess>,
     pub generation: GenConfig,
+    /// the stop strings the user gave (a raw completion stops at these only)
+    pub user_stops: Vec<String>,
 }
 
 impl ChatSession {
@@ -82,6 +84,7 @@ impl ChatSession {
             template,
             preprocess,
             generation,
+            user_stops: a.stop.clone(),
         })
     }
 
@@ -99,12 +102,18 @@ impl ChatSession {
 
     /// The prompt's token ids for `turns` (image tokens expanded).
     fn prompt_ids(&self, turns: &[Turn]) -> Result<Vec<u32>> {
+        self.text_ids(&self.template.render_prompt(turns)?)
+    }
+
+    /// The token ids of a prompt text (the tokenizer's BOS first, each image placeholder
+    /// expanded to the model's image tokens).
+    fn text_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let tools = self
             .model
             .tokenizer
             .as_ref()
             .context("the model has no tokenizer")?;
-        let prompt = self.template.render_prompt(turns)?;
+        let prompt = prompt.to_string();
         let r = Rendered {
             text: prompt,
             targets: vec![],
@@ -125,19 +134,20 @@ impl ChatSession {
     /// fit even as its first round and its last question is an error.
     pub fn fit_to_context(&self, turns: &mut Vec<Turn>) -> Result<usize> {
         let context = self.model.llm.cfg.max_position_embeddings;
+        // [system?, first question, its answer, (question, answer)..., last question]
+        let first = usize::from(turns.first().is_some_and(|t| t.from == "system"));
         let mut dropped = 0;
         loop {
             let n = self.prompt_ids(turns)?.len();
             if n < context {
                 return Ok(dropped);
             }
-            // [first question, its answer, (question, answer)..., last question]
-            if turns.len() < 5 {
+            if turns.len() < first + 5 {
                 bail!(
                     "the prompt takes {n} tokens, at least the model's context of {context} (max_position_embeddings); shorten it"
                 );
             }
-            turns.drain(2..4);
+            turns.drain(first + 2..first + 4);
             dropped += 1;
         }
     }
@@ -151,36 +161,70 @@ impl ChatSession {
         image: Option<&Tensor>,
         sink: &mut dyn Write,
     ) -> Result<String> {
+        let ids = self.prompt_ids(turns)?;
+        self.continue_ids(ids, image, &self.generation, sink)
+    }
+
+    /// Continues `text` as it is, with no template (the tokenizer's BOS first; an image
+    /// goes in front of the text), stopping at EOS, the user's stop strings or the context's
+    /// end; streams to `sink`.
+    pub fn complete_raw(
+        &self,
+        text: &str,
+        image: Option<&Tensor>,
+        sink: &mut dyn Write,
+    ) -> Result<String> {
+        if text.contains(IMAGE_PLACEHOLDER) {
+            bail!("--raw: the prompt must not contain {IMAGE_PLACEHOLDER} (use --image)");
+        }
+        let prompt = match image {
+            Some(_) => format!("{IMAGE_PLACEHOLDER}{text}"),
+            None => text.to_string(),
+        };
+        let ids = self.text_ids(&prompt)?;
+        let mut generation = self.generation.clone();
+        generation.stop_strings = self.user_stops.clone();
+        self.continue_ids(ids, image, &generation, sink)
+    }
+
+    fn continue_ids(
+        &self,
+        ids: Vec<u32>,
+        image: Option<&Tensor>,
+        generation: &GenConfig,
+        sink: &mut dyn Write,
+    ) -> Result<String> {
         let tools = self
             .model
             .tokenizer
             .as_ref()
             .context("the model has no tokenizer")?;
-        let ids = self.prompt_ids(turns)?;
         let prompt = Prompt {
             ids,
             images: image.into_iter().cloned().collect(),
             seed: None,
         };
         let mut err = None;
-        let out = generate(
-            &self.model,
-            tools,
-            &[prompt],
-            &self.generation,
-            |_, piece| {
-                if err.is_none() {
-                    err = sink
-                        .write_all(piece.as_bytes())
-                        .and_then(|_| sink.flush())
-                        .err();
-                }
-            },
-        )?;
+        let out = generate(&self.model, tools, &[prompt], generation, |_, piece| {
+            if err.is_none() {
+                err = sink
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| sink.flush())
+                    .err();
+            }
+        })?;
         if let Some(e) = err {
             return Err(e.into());
         }
         Ok(out.into_iter().next().map(|g| g.text).unwrap_or_default())
+    }
+}
+
+/// A system turn (the template places it as the model's chat format does).
+pub fn system_turn(text: &str) -> Turn {
+    Turn {
+        from: "system".into(),
+        value: text.to_string(),
     }
 }
 
