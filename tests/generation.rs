@@ -162,3 +162,53 @@ fn base_plus_lora_adapter_generates_like_the_merged_model() {
     );
     assert!(d < 1e-4, "logits differ by {d}");
 }
+
+/// Rows with their own settings in one batch: each row gets what it gets alone; a cancelled
+/// row stops where it was cancelled, the others go on.
+#[test]
+fn rows_with_their_own_settings_and_cancellation() {
+    use lntune::eval::generate::{Finish, generate_rows};
+    let model = Mllm::load(&fixture("tiny-llava"), DType::F32, &Device::Cpu).unwrap();
+    let tools = tiny_tokenizer();
+    let prompt = |ids: &[u32]| Prompt {
+        ids: ids.to_vec(),
+        images: vec![],
+        seed: None,
+    };
+    let rows = [vec![1u32, 5, 9, 13], vec![2, 4, 6], vec![3, 3, 7, 7, 1]];
+    let short = GenConfig::greedy(3);
+    let long = GenConfig::greedy(9);
+    let mut sampled = GenConfig::greedy(6);
+    sampled.temperature = 1.0;
+    sampled.seed = 11;
+    let cfgs = [&short, &long, &sampled];
+    let prompts: Vec<Prompt> = rows.iter().map(|r| prompt(r)).collect();
+    let together = generate_rows(&model, &tools, &prompts, &cfgs, |_, _| {}, |_| false).unwrap();
+    for (r, cfg) in cfgs.iter().enumerate() {
+        // alone, with the seed the row had in the batch
+        let mut p = prompt(&rows[r]);
+        p.seed = Some(cfg.seed ^ ((r as u64) << 16));
+        let alone = generate(&model, &tools, &[p], cfg, |_, _| {}).unwrap();
+        assert_eq!(together[r].ids, alone[0].ids, "row {r}");
+        assert_eq!(together[r].ids.len(), cfg.max_new_tokens, "row {r}");
+        assert_eq!(together[r].finish, Finish::Length);
+    }
+    // row 1 cancelled after its fourth token
+    let mut seen = [0usize; 3];
+    let cancelled_run = {
+        let seen = std::cell::RefCell::new(&mut seen);
+        generate_rows(
+            &model,
+            &tools,
+            &prompts,
+            &cfgs,
+            |r, _| seen.borrow_mut()[r] += 1,
+            |r| r == 1 && seen.borrow()[1] >= 4,
+        )
+        .unwrap()
+    };
+    assert_eq!(cancelled_run[1].finish, Finish::Cancelled);
+    assert_eq!(cancelled_run[1].ids, together[1].ids[..4]);
+    assert_eq!(cancelled_run[0].ids, together[0].ids);
+    assert_eq!(cancelled_run[2].ids, together[2].ids);
+}

@@ -57,6 +57,18 @@ pub struct Prompt {
 pub struct Generated {
     pub ids: Vec<u32>,
     pub text: String,
+    pub finish: Finish,
+}
+
+/// Why a row's generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// an EOS id or a stop string
+    Stop,
+    /// its token limit or the end of the model's context
+    Length,
+    /// `cancelled` said so
+    Cancelled,
 }
 
 /// Picks the next token from a logits row.
@@ -114,11 +126,29 @@ pub fn generate(
     tools: &ChatTokenizer,
     prompts: &[Prompt],
     cfg: &GenConfig,
+    on_token: impl FnMut(usize, &str),
+) -> Result<Vec<Generated>> {
+    let cfgs = vec![cfg; prompts.len()];
+    generate_rows(model, tools, prompts, &cfgs, on_token, |_| false)
+}
+
+/// `generate` with each row's own settings (`cfgs[row]`: length, sampling, stops; EOS ids
+/// too) and a cancellation check: a row for which `cancelled(row)` is true stops before its
+/// next token (a server's client that went away, a deadline).
+pub fn generate_rows(
+    model: &Mllm,
+    tools: &ChatTokenizer,
+    prompts: &[Prompt],
+    cfgs: &[&GenConfig],
     mut on_token: impl FnMut(usize, &str),
+    mut cancelled: impl FnMut(usize) -> bool,
 ) -> Result<Vec<Generated>> {
     let b = prompts.len();
     if b == 0 {
         return Ok(vec![]);
+    }
+    if cfgs.len() != b {
+        bail!("{} generation settings for {b} prompts", cfgs.len());
     }
     let llm = &model.llm;
     let dev = llm.embed_tokens.device().clone();
@@ -134,7 +164,12 @@ pub fn generate(
             "a prompt of {t} tokens leaves no room in the model's context of {context} tokens (max_position_embeddings)"
         );
     }
-    let max_new_tokens = cfg.max_new_tokens.min(context - t);
+    // every row's own length, within the context (the rows share the padded length `t`)
+    let max_new: Vec<usize> = cfgs
+        .iter()
+        .map(|c| c.max_new_tokens.min(context - t))
+        .collect();
+    let max_new_tokens = max_new.iter().copied().max().unwrap_or(0);
     let pad = tools.eos_id.unwrap_or(0);
     // left padding
     let mut ids = Vec::with_capacity(b);
@@ -176,13 +211,24 @@ pub fn generate(
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.ids.len() as u32).collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut text: Vec<String> = vec![String::new(); b];
-    let mut done = vec![false; b];
+    let mut done: Vec<bool> = max_new.iter().map(|&n| n == 0).collect();
+    let mut finish = vec![Finish::Length; b];
     let mut rngs: Vec<Rng> = prompts
         .iter()
+        .zip(cfgs)
         .enumerate()
-        .map(|(i, p)| Rng::new(p.seed.unwrap_or(cfg.seed ^ ((i as u64) << 16))))
+        .map(|(i, (p, c))| Rng::new(p.seed.unwrap_or(c.seed ^ ((i as u64) << 16))))
         .collect();
     for _ in 0..max_new_tokens {
+        for (r, d) in done.iter_mut().enumerate() {
+            if !*d && cancelled(r) {
+                *d = true;
+                finish[r] = Finish::Cancelled;
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
         let logits = llm.logits(&last)?.squeeze(1)?; // (B, V)
         let rows = logits.to_vec2::<f32>()?;
         let mut step_ids = Vec::with_capacity(b);
@@ -191,10 +237,12 @@ pub fn generate(
                 step_ids.push(pad);
                 continue;
             }
+            let cfg = cfgs[r];
             let id = pick(row, cfg, &mut rngs[r]);
             step_ids.push(id);
             if cfg.eos_ids.contains(&id) {
                 done[r] = true;
+                finish[r] = Finish::Stop;
                 continue;
             }
             out[r].push(id);
@@ -209,8 +257,12 @@ pub fn generate(
             {
                 text[r].truncate(k);
                 done[r] = true;
+                finish[r] = Finish::Stop;
             } else {
                 on_token(r, &piece);
+                if out[r].len() >= max_new[r] {
+                    done[r] = true;
+                }
             }
         }
         if done.iter().all(|&d| d) {
@@ -231,7 +283,8 @@ pub fn generate(
     Ok(out
         .into_iter()
         .zip(text)
-        .map(|(ids, text)| Generated { ids, text })
+        .zip(finish)
+        .map(|((ids, text), finish)| Generated { ids, text, finish })
         .collect())
 }
 
