@@ -212,3 +212,45 @@ fn rows_with_their_own_settings_and_cancellation() {
     assert_eq!(cancelled_run[0].ids, together[0].ids);
     assert_eq!(cancelled_run[2].ids, together[2].ids);
 }
+
+/// Adapters swapped in and out of one loaded base give what the base with each adapter
+/// loaded on its own gives, and swapping back restores the base exactly.
+#[test]
+fn adapters_swap_in_and_out_of_one_base() {
+    use lntune::methods::Method;
+    use lntune::methods::adapter::load_model;
+    use lntune::methods::swap::{adapter_patch, swap_in};
+    let dir = fixture("tiny-llava");
+    let batch = Batch::from_safetensors(&dir.join("ref/batch.safetensors"), &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let methods = [Method::Ln, Method::Lora, Method::LnSimple, Method::Full];
+    for m in methods {
+        pattern_adapter(&dir, m, &tmp.path().join(m.name()));
+    }
+    let mut base = Mllm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let base_logits = base.forward(&batch).unwrap();
+    let patches: Vec<_> = methods
+        .iter()
+        .map(|m| adapter_patch(&mut base, &tmp.path().join(m.name())).unwrap())
+        .collect();
+    // building the patches left the base as it was
+    assert_eq!(max_abs(&base.forward(&batch).unwrap(), &base_logits), 0.0);
+    for round in 0..2 {
+        for (m, patch) in methods.iter().zip(&patches) {
+            let alone = load_model(&dir, Some(&tmp.path().join(m.name())), DType::F32, &Device::Cpu)
+                .unwrap()
+                .forward(&batch)
+                .unwrap();
+            assert!(max_abs(&alone, &base_logits) > 1e-4, "{m:?} changes nothing");
+            let undo = swap_in(&mut base, patch);
+            let got = base.forward(&batch).unwrap();
+            assert_eq!(max_abs(&got, &alone), 0.0, "{m:?}, round {round}");
+            swap_in(&mut base, &undo);
+            assert_eq!(max_abs(&base.forward(&batch).unwrap(), &base_logits), 0.0);
+        }
+    }
+    // ln-simple holds the norm vectors only (ln adds projector, embeddings and head); full
+    // finetuning every decoder matrix
+    assert!(patches[2].bytes() < patches[0].bytes());
+    assert!(patches[3].bytes() > 10 * patches[2].bytes());
+}

@@ -94,14 +94,28 @@ impl ChatSession {
             .preprocess
             .as_ref()
             .context("this model has no vision tower; it cannot take --image")?;
+        self.tower_features(pre.load(path)?)
+    }
+
+    /// Tower features (P, Dv) of an encoded PNG/JPEG in memory (its header checked against
+    /// the pixel limit before decoding).
+    pub fn image_features_of_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
+        let pre = self
+            .preprocess
+            .as_ref()
+            .context("this model has no vision tower; it cannot take images")?;
+        let img = crate::data::image::decode_rgb(bytes, pre.alpha)?;
+        self.tower_features(pre.pixel_values(&img)?)
+    }
+
+    fn tower_features(&self, (px, h, w): (Vec<f32>, usize, usize)) -> Result<Tensor> {
         let v = self.model.vision.as_ref().context("no vision tower")?;
-        let (px, h, w) = pre.load(path)?;
         let t = Tensor::from_vec(px, (1, 3, h, w), self.model.llm.embed_tokens.device())?;
         Ok(v.tower.features(&t, &v.select)?.get(0)?)
     }
 
     /// The prompt's token ids for `turns` (image tokens expanded).
-    fn prompt_ids(&self, turns: &[Turn]) -> Result<Vec<u32>> {
+    pub fn prompt_ids(&self, turns: &[Turn]) -> Result<Vec<u32>> {
         self.text_ids(&self.template.render_prompt(turns)?)
     }
 

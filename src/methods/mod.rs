@@ -10,6 +10,7 @@
 pub mod adapter;
 pub mod peft;
 pub mod setup;
+pub mod swap;
 
 use anyhow::{Result, bail};
 use clap::ValueEnum;
