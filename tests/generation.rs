@@ -237,11 +237,19 @@ fn adapters_swap_in_and_out_of_one_base() {
     assert_eq!(max_abs(&base.forward(&batch).unwrap(), &base_logits), 0.0);
     for round in 0..2 {
         for (m, patch) in methods.iter().zip(&patches) {
-            let alone = load_model(&dir, Some(&tmp.path().join(m.name())), DType::F32, &Device::Cpu)
-                .unwrap()
-                .forward(&batch)
-                .unwrap();
-            assert!(max_abs(&alone, &base_logits) > 1e-4, "{m:?} changes nothing");
+            let alone = load_model(
+                &dir,
+                Some(&tmp.path().join(m.name())),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap()
+            .forward(&batch)
+            .unwrap();
+            assert!(
+                max_abs(&alone, &base_logits) > 1e-4,
+                "{m:?} changes nothing"
+            );
             let undo = swap_in(&mut base, patch);
             let got = base.forward(&batch).unwrap();
             assert_eq!(max_abs(&got, &alone), 0.0, "{m:?}, round {round}");

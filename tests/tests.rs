@@ -18,6 +18,7 @@ mod model_fixtures;
 mod mutations;
 mod preprocess;
 mod real_weights;
+mod serve;
 mod shapes;
 mod train_cli;
 mod training;

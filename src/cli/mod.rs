@@ -13,6 +13,7 @@ pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod plan;
+pub mod serve;
 pub mod timing;
 pub mod train;
 
@@ -60,6 +61,9 @@ pub enum Command {
     Score(eval::ScoreArgs),
     /// Answer one prompt (with an optional image), streaming the text
     Generate(generate::GenerateArgs),
+    /// OpenAI-compatible chat server: the base and adapters by name, streaming, a web chat
+    /// page at /
+    Serve(serve::ServeArgs),
     /// Talk with a model about an image, turn by turn
     Chat(generate::ChatArgs),
     /// The paper's comparison: stage 2 with several methods (and ablations) from one stage-1
@@ -83,6 +87,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Score(args) => eval::score_run(args),
         Command::Generate(args) => generate::run_generate(args),
+        Command::Serve(args) => serve::run(args),
         Command::Chat(args) => generate::run_chat(args),
         Command::Compare(args) => compare::run(args),
         Command::Analyze(args) => analyze::run(args),

@@ -6,4 +6,5 @@ pub mod compare;
 pub mod demo;
 pub mod export;
 pub mod export_gguf;
+pub mod serve;
 pub mod timing;
