@@ -17,7 +17,7 @@ use lntune::model::mllm::Mllm;
 
 use super::common::{fixture, load_all, max_abs, pattern_adapter, workspace};
 
-fn python() -> Option<PathBuf> {
+pub fn python() -> Option<PathBuf> {
     let p = std::env::var_os("LNTUNE_INTEROP_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

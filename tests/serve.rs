@@ -432,3 +432,33 @@ fn serve_answers_429_when_its_queue_is_full_and_cancels_a_departed_client() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The official `openai` Python client (interop venv) gets `lntune generate`'s greedy text
+/// from the base and from each adapter, whole and streamed.
+#[test]
+fn openai_client_gets_what_generate_gives() {
+    let Some(py) = crate::interop::python() else {
+        return;
+    };
+    let t = tiny_with_two_adapters();
+    let server = Server::start(&server_args(&t, &["--api-key", "k-123"]));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/interop/openai_chat.py");
+    let prompt = "Which shapes are there?";
+    for (model, adapter) in [("model", None), ("ln", Some("ln")), ("lora", Some("lora"))] {
+        let reference = generate(&t, adapter, prompt, 10);
+        let o = Command::new(&py)
+            .arg(&script)
+            .args(["--port", &server.port.to_string(), "--api-key", "k-123", "--model", model])
+            .arg("--image")
+            .arg(t.path("data/images/test_00000.png"))
+            .args(["--prompt", prompt, "--max-tokens", "10"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["models"], json!(["model", "ln", "lora"]));
+        assert_eq!(r["text"], reference.as_str(), "{model}");
+        assert_eq!(r["streamed"], reference.as_str(), "{model}, streamed");
+        assert_eq!(r["finish"], r["stream_finish"]);
+    }
+}
