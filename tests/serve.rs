@@ -442,13 +442,21 @@ fn openai_client_gets_what_generate_gives() {
     };
     let t = tiny_with_two_adapters();
     let server = Server::start(&server_args(&t, &["--api-key", "k-123"]));
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/interop/openai_chat.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/interop/openai_chat.py");
     let prompt = "Which shapes are there?";
     for (model, adapter) in [("model", None), ("ln", Some("ln")), ("lora", Some("lora"))] {
         let reference = generate(&t, adapter, prompt, 10);
         let o = Command::new(&py)
             .arg(&script)
-            .args(["--port", &server.port.to_string(), "--api-key", "k-123", "--model", model])
+            .args([
+                "--port",
+                &server.port.to_string(),
+                "--api-key",
+                "k-123",
+                "--model",
+                model,
+            ])
             .arg("--image")
             .arg(t.path("data/images/test_00000.png"))
             .args(["--prompt", prompt, "--max-tokens", "10"])
@@ -461,4 +469,74 @@ fn openai_client_gets_what_generate_gives() {
         assert_eq!(r["streamed"], reference.as_str(), "{model}, streamed");
         assert_eq!(r["finish"], r["stream_finish"]);
     }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// 8 clients for 6 seconds on loopback, streamed and whole, all three models: no error, and
+/// the server's memory after the first second stays flat.
+#[test]
+fn serve_load_on_loopback_ends_without_errors_and_with_flat_memory() {
+    let t = tiny_with_two_adapters();
+    let server = Arc::new(Server::start(&server_args(
+        &t,
+        &["--queue", "64", "--max-batch", "8"],
+    )));
+    let pid = server.child.id();
+    let image = std::fs::read(t.path("data/images/test_00000.png")).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (s, stop) = (server.clone(), stop.clone());
+            let q = question(
+                ["model", "ln", "lora"][c % 3],
+                &image,
+                "Count the shapes.",
+                16,
+            );
+            std::thread::spawn(move || {
+                let (mut done, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if c % 2 == 0 {
+                        let (status, r) = s.chat(&q, None);
+                        if status != 200 {
+                            failed.push(r.to_string());
+                        }
+                    } else {
+                        s.chat_stream(&q);
+                    }
+                    done += 1;
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut rss = vec![rss_kib(pid)];
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(1));
+        rss.push(rss_kib(pid));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (done, failed) = c.join().unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(done > 0);
+        total += done;
+    }
+    let growth = rss.iter().max().unwrap() - rss[0];
+    eprintln!("{total} requests; server RSS (KiB) each second after the first: {rss:?}");
+    assert!(
+        growth < 16 * 1024,
+        "server memory grew by {growth} KiB: {rss:?}"
+    );
 }
