@@ -540,3 +540,58 @@ fn serve_load_on_loopback_ends_without_errors_and_with_flat_memory() {
         "server memory grew by {growth} KiB: {rss:?}"
     );
 }
+
+/// The chat page in headless Chromium (Selenium, interop venv; Debian's chromium and
+/// chromium-driver): model picker, image upload, the streamed answer equal to `lntune
+/// generate`'s.
+#[test]
+fn chat_page_in_a_real_browser_streams_the_answer() {
+    let Some(py) = crate::interop::python() else {
+        return;
+    };
+    let have_browser = ["chromium", "chromedriver"].iter().all(|b| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {b}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !have_browser {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "chromium and chromedriver are missing (apt-get install chromium chromium-driver)"
+        );
+        eprintln!("skipped: no chromium/chromedriver (apt-get install chromium chromium-driver)");
+        return;
+    }
+    let t = tiny_with_two_adapters();
+    let server = Server::start(&server_args(&t, &["--max-tokens", "12"]));
+    let prompt = "What is in the image?";
+    // the page asks greedily, with the server's default length
+    let reference = generate(&t, Some("ln"), prompt, 12);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/interop/browser_chat.py");
+    let o = Command::new(&py)
+        .arg(&script)
+        .args([
+            "--port",
+            &server.port.to_string(),
+            "--model",
+            "ln",
+            "--prompt",
+            prompt,
+        ])
+        .arg("--image")
+        .arg(t.path("data/images/test_00000.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["models"], json!(["model", "ln", "lora"]));
+    assert_eq!(r["errors"], json!([]));
+    assert_eq!(r["images_shown"], 1);
+    // the page shows text as the browser renders it (trailing spaces dropped)
+    assert!(!reference.trim().is_empty());
+    assert_eq!(r["answer"].as_str().unwrap(), reference.trim(), "{r}");
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("model ln prompt"), "{log}");
+}
