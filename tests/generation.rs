@@ -183,7 +183,21 @@ fn rows_with_their_own_settings_and_cancellation() {
     sampled.seed = 11;
     let cfgs = [&short, &long, &sampled];
     let prompts: Vec<Prompt> = rows.iter().map(|r| prompt(r)).collect();
-    let together = generate_rows(&model, &tools, &prompts, &cfgs, |_, _| {}, |_| false).unwrap();
+    let mut pieces = vec![String::new(); 3];
+    let together = generate_rows(
+        &model,
+        &tools,
+        &prompts,
+        &cfgs,
+        |r, p| pieces[r].push_str(p),
+        |_| false,
+    )
+    .unwrap();
+    // the streamed pieces add up to the final text (characters split across tokens are
+    // held back until complete)
+    for (r, g) in together.iter().enumerate() {
+        assert_eq!(pieces[r], g.text, "row {r}");
+    }
     for (r, cfg) in cfgs.iter().enumerate() {
         // alone, with the seed the row had in the batch
         let mut p = prompt(&rows[r]);

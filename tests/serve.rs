@@ -178,6 +178,16 @@ fn question(model: &str, image: &[u8], text: &str, max_tokens: usize) -> Value {
 }
 
 fn generate(t: &TinyRun, adapter: Option<&str>, prompt: &str, n: usize) -> String {
+    generate_with(t, adapter, prompt, n, &[])
+}
+
+fn generate_with(
+    t: &TinyRun,
+    adapter: Option<&str>,
+    prompt: &str,
+    n: usize,
+    extra: &[&str],
+) -> String {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lntune"));
     c.args(["--threads", "1", "generate", "--model"])
         .arg(t.path("model"))
@@ -194,6 +204,7 @@ fn generate(t: &TinyRun, adapter: Option<&str>, prompt: &str, n: usize) -> Strin
     if let Some(a) = adapter {
         c.arg("--adapter").arg(t.path(a));
     }
+    c.args(extra);
     let o = c.output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8(o.stdout).unwrap();
@@ -259,6 +270,16 @@ fn serve_answers_as_generate_does_for_the_base_and_each_adapter() {
         assert!(finish == "stop" || finish == "length");
         want.push((q, reference));
     }
+    // a system message goes through the template as `generate --system` puts it
+    let system = "You answer in one word.";
+    let mut q = want[1].0.clone();
+    q["messages"] = json!([{"role": "system", "content": system}, q["messages"][0].clone()]);
+    let reference = generate_with(&t, Some("ln"), prompt, 12, &[]);
+    let with_system = generate_with(&t, Some("ln"), prompt, 12, &["--system", system]);
+    assert_ne!(with_system, reference, "the system message changes nothing");
+    let (status, r) = server.chat(&q, None);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["message"]["content"], with_system.as_str());
     // the adapters change the answers of this model (else the test would prove nothing)
     assert!(want[0].1 != want[1].1 || want[0].1 != want[2].1, "{want:?}");
     // all at once, mixed: batched by adapter, every answer as alone
@@ -282,10 +303,10 @@ fn serve_answers_as_generate_does_for_the_base_and_each_adapter() {
     loop {
         let log = server.log.lock().unwrap().clone();
         let n = log.matches(" completion ").count();
-        if n == 6 + 9 {
+        if n == 7 + 9 {
             break;
         }
-        assert!(n < 15 && t0.elapsed() < Duration::from_secs(30), "{log}");
+        assert!(n < 16 && t0.elapsed() < Duration::from_secs(30), "{log}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -357,6 +378,14 @@ fn serve_refuses_bad_requests_with_openai_errors_and_keeps_serving() {
     assert_eq!(s, 200, "{r}");
     let (s, h) = server.request("GET", "/health", &[], b"");
     assert_eq!((s, h.contains("ok")), (200, true));
+    // a request past its timeout: 504 (a server whose timeout has passed before decoding)
+    let hasty = Server::start(&server_args(&t, &["--timeout", "0.000001"]));
+    let (s, r) = hasty.chat(&good, None);
+    assert_eq!(
+        (s, r["error"]["type"].as_str()),
+        (504, Some("timeout")),
+        "{r}"
+    );
     // the page is served
     let (s, page) = server.request("GET", "/", &[], b"");
     assert_eq!(s, 200);

@@ -211,6 +211,8 @@ pub fn generate_rows(
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.ids.len() as u32).collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut text: Vec<String> = vec![String::new(); b];
+    // bytes of each row's text handed to `on_token` so far
+    let mut sent = vec![0usize; b];
     let mut done: Vec<bool> = max_new.iter().map(|&n| n == 0).collect();
     let mut finish = vec![Finish::Length; b];
     let mut rngs: Vec<Rng> = prompts
@@ -246,9 +248,7 @@ pub fn generate_rows(
                 continue;
             }
             out[r].push(id);
-            let full = tools.decode(&out[r])?;
-            let piece = full.get(text[r].len()..).unwrap_or("").to_string();
-            text[r] = full;
+            text[r] = tools.decode(&out[r])?;
             if let Some(k) = cfg
                 .stop_strings
                 .iter()
@@ -259,7 +259,15 @@ pub fn generate_rows(
                 done[r] = true;
                 finish[r] = Finish::Stop;
             } else {
-                on_token(r, &piece);
+                // a character whose bytes span several tokens decodes as U+FFFD until its
+                // last token: hold the text back until then, so that the pieces add up
+                // to the final text
+                if !text[r].ends_with('\u{FFFD}')
+                    && let Some(piece) = text[r].get(sent[r]..)
+                {
+                    on_token(r, piece);
+                    sent[r] = text[r].len();
+                }
                 if out[r].len() >= max_new[r] {
                     done[r] = true;
                 }
@@ -279,6 +287,13 @@ pub fn generate_rows(
         let inp = llm.prepare(&valid, &pos, 1)?;
         let h = llm.forward_hidden_cached(&x, &inp, &mut cache)?;
         last = h;
+    }
+    // what was held back (an unfinished character at the end, the text before a stop string
+    // in the token that completed it)
+    for (r, t) in text.iter().enumerate() {
+        if let Some(rest) = t.get(sent[r]..).filter(|p| !p.is_empty()) {
+            on_token(r, rest);
+        }
     }
     Ok(out
         .into_iter()
