@@ -29,9 +29,14 @@ impl Drop for Server {
 
 impl Server {
     pub fn start(args: &[String]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lntune"))
             .args(["--threads", "1", "serve", "--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -378,6 +383,20 @@ fn serve_refuses_bad_requests_with_openai_errors_and_keeps_serving() {
     assert_eq!(s, 200, "{r}");
     let (s, h) = server.request("GET", "/health", &[], b"");
     assert_eq!((s, h.contains("ok")), (200, true));
+    // an image over the pixel limit is refused from its header, naming the limit
+    let strict = Server::start_with_env(
+        &server_args(&t, &[]),
+        &[("LNTUNE_MAX_IMAGE_PIXELS", "1000")],
+    );
+    let (s, r) = strict.chat(&question("ln", &image, "Hi", 4), None);
+    assert_eq!(s, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("over the limit of 1000 pixels"),
+        "{r}"
+    );
     // a request past its timeout: 504 (a server whose timeout has passed before decoding)
     let hasty = Server::start(&server_args(&t, &["--timeout", "0.000001"]));
     let (s, r) = hasty.chat(&good, None);

@@ -134,9 +134,14 @@ impl Engine {
                 return;
             }
         };
-        self.decode(jobs);
+        // a bug in decoding fails its requests (their channels close: 500), not the server,
+        // and the base gets its own tensors back either way
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode(jobs)));
         if let Some(undo) = undo {
             swap_in(&mut self.session.model, &undo);
+        }
+        if decoded.is_err() {
+            eprintln!("error: a batch's decoding panicked; its requests failed");
         }
     }
 
