@@ -216,6 +216,103 @@ fn compare_report_is_complete_finite_and_resumable() {
     // analyses: stage model + both methods; gradient variance across micro-batches exists
     let sim = r["similarity"]["models"].as_array().unwrap();
     assert_eq!(sim.len(), 3);
+    // each model's per-sample similarities (the claims' paired interval) average to its value
+    for m in sim {
+        let ps: Vec<f64> = m[1]["per_sample_all_pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(ps.len(), 4, "{m}");
+        let mean = ps.iter().sum::<f64>() / 4.0;
+        assert!(
+            (mean - m[1]["all_pairs"].as_f64().unwrap()).abs() < 1e-9,
+            "{m}"
+        );
+    }
+    // the ablations' ranked pairs, on the same questions, the better-ranked arm as reference
+    let pairs: Vec<(String, String, String)> = r["ablation_paired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["reference_arm"].as_str().unwrap().to_string(),
+                p["method"].as_str().unwrap().to_string(),
+                p["bench"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (better, worse) in [
+        ("ln + connector", "ln only"),
+        ("ln only", "connector only"),
+        ("conversation", "reasoning"),
+    ] {
+        for bench in ["mme", "pope", "vqav2"] {
+            assert!(
+                pairs.contains(&(better.into(), worse.into(), bench.into())),
+                "{better} vs {worse} on {bench}: {pairs:?}"
+            );
+        }
+    }
+    // the paper's claims: one row per benchmark for ln against lora, one per ranked pair,
+    // the parameter count and memory; each verdict follows its rule from the numbers shown
+    let claims = r["claims"].as_array().unwrap();
+    let claim = |text: &str| {
+        claims
+            .iter()
+            .find(|c| c["claim"] == text)
+            .unwrap_or_else(|| panic!("no claim `{text}`: {claims:?}"))
+    };
+    for bench in ["mme", "pope", "vqav2"] {
+        let c = claim(&format!("{bench}: ln beats lora"));
+        let row = r["paired"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["method"] == "lora" && p["bench"] == bench)
+            .unwrap();
+        // the claim reads ln − lora: the paired row's interval of lora − ln, reversed
+        let (lo, hi) = (
+            -row["ci95"][1].as_f64().unwrap(),
+            -row["ci95"][0].as_f64().unwrap(),
+        );
+        let expect = if lo > 0.0 {
+            "reproduced"
+        } else if hi < 0.0 {
+            "not_reproduced"
+        } else {
+            "inconclusive"
+        };
+        assert_eq!(c["verdict"], expect, "{c}");
+        claim(&format!("{bench}: ln + connector beats ln only"));
+        claim(&format!("{bench}: conversation beats reasoning"));
+    }
+    let fewer = claim("ln trains fewer parameters than lora");
+    let params = |m: &str| {
+        r["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == m)
+            .unwrap()["summary"]["trainable_params"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        fewer["verdict"],
+        if params("ln") < params("lora") {
+            "reproduced"
+        } else {
+            "not_reproduced"
+        }
+    );
+    claim("ln needs less memory than lora");
+    assert!(
+        out.contains("## The paper's claims") && out.contains("| verdict |"),
+        "{out}"
+    );
     for g in r["gradvar"].as_array().unwrap() {
         assert!(g["mean_microbatch_var"].as_f64().unwrap() > 0.0, "{g}");
     }
@@ -301,6 +398,8 @@ fn compare_lr_sweep_keeps_the_lowest_validation_loss() {
         "--val-samples",
         "6",
         "--no-analysis",
+        "--ablation",
+        "connector",
     ]));
     // one method is enough here
     let i = args.iter().position(|a| a == "ln,lora").unwrap();
@@ -323,6 +422,12 @@ fn compare_lr_sweep_keeps_the_lowest_validation_loss() {
         .unwrap();
     assert_eq!(r["methods"][0]["lr"], best["lr"]);
     assert!(t.path("sw/data/val.json").is_file());
+    // the ablation's LN arms train at the rate the sweep chose for ln
+    for arm in r["connector"].as_array().unwrap() {
+        if arm["name"] != "connector only" {
+            assert_eq!(arm["lr"], best["lr"], "{}", arm["name"]);
+        }
+    }
 }
 
 #[test]

@@ -205,6 +205,42 @@ fn eval_resume_and_official_result_files() {
     assert_eq!(v["captions"], scores["captions"]);
 }
 
+#[test]
+fn a_part_limit_overrides_the_limit_for_its_part_only() {
+    let t = tiny_with_adapter();
+    let (ok, _, err) = eval_shapes(
+        &t,
+        "ev_parts",
+        &["--limit-of", "pope=2", "--limit-of", "captions=3"],
+    );
+    assert!(ok, "{err}");
+    let scores = json(&t.path("ev_parts/scores.json"));
+    assert_eq!(scores["vqav2"]["questions"], 5);
+    assert_eq!(scores["captions"]["images"], 3);
+    for split in ["random", "popular", "adversarial"] {
+        let m = &scores["pope"][split];
+        let n: u64 = ["tp", "fp", "tn", "fn_"]
+            .iter()
+            .map(|k| m[*k].as_u64().unwrap())
+            .sum();
+        assert_eq!(n, 2, "{split}");
+    }
+    // the part limits are part of what the folder's answers are: another set is refused
+    let (ok, _, err) = eval_shapes(&t, "ev_parts", &["--limit-of", "pope=2"]);
+    assert!(!ok && err.contains("part_limits"), "{err}");
+    for (bad, says) in [
+        ("vision=3", "unknown part \"vision\""),
+        ("pope=0", "positive integer"),
+        ("pope", "expected PART=N"),
+    ] {
+        let (ok, _, err) = eval_shapes(&t, "ev_bad", &["--limit-of", bad]);
+        assert!(
+            !ok && err.contains("--limit-of") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+}
+
 /// The shapes test files rewritten in the other benchmarks' layouts: VQAv2 with image ids
 /// and COCO file names, POPE's coco_pope_* files, MME's release folder, a Karpathy JSON.
 fn official_layouts(t: &TinyRun) -> std::path::PathBuf {

@@ -31,6 +31,10 @@ pub struct LayerSimilarity {
     /// mean over adjacent pairs (i, i + 1)
     pub adjacent: f64,
     pub samples: usize,
+    /// each sample's mean over all pairs i < j (their mean is `all_pairs`): the same samples
+    /// for every model of a comparison, so two models' differences pair up per sample
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_sample_all_pairs: Vec<f64>,
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -59,12 +63,20 @@ pub fn layer_similarity(pooled: &[Vec<Vec<f64>>]) -> Result<LayerSimilarity> {
         bail!("every sample needs {l} layers");
     }
     let mut m = vec![vec![0.0; l]; l];
+    let mut per_sample = Vec::with_capacity(pooled.len());
+    let pairs = (l * (l - 1) / 2) as f64;
     for s in pooled {
+        let mut above = 0.0;
         for i in 0..l {
             for j in 0..l {
-                m[i][j] += cosine(&s[i], &s[j]);
+                let c = cosine(&s[i], &s[j]);
+                m[i][j] += c;
+                if j > i {
+                    above += c;
+                }
             }
         }
+        per_sample.push(above / pairs);
     }
     let n = pooled.len() as f64;
     m.iter_mut().flatten().for_each(|x| *x /= n);
@@ -80,6 +92,7 @@ pub fn layer_similarity(pooled: &[Vec<Vec<f64>>]) -> Result<LayerSimilarity> {
         adjacent: mean(&adjacent),
         matrix: m,
         samples: pooled.len(),
+        per_sample_all_pairs: per_sample,
     })
 }
 
@@ -281,6 +294,10 @@ mod tests {
         let r2 = layer_similarity(&s2).unwrap();
         assert!((r2.all_pairs - (2.0 * h / 3.0 + 1.0) / 2.0).abs() < 1e-12);
         assert!((r2.matrix[0][2] - 0.5).abs() < 1e-12);
+        // each sample's own mean over pairs, in sample order
+        let ps = &r2.per_sample_all_pairs;
+        assert_eq!(ps.len(), 2);
+        assert!((ps[0] - 2.0 * h / 3.0).abs() < 1e-12 && (ps[1] - 1.0).abs() < 1e-12);
         // opposite directions give -1; scale does not matter
         let r3 = layer_similarity(&[vec![vec![1.0, 2.0], vec![-3.0, -6.0]]]).unwrap();
         assert!((r3.all_pairs + 1.0).abs() < 1e-12);

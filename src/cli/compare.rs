@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use super::args::{DeviceArgs, ImageArgs};
 use crate::data::llava::DataSource;
 use crate::data::template::TemplateName;
-use crate::eval::benchmarks::{BenchFiles, BenchName};
+use crate::eval::benchmarks::{BenchFiles, BenchName, parse_part_limit};
 use crate::eval::protocol::Protocol;
 use crate::eval::run::EvalConfig;
 use crate::jobs::compare::{Ablation, CompareConfig, parse_data_types, run_compare};
@@ -82,6 +82,10 @@ pub struct CompareArgs {
     pub eval_annotations: Option<PathBuf>,
     #[arg(long)]
     pub eval_limit: Option<usize>,
+    /// A part's own limit instead of --eval-limit, as PART=N (repeatable; as `lntune eval
+    /// --limit-of`)
+    #[arg(long = "eval-limit-of", value_name = "PART=N")]
+    pub eval_limit_of: Vec<String>,
     #[arg(long, default_value_t = 16)]
     pub eval_batch: usize,
     /// The user text that asks for a caption (as `lntune eval --caption-prompt`)
@@ -245,6 +249,11 @@ impl CompareArgs {
                 },
                 protocol: Protocol::Llava,
                 limit: a.eval_limit,
+                part_limits: a
+                    .eval_limit_of
+                    .iter()
+                    .map(|t| parse_part_limit("--eval-limit-of", t))
+                    .collect::<Result<_>>()?,
                 seed: a.seed,
                 batch: a.eval_batch,
                 max_new_tokens: 16,

@@ -9,7 +9,7 @@ use clap::Args;
 use super::args::{DeviceArgs, ImageArgs};
 use crate::data::template::TemplateName;
 use crate::eval::benchmarks::scores::{Scores, score};
-use crate::eval::benchmarks::{BenchFiles, BenchName, read_results};
+use crate::eval::benchmarks::{BenchFiles, BenchName, parse_part_limit, read_results};
 use crate::eval::protocol::Protocol;
 use crate::eval::run::{EvalConfig, evaluate};
 use crate::util::device::WeightDtype;
@@ -50,6 +50,10 @@ pub struct EvalArgs {
     /// part for shapes; MME keeps both questions of an image)
     #[arg(long)]
     pub limit: Option<usize>,
+    /// A part's own limit instead of --limit, as PART=N (repeatable; parts: vqa, pope (per
+    /// file), mme, captions)
+    #[arg(long = "limit-of", value_name = "PART=N")]
+    pub limit_of: Vec<String>,
     /// Seed of the subset and of sampling [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -103,6 +107,7 @@ impl EvalArgs {
                 },
                 protocol: Protocol::Llava,
                 limit: None,
+                part_limits: Default::default(),
                 seed: 0,
                 batch: 8,
                 max_new_tokens: 16,
@@ -140,6 +145,10 @@ impl EvalArgs {
         }
         if self.limit.is_some() {
             c.limit = self.limit;
+        }
+        for text in &self.limit_of {
+            let (part, n) = parse_part_limit("--limit-of", text)?;
+            c.part_limits.insert(part, n);
         }
         if let Some(s) = self.seed {
             c.seed = s;

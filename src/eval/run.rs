@@ -2,6 +2,7 @@
 //! answer to a predictions file as it comes (a rerun skips answered items), then score and
 //! write the official result files.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::answer::Answerer;
 use super::benchmarks::item::{Item, Truth};
 use super::benchmarks::scores::{Scores, score, submission_answer, write_official};
-use super::benchmarks::{BenchFiles, BenchName, load_items};
+use super::benchmarks::{BenchFiles, BenchName, ItemLimit, PARTS, load_items};
 use super::generate::{Prompt, generate};
 use super::predictions::{PredictionLine, Predictions};
 use super::protocol::{CAPTION_PROMPT, Protocol, demonstrations, protocol_generation};
@@ -42,6 +43,9 @@ pub struct EvalConfig {
     /// at most this many questions (images for captions), a random subset chosen with `seed`
     #[serde(default)]
     pub limit: Option<usize>,
+    /// a part's own limit (parts: vqa, pope per file, mme, captions), instead of `limit`
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub part_limits: BTreeMap<String, usize>,
     /// seed of the subset and of sampling
     #[serde(default)]
     pub seed: u64,
@@ -88,6 +92,14 @@ fn default_caption_tokens() -> usize {
 }
 
 impl EvalConfig {
+    /// How many items of each part are asked.
+    pub fn item_limit(&self) -> ItemLimit {
+        ItemLimit {
+            all: self.limit,
+            parts: self.part_limits.clone(),
+        }
+    }
+
     /// Reads an evaluation config file (JSON).
     pub fn read(path: &Path) -> Result<Self> {
         read_json(path)
@@ -99,6 +111,14 @@ impl EvalConfig {
         checks::positive("--max-new-tokens", self.max_new_tokens)?;
         checks::positive("--caption-tokens", self.caption_tokens)?;
         checks::positive_if_set("--limit", self.limit)?;
+        for (part, &n) in &self.part_limits {
+            if !PARTS.contains(&part.as_str()) || n == 0 {
+                bail!(
+                    "--limit-of {part}={n}: expected a part of {} and a positive count",
+                    PARTS.join(", ")
+                );
+            }
+        }
         checks::positive_if_set("--image-size", self.image.size)
     }
 }
@@ -118,7 +138,7 @@ pub fn evaluate(
     progress: bool,
 ) -> Result<EvalReport> {
     cfg.validate()?;
-    let items = load_items(&cfg.bench, cfg.limit, cfg.seed)?;
+    let items = load_items(&cfg.bench, &cfg.item_limit(), cfg.seed)?;
     let mut model = Mllm::load(&cfg.model, cfg.dtype.dtype(), device)?;
     let model_fingerprint = fingerprint(&mut model)?;
     let adapter_sha256 = match &cfg.adapter {
@@ -193,6 +213,7 @@ pub fn evaluate(
         template: format!("{template_name:?}"),
         seed: cfg.seed,
         limit: cfg.limit,
+        part_limits: cfg.part_limits.clone(),
         max_new_tokens: cfg.max_new_tokens,
         model_fingerprint,
         adapter_sha256,
@@ -220,6 +241,8 @@ pub struct EvalSetup {
     pub template: String,
     pub seed: u64,
     pub limit: Option<usize>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub part_limits: BTreeMap<String, usize>,
     pub max_new_tokens: usize,
     /// what the answers depend on beyond the settings: the base model's fingerprint, the
     /// adapter file's sha256, and a digest of the items (ids, questions, ground truth, and

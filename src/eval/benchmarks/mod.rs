@@ -13,6 +13,7 @@ pub mod shapes;
 pub mod subset;
 pub mod vqav2;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -72,9 +73,44 @@ fn parent_of(p: &Path) -> PathBuf {
     }
 }
 
-/// The items of a benchmark's files: at most `limit` (per part for shapes), a random subset
-/// chosen with `seed`.
-pub fn load_items(files: &BenchFiles, limit: Option<usize>, seed: u64) -> Result<Vec<Item>> {
+/// The parts a benchmark's items come in (shapes has all four; POPE's limit is per file).
+pub const PARTS: [&str; 4] = ["vqa", "pope", "mme", "captions"];
+
+/// How many items `load_items` keeps of each part: the part's own limit, else `all`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ItemLimit {
+    pub all: Option<usize>,
+    pub parts: BTreeMap<String, usize>,
+}
+
+impl ItemLimit {
+    pub fn of(&self, part: &str) -> Option<usize> {
+        self.parts.get(part).copied().or(self.all)
+    }
+}
+
+/// `PART=N` (`--limit-of`): a part of `PARTS` and a positive count.
+pub fn parse_part_limit(flag: &str, text: &str) -> Result<(String, usize)> {
+    let (part, n) = text
+        .split_once('=')
+        .with_context(|| format!("{flag} {text}: expected PART=N"))?;
+    if !PARTS.contains(&part) {
+        bail!(
+            "{flag} {text}: unknown part {part:?} (one of {})",
+            PARTS.join(", ")
+        );
+    }
+    let n: usize = n
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .with_context(|| format!("{flag} {text}: N must be a positive integer"))?;
+    Ok((part.to_string(), n))
+}
+
+/// The items of a benchmark's files: of each part (see `PARTS`) at most as many as `limit`
+/// says, a random subset chosen with `seed`.
+pub fn load_items(files: &BenchFiles, limit: &ItemLimit, seed: u64) -> Result<Vec<Item>> {
     let data = &files.data;
     if !data.exists() {
         bail!("--data {}: not found", data.display());
@@ -88,12 +124,12 @@ pub fn load_items(files: &BenchFiles, limit: Option<usize>, seed: u64) -> Result
         BenchName::Vqav2 => {
             let ann = annotations
                 .context("--bench vqav2 needs --annotations (the official annotations JSON)")?;
-            subset(vqav2::load(data, ann, &images)?, limit, seed)
+            subset(vqav2::load(data, ann, &images)?, limit.of("vqa"), seed)
         }
         BenchName::Pope => {
             let mut v = Vec::new();
             for f in pope::files(data)? {
-                v.extend(subset(pope::load(&f, &images)?, limit, seed));
+                v.extend(subset(pope::load(&f, &images)?, limit.of("pope"), seed));
             }
             v
         }
@@ -103,11 +139,13 @@ pub fn load_items(files: &BenchFiles, limit: Option<usize>, seed: u64) -> Result
             } else {
                 mme::load_jsonl(data, &images, annotations)?
             };
-            subset(v, limit, seed)
+            subset(v, limit.of("mme"), seed)
         }
-        BenchName::Coco | BenchName::Flickr => {
-            subset(captions::load(data, &images, &files.split)?, limit, seed)
-        }
+        BenchName::Coco | BenchName::Flickr => subset(
+            captions::load(data, &images, &files.split)?,
+            limit.of("captions"),
+            seed,
+        ),
         BenchName::Shapes => shapes::load(data, &images, &files.split, limit, seed)?,
     };
     if items.is_empty() {

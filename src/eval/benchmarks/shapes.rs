@@ -14,20 +14,20 @@ use serde_json::Value;
 use super::item::{Item, Truth};
 use super::scores::{score, submission_answer};
 use super::subset::subset;
-use super::{captions, mme, pope, vqav2};
+use super::{ItemLimit, captions, mme, pope, vqav2};
 use crate::data::features::FeatureCache;
 use crate::data::shapes::read_level;
 use crate::eval::answer::{Answerer, Question, answer_memo};
 use crate::eval::metrics::{MmeScore, PopeMetrics, vqa_accuracy};
 use crate::util::files::{read_json, write_atomically};
 
-/// Every item of a shapes data folder (each part a random subset of at most `limit` with
-/// `seed`): VQA, POPE's three files, MME-style, captions of `split`.
+/// Every item of a shapes data folder (each part a random subset of at most what `limit`
+/// says, with `seed`): VQA, POPE's three files, MME-style, captions of `split`.
 pub fn load(
     data: &Path,
     images: &Path,
     split: &str,
-    limit: Option<usize>,
+    limit: &ItemLimit,
     seed: u64,
 ) -> Result<Vec<Item>> {
     let mut v = subset(
@@ -36,24 +36,24 @@ pub fn load(
             &data.join("vqa_test_annotations.json"),
             images,
         )?,
-        limit,
+        limit.of("vqa"),
         seed,
     );
     for s in ["random", "popular", "adversarial"] {
         v.extend(subset(
             pope::load(&data.join(format!("pope_test_{s}.jsonl")), images)?,
-            limit,
+            limit.of("pope"),
             seed,
         ));
     }
     v.extend(subset(
         mme::load_jsonl(&data.join("mme_test.jsonl"), images, None)?,
-        limit,
+        limit.of("mme"),
         seed,
     ));
     v.extend(subset(
         captions::load(&data.join("captions_test.json"), images, split)?,
-        limit,
+        limit.of("captions"),
         seed,
     ));
     Ok(v)

@@ -126,13 +126,14 @@ pub fn reuses_ln_arm(cfg: &CompareConfig) -> bool {
 
 /// The arms of the ablations: connector (LN + connector, LN only, connector only) and data
 /// type (LN tuning on equal budgets of each kind, and of all kinds mixed: `token_subsets`
-/// when the budgets are in tokens, else `--data-type-samples` samples each).
+/// when the budgets are in tokens, else `--data-type-samples` samples each). Every LN arm
+/// trains at `ln_lr`: the sweep's choice for the ln method when there is one.
 pub fn ablation_arms(
     cfg: &CompareConfig,
     token_subsets: Option<&[TokenSubset]>,
+    ln_lr: f64,
 ) -> Result<Vec<Arm>> {
     let mut arms = Vec::new();
-    let ln_lr = lr_of(cfg, Method::Ln);
     if cfg.ablations.contains(&Ablation::Connector) {
         let mut no_embed = MethodConfig::new(Method::Ln);
         no_embed.train_embed = false;

@@ -11,6 +11,7 @@
 //! here.
 
 mod arms;
+mod claims;
 mod config;
 mod report;
 mod runner;
@@ -33,7 +34,7 @@ use crate::util::files::{FolderLock, read_text, write_atomically};
 use crate::util::process::machine_description;
 use crate::util::progress::progress_bar;
 pub use arms::parse_data_types;
-use arms::{Arm, MethodArms, ablation_arms, method_arms, reuses_ln_arm, seed_arm};
+use arms::{Arm, MethodArms, ablation_arms, lr_of, method_arms, reuses_ln_arm, seed_arm};
 pub use config::{Ablation, CompareConfig};
 use report::{ArmResult, CompareReport, PairedRow, write_report};
 use runner::{LedgerFile, Runner};
@@ -74,7 +75,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
     }
     // every benchmark's files read before any arm runs
     for b in std::iter::once(&cfg.eval.bench).chain(&cfg.also_eval) {
-        crate::eval::benchmarks::load_items(b, cfg.eval.limit, cfg.eval.seed)
+        crate::eval::benchmarks::load_items(b, &cfg.eval.item_limit(), cfg.eval.seed)
             .with_context(|| format!("the {} benchmark", b.bench.name()))?;
     }
     let _lock = FolderLock::acquire(&cfg.out)?;
@@ -86,7 +87,8 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
         _ => None,
     };
-    let ablations = ablation_arms(cfg, token_subsets.as_deref())?;
+    // the ablations' arms are known now, their LN rate once the ln method's sweep has chosen
+    let n_ablation_arms = ablation_arms(cfg, token_subsets.as_deref(), 0.0)?.len();
     let ledger = LedgerFile::open(&cfg.out);
     let runner = Runner {
         cfg,
@@ -98,7 +100,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         .iter()
         .map(|v| v.len() + 1 + 2 * extra_seeds)
         .sum::<usize>()
-        + 2 * ablations.len()
+        + 2 * n_ablation_arms
         + usize::from(cfg.analysis);
     let bar = progress_bar(n_stages as u64, 0, cfg.progress, "compare");
     let step = |what: String, ran: bool| {
@@ -145,7 +147,12 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
         seed_arms.push(per_seed);
     }
-    // the ablations
+    // the ablations, at the rate the sweep chose for ln (the default rate without one)
+    let ln_lr = seed_arms
+        .iter()
+        .find(|a| a[0].method.method == Method::Ln)
+        .map_or_else(|| lr_of(cfg, Method::Ln), |a| a[0].lr);
+    let ablations = ablation_arms(cfg, token_subsets.as_deref(), ln_lr)?;
     let mut connector = Vec::new();
     let mut data_type = Vec::new();
     if reuses_ln_arm(cfg) {
@@ -198,7 +205,19 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
     }
     bar.finish_and_clear();
-    let paired = paired_against_ln(&runner, &seed_arms)?;
+    let benches = benchmark_items(cfg)?;
+    let paired = paired_against_ln(&runner, &benches, &seed_arms)?;
+    // the ablation arms by their report names ("ln + connector" may be the ln method's arm)
+    let mut named: Vec<(String, Arm)> = ablations
+        .iter()
+        .map(|a| (a.name.clone(), a.clone()))
+        .collect();
+    if reuses_ln_arm(cfg)
+        && let Some(ln) = seed_arms.iter().find(|a| a[0].method.method == Method::Ln)
+    {
+        named.push(("ln + connector".into(), ln[0].clone()));
+    }
+    let ablation_paired = paired_ablations(&runner, &benches, &named)?;
 
     let (wall_s, invocations) = ledger.tick()?;
     let report = CompareReport {
@@ -230,6 +249,12 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         similarity: similarity_report,
         gradvar: grad_rows,
         paired,
+        ablation_paired,
+        claims: vec![],
+    };
+    let report = CompareReport {
+        claims: claims::judge(&report),
+        ..report
     };
     write_report(&report, &cfg.out)?;
     read_text(&cfg.out.join("report.md"))
@@ -266,15 +291,87 @@ fn sweep_split(cfg: &CompareConfig) -> Result<(Vec<DataSource>, Vec<DataSource>)
     Ok((source(d.join("train.json")), source(d.join("val.json"))))
 }
 
+/// Every benchmark's items of the comparison: the main one (its kinds unprefixed) and each
+/// --also-eval one (`<bench>/<kind>`), with the arm subfolder its predictions are in.
+type BenchItems = Vec<(String, String, Vec<crate::eval::benchmarks::item::Item>)>;
+
+fn benchmark_items(cfg: &CompareConfig) -> Result<BenchItems> {
+    let limit = cfg.eval.item_limit();
+    let mut benches = vec![(
+        String::new(),
+        "eval".to_string(),
+        crate::eval::benchmarks::load_items(&cfg.eval.bench, &limit, cfg.eval.seed)?,
+    )];
+    for b in &cfg.also_eval {
+        benches.push((
+            format!("{}/", b.bench.name()),
+            format!("eval-{}", b.bench.name()),
+            crate::eval::benchmarks::load_items(b, &limit, cfg.eval.seed)?,
+        ));
+    }
+    Ok(benches)
+}
+
+/// An arm's per-question scores by benchmark, from its predictions (`eval::paired`).
+fn arm_item_scores(
+    runner: &Runner,
+    benches: &BenchItems,
+    arm: &Arm,
+) -> Result<std::collections::BTreeMap<String, Vec<f64>>> {
+    use crate::eval::paired::item_scores;
+    use crate::eval::predictions::PredictionLine;
+    let mut all = std::collections::BTreeMap::new();
+    for (prefix, folder, items) in benches {
+        let path = runner.dir(arm).join(folder).join("predictions.jsonl");
+        let answers = crate::util::files::read_jsonl::<PredictionLine>(&path)?
+            .into_iter()
+            .map(|p| (p.id, p.answer))
+            .collect();
+        let by_kind =
+            item_scores(items, &answers).with_context(|| format!("{}", path.display()))?;
+        all.extend(
+            by_kind
+                .into_iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v)),
+        );
+    }
+    Ok(all)
+}
+
+/// `other` against `reference` on every benchmark both answered.
+fn paired_rows(
+    reference: (&str, &std::collections::BTreeMap<String, Vec<f64>>),
+    other: (&str, &std::collections::BTreeMap<String, Vec<f64>>),
+    seed: Option<u64>,
+    bootstrap_seed: u64,
+) -> Result<Vec<PairedRow>> {
+    reference
+        .1
+        .iter()
+        .map(|(bench, rs)| {
+            let os = other
+                .1
+                .get(bench)
+                .context("the arms answered different questions")?;
+            Ok(PairedRow {
+                method: other.0.into(),
+                reference_arm: reference.0.into(),
+                seed,
+                comparison: crate::eval::paired::compare(bench, rs, os, bootstrap_seed),
+            })
+        })
+        .collect()
+}
+
 /// Every method against ln on the same evaluation questions (empty without an ln arm): at
 /// each seed, the two chosen arms of that seed; with several seeds also the per-question
-/// scores averaged over the seeds. Per-question scores come from the arms' predictions
-/// (`eval::paired`).
-fn paired_against_ln(runner: &Runner, seed_arms: &[Vec<Arm>]) -> Result<Vec<PairedRow>> {
+/// scores averaged over the seeds.
+fn paired_against_ln(
+    runner: &Runner,
+    benches: &BenchItems,
+    seed_arms: &[Vec<Arm>],
+) -> Result<Vec<PairedRow>> {
     use std::collections::BTreeMap;
-
-    use crate::eval::paired::{compare, item_scores};
-    use crate::eval::predictions::PredictionLine;
     let cfg = runner.cfg;
     let Some(ln) = seed_arms
         .iter()
@@ -282,42 +379,14 @@ fn paired_against_ln(runner: &Runner, seed_arms: &[Vec<Arm>]) -> Result<Vec<Pair
     else {
         return Ok(vec![]);
     };
-    // every benchmark's items: the main one (its kinds unprefixed) and each --also-eval one
-    // (`<bench>/<kind>`), with the folder its predictions are in
-    let mut benches = vec![(
-        String::new(),
-        "eval".to_string(),
-        crate::eval::benchmarks::load_items(&cfg.eval.bench, cfg.eval.limit, cfg.eval.seed)?,
-    )];
-    for b in &cfg.also_eval {
-        benches.push((
-            format!("{}/", b.bench.name()),
-            format!("eval-{}", b.bench.name()),
-            crate::eval::benchmarks::load_items(b, cfg.eval.limit, cfg.eval.seed)?,
-        ));
-    }
-    let scores = |arm: &Arm| -> Result<BTreeMap<String, Vec<f64>>> {
-        let mut all = BTreeMap::new();
-        for (prefix, folder, items) in &benches {
-            let path = runner.dir(arm).join(folder).join("predictions.jsonl");
-            let answers = crate::util::files::read_jsonl::<PredictionLine>(&path)?
-                .into_iter()
-                .map(|p| (p.id, p.answer))
-                .collect();
-            let by_kind =
-                item_scores(items, &answers).with_context(|| format!("{}", path.display()))?;
-            all.extend(
-                by_kind
-                    .into_iter()
-                    .map(|(k, v)| (format!("{prefix}{k}"), v)),
-            );
-        }
-        Ok(all)
-    };
     // per method, per seed: per-question scores by benchmark
     let all: Vec<Vec<BTreeMap<String, Vec<f64>>>> = seed_arms
         .iter()
-        .map(|arms| arms.iter().map(scores).collect::<Result<_>>())
+        .map(|arms| {
+            arms.iter()
+                .map(|a| arm_item_scores(runner, benches, a))
+                .collect::<Result<_>>()
+        })
         .collect::<Result<_>>()?;
     let mean_over_seeds = |per_seed: &[BTreeMap<String, Vec<f64>>]| {
         let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -332,41 +401,48 @@ fn paired_against_ln(runner: &Runner, seed_arms: &[Vec<Arm>]) -> Result<Vec<Pair
         m
     };
     let mut rows = Vec::new();
-    let mut push = |method: &str,
-                    seed: Option<u64>,
-                    r: &BTreeMap<String, Vec<f64>>,
-                    o: &BTreeMap<String, Vec<f64>>|
-     -> Result<()> {
-        for (bench, rs) in r {
-            rows.push(PairedRow {
-                method: method.into(),
-                seed,
-                comparison: compare(
-                    bench,
-                    rs,
-                    o.get(bench)
-                        .context("the arms answered different questions")?,
-                    cfg.seed,
-                ),
-            });
-        }
-        Ok(())
-    };
     for (i, arms) in seed_arms.iter().enumerate() {
         if i == ln {
             continue;
         }
         let name = arms[0].method.method.name();
         for (k, arm) in arms.iter().enumerate() {
-            push(name, Some(arm.seed), &all[ln][k], &all[i][k])?;
+            rows.extend(paired_rows(
+                ("ln", &all[ln][k]),
+                (name, &all[i][k]),
+                Some(arm.seed),
+                cfg.seed,
+            )?);
         }
         if arms.len() > 1 {
-            push(
-                name,
+            rows.extend(paired_rows(
+                ("ln", &mean_over_seeds(&all[ln])),
+                (name, &mean_over_seeds(&all[i])),
                 None,
-                &mean_over_seeds(&all[ln]),
-                &mean_over_seeds(&all[i]),
-            )?;
+                cfg.seed,
+            )?);
+        }
+    }
+    Ok(rows)
+}
+
+/// The ablations' pairs the paper ranks (`claims::ABLATION_PAIRS`: the arm it finds better
+/// as the reference), on the same questions; pairs with an arm missing are left out.
+fn paired_ablations(
+    runner: &Runner,
+    benches: &BenchItems,
+    arms: &[(String, Arm)],
+) -> Result<Vec<PairedRow>> {
+    let mut rows = Vec::new();
+    for (better, worse) in claims::ABLATION_PAIRS {
+        let find = |n: &str| arms.iter().find(|(name, _)| name == n).map(|(_, a)| a);
+        if let (Some(b), Some(w)) = (find(better), find(worse)) {
+            rows.extend(paired_rows(
+                (better, &arm_item_scores(runner, benches, b)?),
+                (worse, &arm_item_scores(runner, benches, w)?),
+                Some(b.seed),
+                runner.cfg.seed,
+            )?);
         }
     }
     Ok(rows)

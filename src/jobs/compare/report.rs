@@ -63,12 +63,53 @@ pub struct CompareReport {
     /// every method against ln on the same questions
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub paired: Vec<PairedRow>,
+    /// the ablation arms the paper ranks, the one it finds better as the reference
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub ablation_paired: Vec<PairedRow>,
+    /// each of the paper's claims with its evidence and verdict (`claims`)
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub claims: Vec<ClaimRow>,
 }
 
-/// One method against ln on one benchmark's questions.
+/// Points within which "A matches B" holds (`claims`): the study's test sets are sized to
+/// detect a difference of this size.
+pub const MATCH_MARGIN: f64 = 5.0;
+
+/// Whether this comparison's numbers support a claim of the paper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Reproduced,
+    NotReproduced,
+    Inconclusive,
+}
+
+impl Verdict {
+    pub fn words(self) -> &'static str {
+        match self {
+            Verdict::Reproduced => "reproduced",
+            Verdict::NotReproduced => "not reproduced",
+            Verdict::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// One claim of the paper, what this comparison measured about it, and the verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimRow {
+    pub claim: String,
+    pub evidence: String,
+    pub verdict: Verdict,
+}
+
+/// One arm (a method, or an ablation arm) against a reference arm (ln, or the ablation arm
+/// the paper finds better) on one benchmark's questions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PairedRow {
     pub method: String,
+    /// the reference arm's name (the scores' `reference` is its mean score)
+    #[serde(default = "ln_name")]
+    pub reference_arm: String,
     /// the seed both arms were trained with; none: per-question scores averaged over seeds
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub seed: Option<u64>,
@@ -76,10 +117,32 @@ pub struct PairedRow {
     pub comparison: crate::eval::paired::PairedComparison,
 }
 
+/// The claims table with the rules its verdicts follow.
+fn claims_section(claims: &[ClaimRow]) -> String {
+    let mut md = format!(
+        "## The paper's claims\n\nRules: \"A beats B\" is reproduced when the 95% interval of A − B lies above 0 and not reproduced when it lies below 0; \"A matches or beats B\" is reproduced when the interval's lower end is above −{m} points, not reproduced when the interval lies below 0 and reaches past −{m}; a claim over seeds (memory, gradient variance) is reproduced when every seed's value is on the claimed side of every other seed's; anything else is inconclusive.\n\n| claim | evidence | verdict |\n|---|---|---|\n",
+        m = MATCH_MARGIN
+    );
+    for c in claims {
+        md.push_str(&format!(
+            "| {} | {} | {} |\n",
+            c.claim,
+            c.evidence,
+            c.verdict.words()
+        ));
+    }
+    md.push('\n');
+    md
+}
+
+fn ln_name() -> String {
+    "ln".into()
+}
+
 /// The paired-statistics table of report.md.
 fn paired_table(rows: &[PairedRow]) -> String {
     let mut md = String::from(
-        "| method | seed | benchmark | questions | ln | method's | difference [95% CI] | McNemar p (discordant ln/method) |\n|---|---|---|---:|---:|---:|---|---|\n",
+        "| arm | seed | benchmark | questions | reference | reference's | arm's | arm − reference [95% CI] | McNemar p (discordant reference/arm) |\n|---|---|---|---:|---|---:|---:|---|---|\n",
     );
     for r in rows {
         let c = &r.comparison;
@@ -92,8 +155,16 @@ fn paired_table(rows: &[PairedRow]) -> String {
             .map(|s| s.to_string())
             .unwrap_or_else(|| "mean of seeds".into());
         md.push_str(&format!(
-            "| {} | {seed} | {} | {} | {:.1} | {:.1} | {:+.1} [{:+.1}, {:+.1}] | {mcnemar} |\n",
-            r.method, c.bench, c.questions, c.reference, c.other, c.diff, c.ci95[0], c.ci95[1]
+            "| {} | {seed} | {} | {} | {} | {:.1} | {:.1} | {:+.1} [{:+.1}, {:+.1}] | {mcnemar} |\n",
+            r.method,
+            c.bench,
+            c.questions,
+            r.reference_arm,
+            c.reference,
+            c.other,
+            c.diff,
+            c.ci95[0],
+            c.ci95[1]
         ));
     }
     md
@@ -288,6 +359,9 @@ fn loss_chart(title: &str, rows: &[ArmResult]) -> Chart {
 pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
     let mut md = String::from("# lntune compare\n\n");
     md.push_str(&format!("Command: `{}`\n\nMachine: {}. Wall time {:.0} s over {} invocation(s) (`wall_time.json`); training time of all arms {:.0} s.\n\n", r.command, r.machine, r.wall_s, r.invocations, r.train_wall_s));
+    if !r.claims.is_empty() {
+        md.push_str(&claims_section(&r.claims));
+    }
     md.push_str("## Quality (the shape of the paper's Table 1)\n\n");
     md.push_str(&methods_table(&r.methods, false));
     if !r.seed_runs.is_empty() {
@@ -300,6 +374,10 @@ pub fn write_report(r: &CompareReport, out: &Path) -> Result<()> {
             crate::eval::paired::RESAMPLES
         ));
         md.push_str(&paired_table(&r.paired));
+    }
+    if !r.ablation_paired.is_empty() {
+        md.push_str("\n### Ablation arms paired (the arm the paper finds better as the reference; same questions, same seed)\n\n");
+        md.push_str(&paired_table(&r.ablation_paired));
     }
     md.push_str("\n## Cost (the shape of the paper's Table 2)\n\n");
     md.push_str(&efficiency_table(&r.methods));

@@ -1,0 +1,384 @@
+//! The paper's claims judged from a comparison's own numbers. Each claim gets its evidence
+//! (a paired interval, or the measured values of every seed) and a verdict by a fixed rule,
+//! so that a report says "reproduced", "not reproduced" or "inconclusive" only where its
+//! files support it:
+//!
+//! - "A beats B" (a paired difference A − B with its 95% bootstrap interval): reproduced
+//!   when the interval lies above 0, not reproduced when it lies below 0, else inconclusive.
+//! - "A matches or beats B": reproduced when the interval's lower end is above
+//!   −`MATCH_MARGIN` (A is at most that much worse), not reproduced when the interval lies
+//!   below 0 and reaches past −`MATCH_MARGIN`, else inconclusive.
+//! - "A is lower than B" over seeds (memory, gradient variance): reproduced when every
+//!   seed's A is below every seed's B (with 3 seeds each, an exact one-sided permutation p
+//!   of 1/20), not reproduced when every A is above every B, else inconclusive.
+
+use super::report::{ArmResult, ClaimRow, CompareReport, MATCH_MARGIN, PairedRow, Verdict};
+
+/// The ablation pairs the paper ranks, the better one first: LN + connector > LN only >
+/// connector only; conversation data > detailed description, > complex reasoning.
+pub const ABLATION_PAIRS: [(&str, &str); 4] = [
+    ("ln + connector", "ln only"),
+    ("ln only", "connector only"),
+    ("conversation", "detail"),
+    ("conversation", "reasoning"),
+];
+
+/// How the paper's claim about a method relates ln to it: LN tuning matches or beats full
+/// finetuning and the single-module baselines, and beats LoRA and LN-simple.
+const METHOD_CLAIMS: [(&str, bool); 5] = [
+    ("full", false),
+    ("lora", true),
+    ("attn-qv", false),
+    ("mlp", false),
+    ("ln-simple", true),
+];
+
+fn beats(ci: [f64; 2]) -> Verdict {
+    if ci[0] > 0.0 {
+        Verdict::Reproduced
+    } else if ci[1] < 0.0 {
+        Verdict::NotReproduced
+    } else {
+        Verdict::Inconclusive
+    }
+}
+
+fn matches_or_beats(ci: [f64; 2]) -> Verdict {
+    if ci[0] > -MATCH_MARGIN {
+        Verdict::Reproduced
+    } else if ci[1] < 0.0 {
+        Verdict::NotReproduced
+    } else {
+        Verdict::Inconclusive
+    }
+}
+
+/// `a` lower than `b` at every seed (see the module's rule).
+fn lower_at_every_seed(a: &[f64], b: &[f64]) -> Verdict {
+    let max = |v: &[f64]| v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    if a.is_empty() || b.is_empty() {
+        Verdict::Inconclusive
+    } else if max(a) < min(b) {
+        Verdict::Reproduced
+    } else if min(a) > max(b) {
+        Verdict::NotReproduced
+    } else {
+        Verdict::Inconclusive
+    }
+}
+
+/// A paired row read the other way round: `reference − method` and its interval.
+fn reference_minus_method(r: &PairedRow) -> (f64, [f64; 2]) {
+    let c = &r.comparison;
+    (-c.diff, [-c.ci95[1], -c.ci95[0]])
+}
+
+fn interval_text(d: f64, ci: [f64; 2], questions: usize, seeds: &str) -> String {
+    format!(
+        "{d:+.1} [{:+.1}, {:+.1}] points, {questions} questions, {seeds}",
+        ci[0], ci[1]
+    )
+}
+
+/// Every run of a method: its methods row and its other seeds' rows.
+fn runs_of<'a>(r: &'a CompareReport, method: &str) -> Vec<&'a ArmResult> {
+    r.methods
+        .iter()
+        .filter(|m| m.name == method)
+        .chain(r.seed_runs.iter().filter(|m| m.method == method))
+        .collect()
+}
+
+fn values_text(name: &str, v: &[f64], unit: &str) -> String {
+    let list: Vec<String> = v.iter().map(|x| format!("{x:.4}")).collect();
+    format!("{name} {} {unit}", list.join(" / "))
+}
+
+/// Judges every claim the comparison has numbers for.
+pub fn judge(r: &CompareReport) -> Vec<ClaimRow> {
+    let mut rows = Vec::new();
+    // quality: ln against each method on the per-question means over seeds (or the one seed)
+    let pooled = r.paired.iter().any(|p| p.seed.is_none());
+    for (method, strict) in METHOD_CLAIMS {
+        for p in r
+            .paired
+            .iter()
+            .filter(|p| p.method == method && p.seed.is_none() == pooled)
+        {
+            let (d, ci) = reference_minus_method(p);
+            let seeds = if pooled {
+                "per-question mean over seeds".to_string()
+            } else {
+                format!("seed {}", p.seed.unwrap_or_default())
+            };
+            rows.push(ClaimRow {
+                claim: format!(
+                    "{}: ln {} {method}",
+                    p.comparison.bench,
+                    if strict { "beats" } else { "matches or beats" }
+                ),
+                evidence: format!(
+                    "ln − {method} = {}",
+                    interval_text(d, ci, p.comparison.questions, &seeds)
+                ),
+                verdict: if strict {
+                    beats(ci)
+                } else {
+                    matches_or_beats(ci)
+                },
+            });
+        }
+    }
+    // cost: trainable parameters (exact) and peak memory (every seed's run)
+    let ln = runs_of(r, "ln");
+    if let (Some(l), Some(o)) = (ln.first(), runs_of(r, "lora").first()) {
+        let (a, b) = (l.summary.trainable_params, o.summary.trainable_params);
+        rows.push(ClaimRow {
+            claim: "ln trains fewer parameters than lora".into(),
+            evidence: format!(
+                "ln {a}, lora {b} ({:+.1}%)",
+                100.0 * (a as f64 / b as f64 - 1.0)
+            ),
+            verdict: if a < b {
+                Verdict::Reproduced
+            } else {
+                Verdict::NotReproduced
+            },
+        });
+    }
+    for other in ["lora", "full"] {
+        let o = runs_of(r, other);
+        if ln.is_empty() || o.is_empty() {
+            continue;
+        }
+        let mem = |v: &[&ArmResult]| v.iter().map(|a| a.summary.peak_rss_mib).collect::<Vec<_>>();
+        let (a, b) = (mem(&ln), mem(&o));
+        rows.push(ClaimRow {
+            claim: format!("ln needs less memory than {other}"),
+            evidence: format!(
+                "peak RSS per seed: {}; {}",
+                values_text("ln", &a, "MiB"),
+                values_text(other, &b, "MiB")
+            ),
+            verdict: lower_at_every_seed(&a, &b),
+        });
+    }
+    // the ablations' rankings
+    for p in &r.ablation_paired {
+        let (d, ci) = reference_minus_method(p);
+        rows.push(ClaimRow {
+            claim: format!(
+                "{}: {} beats {}",
+                p.comparison.bench, p.reference_arm, p.method
+            ),
+            evidence: format!(
+                "{} − {} = {}",
+                p.reference_arm,
+                p.method,
+                interval_text(
+                    d,
+                    ci,
+                    p.comparison.questions,
+                    &format!("seed {}", p.seed.unwrap_or_default())
+                )
+            ),
+            verdict: beats(ci),
+        });
+    }
+    // layer similarity: ln's below full's, paired over the same samples
+    if let Some(sim) = &r.similarity {
+        let get = |n: &str| sim.models.iter().find(|(m, _)| m == n).map(|(_, s)| s);
+        if let (Some(l), Some(f)) = (get("ln"), get("full")) {
+            let (a, b) = (&l.per_sample_all_pairs, &f.per_sample_all_pairs);
+            let (evidence, verdict) = if a.len() == b.len() && !a.is_empty() {
+                // cosine × 100 so that the interval reads in the same units as the table
+                let c = crate::eval::paired::compare("similarity", b, a, 0);
+                (
+                    format!(
+                        "ln − full mean cosine (×100) = {:+.2} [{:+.2}, {:+.2}], {} samples; ln {:.4}, full {:.4}",
+                        c.diff, c.ci95[0], c.ci95[1], c.questions, l.all_pairs, f.all_pairs
+                    ),
+                    // lower is the claim: an interval below 0
+                    beats([-c.ci95[1], -c.ci95[0]]),
+                )
+            } else {
+                (
+                    format!(
+                        "ln {:.4}, full {:.4} (no per-sample values: no interval)",
+                        l.all_pairs, f.all_pairs
+                    ),
+                    Verdict::Inconclusive,
+                )
+            };
+            rows.push(ClaimRow {
+                claim: "ln's layer similarity is lower than full finetuning's".into(),
+                evidence,
+                verdict,
+            });
+        }
+    }
+    // gradient variance of the projector gradient, every seed's run
+    let of = |prefix: &str, pick: &dyn Fn(&crate::analyze::gradvar::GradvarRun) -> Option<f64>| {
+        r.gradvar
+            .iter()
+            .filter(|g| g.name == prefix || g.name.starts_with(&format!("{prefix}/")))
+            .filter_map(pick)
+            .collect::<Vec<f64>>()
+    };
+    for (what, pick) in [
+        (
+            "across steps",
+            &(|g: &crate::analyze::gradvar::GradvarRun| g.mean_window_var)
+                as &dyn Fn(&crate::analyze::gradvar::GradvarRun) -> Option<f64>,
+        ),
+        ("across micro-batches", &|g| g.mean_microbatch_var),
+    ] {
+        let (a, b) = (of("ln", pick), of("full", pick));
+        if a.is_empty() || b.is_empty() {
+            continue;
+        }
+        rows.push(ClaimRow {
+            claim: format!("ln's gradient variance ({what}) is lower than full finetuning's"),
+            evidence: format!(
+                "projector gradient, per seed: {}; {}",
+                values_text("ln", &a, ""),
+                values_text("full", &b, "")
+            ),
+            verdict: lower_at_every_seed(&a, &b),
+        });
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_rules() {
+        assert_eq!(beats([0.1, 3.0]), Verdict::Reproduced);
+        assert_eq!(beats([-3.0, -0.1]), Verdict::NotReproduced);
+        assert_eq!(beats([-1.0, 1.0]), Verdict::Inconclusive);
+        // matching within the margin counts, even when the other is significantly better
+        assert_eq!(matches_or_beats([-4.9, -1.0]), Verdict::Reproduced);
+        assert_eq!(matches_or_beats([-9.0, -0.5]), Verdict::NotReproduced);
+        assert_eq!(matches_or_beats([-9.0, 2.0]), Verdict::Inconclusive);
+        assert_eq!(
+            lower_at_every_seed(&[1.0, 2.0, 3.0], &[3.5, 4.0, 5.0]),
+            Verdict::Reproduced
+        );
+        assert_eq!(
+            lower_at_every_seed(&[6.0, 7.0], &[3.5, 4.0, 5.0]),
+            Verdict::NotReproduced
+        );
+        assert_eq!(
+            lower_at_every_seed(&[1.0, 4.5], &[3.5, 4.0]),
+            Verdict::Inconclusive
+        );
+        assert_eq!(lower_at_every_seed(&[], &[1.0]), Verdict::Inconclusive);
+    }
+
+    #[test]
+    fn paired_rows_are_read_from_ln_side() {
+        // method − ln = −3 [−5, −1]: ln beats the method by 3 [1, 5]
+        let row = PairedRow {
+            method: "lora".into(),
+            reference_arm: "ln".into(),
+            seed: None,
+            comparison: crate::eval::paired::PairedComparison {
+                bench: "vqav2".into(),
+                questions: 1000,
+                reference: 40.0,
+                other: 37.0,
+                diff: -3.0,
+                ci95: [-5.0, -1.0],
+                mcnemar_p: None,
+                discordant: None,
+            },
+        };
+        let (d, ci) = reference_minus_method(&row);
+        assert_eq!((d, ci), (3.0, [1.0, 5.0]));
+        assert_eq!(beats(ci), Verdict::Reproduced);
+    }
+
+    fn arm(name: &str, method: &str, params: usize, rss: f64) -> serde_json::Value {
+        serde_json::json!({
+            "name": name, "method": method, "lr": 1e-3, "loss_curve": [],
+            "summary": {"method": method, "trainable_params": params, "total_params": 1000,
+                "trainable_percent": 1.0, "steps": 1, "median_step_s": 1.0,
+                "median_tokens_per_s": 1.0, "final_loss": 1.0, "peak_rss_mib": rss,
+                "wall_s": 1.0}
+        })
+    }
+
+    fn similarity(per_sample: &[f64]) -> serde_json::Value {
+        let mean = per_sample.iter().sum::<f64>() / per_sample.len() as f64;
+        serde_json::json!({"matrix": [], "all_pairs": mean, "adjacent": mean,
+            "samples": per_sample.len(), "per_sample_all_pairs": per_sample})
+    }
+
+    #[test]
+    fn every_claim_is_judged_from_the_report() {
+        let grad = |name: &str, steps: f64, micro: f64| {
+            serde_json::json!({"name": name, "subset": "projector", "dim": 4,
+                "mean_window_var": steps, "mean_microbatch_var": micro, "mean_norm": 1.0})
+        };
+        let report: CompareReport = serde_json::from_value(serde_json::json!({
+            "command": "", "machine": "", "wall_s": 1.0, "train_wall_s": 1.0,
+            "methods": [arm("ln", "ln", 10, 100.0), arm("full", "full", 1000, 300.0),
+                arm("lora", "lora", 50, 150.0)],
+            "seed_runs": [arm("ln/seed-1", "ln", 10, 120.0), arm("full/seed-1", "full", 1000, 310.0),
+                arm("lora/seed-1", "lora", 50, 110.0)],
+            // ln − full: −0.1 on every sample
+            "similarity": {"models": [["ln", similarity(&[0.5, 0.6, 0.7])],
+                ["full", similarity(&[0.6, 0.7, 0.8])]]},
+            // steps: ln below full at both seeds; micro-batches: the seeds overlap
+            "gradvar": [grad("ln", 1.0, 1.0), grad("ln/seed-1", 2.0, 5.0),
+                grad("full", 3.0, 4.0), grad("full/seed-1", 4.0, 6.0)],
+            "paired": [{"method": "full", "bench": "vqav2", "questions": 1000,
+                "reference": 40.0, "other": 43.0, "diff": 3.0, "ci95": [1.0, 4.5]}]
+        }))
+        .unwrap();
+        let claims = judge(&report);
+        let verdict = |c: &str| {
+            claims
+                .iter()
+                .find(|r| r.claim == c)
+                .unwrap_or_else(|| panic!("no `{c}` in {claims:?}"))
+                .verdict
+        };
+        // full is 3 [1, 4.5] points better: ln is within the margin, so it "matches"
+        assert_eq!(
+            verdict("vqav2: ln matches or beats full"),
+            Verdict::Reproduced
+        );
+        assert_eq!(
+            verdict("ln trains fewer parameters than lora"),
+            Verdict::Reproduced
+        );
+        assert_eq!(
+            verdict("ln needs less memory than full"),
+            Verdict::Reproduced
+        );
+        // 100/120 MiB against 150/110 MiB: the seeds overlap
+        assert_eq!(
+            verdict("ln needs less memory than lora"),
+            Verdict::Inconclusive
+        );
+        assert_eq!(
+            verdict("ln's layer similarity is lower than full finetuning's"),
+            Verdict::Reproduced
+        );
+        assert_eq!(
+            verdict("ln's gradient variance (across steps) is lower than full finetuning's"),
+            Verdict::Reproduced
+        );
+        assert_eq!(
+            verdict(
+                "ln's gradient variance (across micro-batches) is lower than full finetuning's"
+            ),
+            Verdict::Inconclusive
+        );
+    }
+}
