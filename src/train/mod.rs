@@ -2,9 +2,11 @@
 //! schedule, the trainer that checks before it updates, checkpoints, and the run loop with
 //! its files; also the memory plan and the step timing of `plan` and `bench`.
 
+pub mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod grad_stats;
+pub mod grads;
 pub mod optim;
 pub mod plan;
 pub mod resume;

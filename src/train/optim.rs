@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::step::Grads;
+use super::grads::Grads;
 use crate::model::mllm::Mllm;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

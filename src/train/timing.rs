@@ -114,6 +114,11 @@ pub struct StepTiming {
     pub seq: usize,
     pub threads: usize,
     pub dtype: String,
+    /// how the products ran (`ops::products_name`): `f32`, `bf16 on AMX`, `bf16 on AVX-512
+    /// BF16`, `f32 from bf16` (no bf16 kernel on this CPU: each frozen bf16 weight is
+    /// widened to f32 for its product, which `plan` does not model), `bf16` on a GPU
+    #[serde(default)]
+    pub products: String,
     pub recompute: String,
     pub trainable: usize,
     pub total: usize,
@@ -317,6 +322,7 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
                 recompute_name(r).into()
             }
         },
+        products: crate::ops::products_name(args.dtype.dtype(), dev).into(),
         trainable: trainer.setup.n_trainable(),
         total,
         median_step_s: median,

@@ -9,9 +9,10 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::grads::Grads;
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
-use super::step::{Grads, count_scored, forward_backward};
+use super::step::{count_scored, forward_backward};
 use crate::methods::MethodConfig;
 use crate::methods::setup::{TrainSetup, setup};
 use crate::model::batch::Batch;

@@ -13,7 +13,6 @@ pub mod shapes;
 pub mod subset;
 pub mod vqav2;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -22,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use item::Item;
 use subset::subset;
+pub use subset::{ItemLimit, PARTS, parse_part_limit};
 
 /// The benchmarks `lntune eval` and `lntune score` know.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,41 +71,6 @@ fn parent_of(p: &Path) -> PathBuf {
     } else {
         p.parent().map(Path::to_path_buf).unwrap_or_default()
     }
-}
-
-/// The parts a benchmark's items come in (shapes has all four; POPE's limit is per file).
-pub const PARTS: [&str; 4] = ["vqa", "pope", "mme", "captions"];
-
-/// How many items `load_items` keeps of each part: the part's own limit, else `all`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ItemLimit {
-    pub all: Option<usize>,
-    pub parts: BTreeMap<String, usize>,
-}
-
-impl ItemLimit {
-    pub fn of(&self, part: &str) -> Option<usize> {
-        self.parts.get(part).copied().or(self.all)
-    }
-}
-
-/// `PART=N` (`--limit-of`): a part of `PARTS` and a positive count.
-pub fn parse_part_limit(flag: &str, text: &str) -> Result<(String, usize)> {
-    let (part, n) = text
-        .split_once('=')
-        .with_context(|| format!("{flag} {text}: expected PART=N"))?;
-    if !PARTS.contains(&part) {
-        bail!(
-            "{flag} {text}: unknown part {part:?} (one of {})",
-            PARTS.join(", ")
-        );
-    }
-    let n: usize = n
-        .parse()
-        .ok()
-        .filter(|&n| n > 0)
-        .with_context(|| format!("{flag} {text}: N must be a positive integer"))?;
-    Ok((part.to_string(), n))
 }
 
 /// The items of a benchmark's files: of each part (see `PARTS`) at most as many as `limit`

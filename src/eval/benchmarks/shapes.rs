@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::item::{Item, Truth};
 use super::scores::{score, submission_answer};
-use super::subset::subset;
-use super::{ItemLimit, captions, mme, pope, vqav2};
+use super::subset::{ItemLimit, subset};
+use super::{captions, mme, pope, vqav2};
 use crate::data::features::FeatureCache;
 use crate::data::shapes::read_level;
 use crate::eval::answer::{Answerer, Question, answer_memo};

@@ -1,10 +1,48 @@
-//! Random subsets of a benchmark that keep what its score needs: MME items stay in pairs per
+//! How many items of each part of a benchmark to ask (`ItemLimit`, `--limit-of`), and
+//! random subsets of a benchmark that keep what its score needs: MME items stay in pairs per
 //! image (acc+), POPE items keep their file's yes/no proportions.
 
 use std::collections::{BTreeMap, HashMap};
 
+use anyhow::{Context, Result, bail};
+
 use super::item::{Item, Truth};
 use crate::util::rng::Rng;
+
+/// The parts a benchmark's items come in (shapes has all four; POPE's limit is per file).
+pub const PARTS: [&str; 4] = ["vqa", "pope", "mme", "captions"];
+
+/// How many items `load_items` keeps of each part: the part's own limit, else `all`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ItemLimit {
+    pub all: Option<usize>,
+    pub parts: BTreeMap<String, usize>,
+}
+
+impl ItemLimit {
+    pub fn of(&self, part: &str) -> Option<usize> {
+        self.parts.get(part).copied().or(self.all)
+    }
+}
+
+/// `PART=N` (`--limit-of`): a part of `PARTS` and a positive count.
+pub fn parse_part_limit(flag: &str, text: &str) -> Result<(String, usize)> {
+    let (part, n) = text
+        .split_once('=')
+        .with_context(|| format!("{flag} {text}: expected PART=N"))?;
+    if !PARTS.contains(&part) {
+        bail!(
+            "{flag} {text}: unknown part {part:?} (one of {})",
+            PARTS.join(", ")
+        );
+    }
+    let n: usize = n
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .with_context(|| format!("{flag} {text}: N must be a positive integer"))?;
+    Ok((part.to_string(), n))
+}
 
 /// At most `n` items, chosen at random with `seed` but kept in their order. MME items are
 /// kept or dropped per image so that acc+ stays defined, and POPE items are drawn per label
