@@ -8,6 +8,24 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use lntune::jobs::check::diff;
 
+/// Runs the lntune binary with `args`: (exit status success, stdout, stderr).
+pub fn lntune<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lntune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// A path as a command-line argument.
+pub fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
 /// `tests/fixtures/<rel>`
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

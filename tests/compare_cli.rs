@@ -2,28 +2,11 @@
 //! finite numbers, resume of an interrupted comparison, gradient statistics in training.
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::common::*;
 
-fn lntune(args: &[String]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_lntune"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
-}
-
-fn p(path: &Path) -> String {
-    path.display().to_string()
 }
 
 fn numbers(v: &serde_json::Value, at: &str, out: &mut Vec<(String, f64)>) {

@@ -7,22 +7,6 @@ use std::process::{Command, Stdio};
 
 use crate::common::*;
 
-fn lntune(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_lntune"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
-fn p(path: &Path) -> String {
-    path.display().to_string()
-}
-
 /// Tiny model + a stage-2 LoRA adapter (so that base + adapter differs from base).
 fn tiny_with_adapter() -> TinyRun {
     let t = TinyRun::new();
