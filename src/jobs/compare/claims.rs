@@ -8,6 +8,10 @@
 //! - "A matches or beats B": reproduced when the interval's lower end is above
 //!   −`MATCH_MARGIN` (A is at most that much worse), not reproduced when the interval lies
 //!   below 0 and reaches past −`MATCH_MARGIN`, else inconclusive.
+//! - A benchmark on which an arm's answers are constant (every POPE answer "yes", or every
+//!   one "no", in a split; MME acc+ 0 at acc 0.5 in every subtask: the same answer to both
+//!   questions of each image) measures nothing about it: a claim on it is inconclusive,
+//!   whatever the interval.
 //! - "A is lower than B" over seeds (memory, gradient variance): reproduced when every
 //!   seed's A is below every seed's B (with 3 seeds each, an exact one-sided permutation p
 //!   of 1/20), not reproduced when every A is above every B, else inconclusive.
@@ -81,6 +85,69 @@ fn interval_text(d: f64, ci: [f64; 2], questions: usize, seeds: &str) -> String 
     )
 }
 
+/// Why `bench` (a paired row's benchmark: `pope`, or `<also-eval bench>/pope`) says nothing
+/// about the arm: its answers there are constant. None when they vary.
+fn degenerate(a: &ArmResult, bench: &str) -> Option<String> {
+    let (scores, kind) = match bench.split_once('/') {
+        Some((b, kind)) => (a.more_scores.get(b)?, kind),
+        None => (a.scores.as_ref()?, bench),
+    };
+    match kind {
+        "pope" => scores
+            .pope
+            .iter()
+            .find(|(_, m)| m.yes_ratio == 0.0 || m.yes_ratio == 1.0)
+            .map(|(split, m)| {
+                format!(
+                    "{} answers \"{}\" to every POPE {split} question",
+                    a.name,
+                    if m.yes_ratio == 1.0 { "yes" } else { "no" }
+                )
+            }),
+        "mme" => scores
+            .mme
+            .as_ref()
+            .filter(|m| {
+                !m.subtasks.is_empty()
+                    && m.subtasks
+                        .values()
+                        .all(|t| t.acc_plus == 0.0 && t.acc == 0.5)
+            })
+            .map(|_| {
+                format!(
+                    "{} gives both questions of every MME image the same answer",
+                    a.name
+                )
+            }),
+        _ => None,
+    }
+}
+
+/// A verdict on `bench` made inconclusive where one of `arms` answers it constantly; the
+/// evidence says which.
+fn unless_degenerate(
+    verdict: Verdict,
+    evidence: String,
+    arms: &[&ArmResult],
+    bench: &str,
+) -> (Verdict, String) {
+    match arms.iter().find_map(|a| degenerate(a, bench)) {
+        Some(why) => (
+            Verdict::Inconclusive,
+            format!("{evidence}; {why}: the benchmark does not measure it"),
+        ),
+        None => (verdict, evidence),
+    }
+}
+
+/// An ablation arm by its report name.
+fn ablation_arm<'a>(r: &'a CompareReport, name: &str) -> Option<&'a ArmResult> {
+    r.connector
+        .iter()
+        .chain(&r.data_type)
+        .find(|a| a.name == name)
+}
+
 /// Every run of a method: its methods row and its other seeds' rows.
 fn runs_of<'a>(r: &'a CompareReport, method: &str) -> Vec<&'a ArmResult> {
     r.methods
@@ -112,21 +179,31 @@ pub fn judge(r: &CompareReport) -> Vec<ClaimRow> {
             } else {
                 format!("seed {}", p.seed.unwrap_or_default())
             };
+            let arms: Vec<&ArmResult> = runs_of(r, "ln")
+                .into_iter()
+                .chain(runs_of(r, method))
+                .collect();
+            let (verdict, evidence) = unless_degenerate(
+                if strict {
+                    beats(ci)
+                } else {
+                    matches_or_beats(ci)
+                },
+                format!(
+                    "ln − {method} = {}",
+                    interval_text(d, ci, p.comparison.questions, &seeds)
+                ),
+                &arms,
+                &p.comparison.bench,
+            );
             rows.push(ClaimRow {
                 claim: format!(
                     "{}: ln {} {method}",
                     p.comparison.bench,
                     if strict { "beats" } else { "matches or beats" }
                 ),
-                evidence: format!(
-                    "ln − {method} = {}",
-                    interval_text(d, ci, p.comparison.questions, &seeds)
-                ),
-                verdict: if strict {
-                    beats(ci)
-                } else {
-                    matches_or_beats(ci)
-                },
+                evidence,
+                verdict,
             });
         }
     }
@@ -379,6 +456,63 @@ mod tests {
                 "ln's gradient variance (across micro-batches) is lower than full finetuning's"
             ),
             Verdict::Inconclusive
+        );
+    }
+
+    #[test]
+    fn a_benchmark_answered_with_a_constant_decides_nothing() {
+        let pope = |yes_ratio: f64| {
+            serde_json::json!({"random": {"tp": 1, "fp": 1, "tn": 0, "fn_": 0, "accuracy": 0.5,
+                "precision": 0.5, "recall": 1.0, "f1": 0.67, "yes_ratio": yes_ratio}})
+        };
+        let mme = |acc: f64, acc_plus: f64| {
+            serde_json::json!({"subtasks": {"color": {"acc": acc, "acc_plus": acc_plus,
+                "score": 100.0 * (acc + acc_plus), "other": 0}}, "perception": 50.0,
+                "cognition": 0.0, "perception_without_landmark_artwork": 50.0, "questions": 2})
+        };
+        let with_scores = |name: &str, yes_ratio: f64, acc: f64, acc_plus: f64| {
+            let mut a = arm(name, name, 10, 100.0);
+            a["scores"] = serde_json::json!({"pope": pope(yes_ratio), "mme": mme(acc, acc_plus)});
+            a
+        };
+        let row = |bench: &str| {
+            serde_json::json!({"method": "lora", "bench": bench, "questions": 200,
+                "reference": 50.0, "other": 40.0, "diff": -10.0, "ci95": [-14.0, -6.0]})
+        };
+        let judge_with = |lora_yes: f64, lora_acc_plus: f64| {
+            let report: CompareReport = serde_json::from_value(serde_json::json!({
+                "command": "", "machine": "", "wall_s": 1.0, "train_wall_s": 1.0,
+                "methods": [with_scores("ln", 0.5, 0.75, 0.5),
+                    with_scores("lora", lora_yes, 0.5, lora_acc_plus)],
+                "paired": [row("pope"), row("mme")]
+            }))
+            .unwrap();
+            judge(&report)
+        };
+        let find =
+            |claims: &[ClaimRow], c: &str| claims.iter().find(|r| r.claim == c).cloned().unwrap();
+        // lora says "yes" to everything and repeats itself on MME: nothing is decided
+        let claims = judge_with(1.0, 0.0);
+        let p = find(&claims, "pope: ln beats lora");
+        assert_eq!(p.verdict, Verdict::Inconclusive);
+        assert!(
+            p.evidence
+                .contains("lora answers \"yes\" to every POPE random question"),
+            "{}",
+            p.evidence
+        );
+        let m = find(&claims, "mme: ln beats lora");
+        assert_eq!(m.verdict, Verdict::Inconclusive);
+        assert!(m.evidence.contains("same answer"), "{}", m.evidence);
+        // answers that vary: the interval decides
+        let claims = judge_with(0.6, 0.25);
+        assert_eq!(
+            find(&claims, "pope: ln beats lora").verdict,
+            Verdict::Reproduced
+        );
+        assert_eq!(
+            find(&claims, "mme: ln beats lora").verdict,
+            Verdict::Reproduced
         );
     }
 }

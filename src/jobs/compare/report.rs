@@ -120,7 +120,7 @@ pub struct PairedRow {
 /// The claims table with the rules its verdicts follow.
 fn claims_section(claims: &[ClaimRow]) -> String {
     let mut md = format!(
-        "## The paper's claims\n\nRules: \"A beats B\" is reproduced when the 95% interval of A − B lies above 0 and not reproduced when it lies below 0; \"A matches or beats B\" is reproduced when the interval's lower end is above −{m} points, not reproduced when the interval lies below 0 and reaches past −{m}; a claim over seeds (memory, gradient variance) is reproduced when every seed's value is on the claimed side of every other seed's; anything else is inconclusive.\n\n| claim | evidence | verdict |\n|---|---|---|\n",
+        "## The paper's claims\n\nRules: \"A beats B\" is reproduced when the 95% interval of A − B lies above 0 and not reproduced when it lies below 0; \"A matches or beats B\" is reproduced when the interval's lower end is above −{m} points, not reproduced when the interval lies below 0 and reaches past −{m}; a claim over seeds (memory, gradient variance) is reproduced when every seed's value is on the claimed side of every other seed's; a claim on a benchmark an arm answers with a constant (every POPE answer \"yes\" in a split, the same answer to both MME questions of every image) is inconclusive whatever the interval; anything else is inconclusive.\n\n| claim | evidence | verdict |\n|---|---|---|\n",
         m = MATCH_MARGIN
     );
     for c in claims {
