@@ -244,12 +244,13 @@ pub fn judge(r: &CompareReport) -> Vec<ClaimRow> {
     // the ablations' rankings
     for p in &r.ablation_paired {
         let (d, ci) = reference_minus_method(p);
-        rows.push(ClaimRow {
-            claim: format!(
-                "{}: {} beats {}",
-                p.comparison.bench, p.reference_arm, p.method
-            ),
-            evidence: format!(
+        let arms: Vec<&ArmResult> = [&p.reference_arm, &p.method]
+            .into_iter()
+            .filter_map(|n| ablation_arm(r, n))
+            .collect();
+        let (verdict, evidence) = unless_degenerate(
+            beats(ci),
+            format!(
                 "{} − {} = {}",
                 p.reference_arm,
                 p.method,
@@ -260,7 +261,16 @@ pub fn judge(r: &CompareReport) -> Vec<ClaimRow> {
                     &format!("seed {}", p.seed.unwrap_or_default())
                 )
             ),
-            verdict: beats(ci),
+            &arms,
+            &p.comparison.bench,
+        );
+        rows.push(ClaimRow {
+            claim: format!(
+                "{}: {} beats {}",
+                p.comparison.bench, p.reference_arm, p.method
+            ),
+            evidence,
+            verdict,
         });
     }
     // layer similarity: ln's below full's, paired over the same samples
@@ -484,7 +494,12 @@ mod tests {
                 "command": "", "machine": "", "wall_s": 1.0, "train_wall_s": 1.0,
                 "methods": [with_scores("ln", 0.5, 0.75, 0.5),
                     with_scores("lora", lora_yes, 0.5, lora_acc_plus)],
-                "paired": [row("pope"), row("mme")]
+                "paired": [row("pope"), row("mme")],
+                "connector": [with_scores("ln only", 0.5, 0.75, 0.5),
+                    with_scores("connector only", lora_yes, 0.5, lora_acc_plus)],
+                "ablation_paired": [{"method": "connector only", "reference_arm": "ln only",
+                    "bench": "pope", "questions": 200, "reference": 50.0, "other": 40.0,
+                    "diff": -10.0, "ci95": [-14.0, -6.0]}]
             }))
             .unwrap();
             judge(&report)
@@ -503,6 +518,13 @@ mod tests {
         );
         let m = find(&claims, "mme: ln beats lora");
         assert_eq!(m.verdict, Verdict::Inconclusive);
+        let a = find(&claims, "pope: ln only beats connector only");
+        assert_eq!(a.verdict, Verdict::Inconclusive);
+        assert!(
+            a.evidence.contains("connector only answers"),
+            "{}",
+            a.evidence
+        );
         assert!(m.evidence.contains("same answer"), "{}", m.evidence);
         // answers that vary: the interval decides
         let claims = judge_with(0.6, 0.25);
