@@ -17,6 +17,7 @@
 //!   of 1/20), not reproduced when every A is above every B, else inconclusive.
 
 use super::report::{ArmResult, ClaimRow, CompareReport, MATCH_MARGIN, PairedRow, Verdict};
+use crate::analyze::gradvar::GradvarRun;
 
 /// The ablation pairs the paper ranks, the better one first: LN + connector > LN only >
 /// connector only; conversation data > detailed description, > complex reasoning.
@@ -306,21 +307,19 @@ pub fn judge(r: &CompareReport) -> Vec<ClaimRow> {
         }
     }
     // gradient variance of the projector gradient, every seed's run
-    let of = |prefix: &str, pick: &dyn Fn(&crate::analyze::gradvar::GradvarRun) -> Option<f64>| {
+    type Pick = fn(&GradvarRun) -> Option<f64>;
+    let of = |prefix: &str, pick: Pick| {
         r.gradvar
             .iter()
             .filter(|g| g.name == prefix || g.name.starts_with(&format!("{prefix}/")))
             .filter_map(pick)
             .collect::<Vec<f64>>()
     };
-    for (what, pick) in [
-        (
-            "across steps",
-            &(|g: &crate::analyze::gradvar::GradvarRun| g.mean_window_var)
-                as &dyn Fn(&crate::analyze::gradvar::GradvarRun) -> Option<f64>,
-        ),
-        ("across micro-batches", &|g| g.mean_microbatch_var),
-    ] {
+    let picks: [(&str, Pick); 2] = [
+        ("across steps", |g| g.mean_window_var),
+        ("across micro-batches", |g| g.mean_microbatch_var),
+    ];
+    for (what, pick) in picks {
         let (a, b) = (of("ln", pick), of("full", pick));
         if a.is_empty() || b.is_empty() {
             continue;
