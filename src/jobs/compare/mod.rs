@@ -73,11 +73,8 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
                 .with_context(|| format!("--methods {}", m.name()))?;
         }
     }
-    // every benchmark's files read before any arm runs
-    for b in std::iter::once(&cfg.eval.bench).chain(&cfg.also_eval) {
-        crate::eval::benchmarks::load_items(b, &cfg.eval.item_limit(), cfg.eval.seed)
-            .with_context(|| format!("the {} benchmark", b.bench.name()))?;
-    }
+    // every benchmark's files read before any arm runs (their items pair the arms' answers)
+    let benches = benchmark_items(cfg)?;
     let _lock = FolderLock::acquire(&cfg.out)?;
     let (train, val) = sweep_split(cfg)?;
     let mut sweep_arms = method_arms(cfg, &train, &val);
@@ -205,7 +202,6 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         }
     }
     bar.finish_and_clear();
-    let benches = benchmark_items(cfg)?;
     let paired = paired_against_ln(&runner, &benches, &seed_arms)?;
     // the ablation arms by their report names ("ln + connector" may be the ln method's arm)
     let mut named: Vec<(String, Arm)> = ablations
@@ -300,13 +296,15 @@ fn benchmark_items(cfg: &CompareConfig) -> Result<BenchItems> {
     let mut benches = vec![(
         String::new(),
         "eval".to_string(),
-        crate::eval::benchmarks::load_items(&cfg.eval.bench, &limit, cfg.eval.seed)?,
+        crate::eval::benchmarks::load_items(&cfg.eval.bench, &limit, cfg.eval.seed)
+            .with_context(|| format!("the {} benchmark", cfg.eval.bench.bench.name()))?,
     )];
     for b in &cfg.also_eval {
         benches.push((
             format!("{}/", b.bench.name()),
             format!("eval-{}", b.bench.name()),
-            crate::eval::benchmarks::load_items(b, &limit, cfg.eval.seed)?,
+            crate::eval::benchmarks::load_items(b, &limit, cfg.eval.seed)
+                .with_context(|| format!("the {} benchmark", b.bench.name()))?,
         ));
     }
     Ok(benches)
