@@ -114,6 +114,21 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
+/// Whether a CPU product asked for in `dtype` (under the current autocast) is computed in
+/// f32, as `matmul_in` computes it: f32 products, or bf16 ones on a CPU without a bf16
+/// kernel.
+pub fn cpu_products_f32(dtype: DType) -> bool {
+    let bf16 = dtype == DType::BF16 || (dtype == DType::F32 && AUTOCAST_BF16.with(|c| c.get()));
+    if !bf16 {
+        return dtype == DType::F32;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if bf16::kernel().is_some() {
+        return false;
+    }
+    true
+}
+
 /// How products asked for in `dtype` run on `device`: `f32`, `bf16 on AMX`, `bf16 on
 /// AVX-512 BF16`, or `f32 from bf16` (no bf16 kernel on this CPU), `bf16` elsewhere.
 pub fn products_name(dtype: DType, device: &candle_core::Device) -> &'static str {

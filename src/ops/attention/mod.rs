@@ -5,6 +5,8 @@
 //! are stacked along the query axis, (B, NH, T, HD) -> (B, NKV, G·T, HD), and multiplied
 //! against the group's single K/V.
 
+mod blocked;
+
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use crate::util::profile::{Kind, matmul_flops, span_flops};
@@ -20,6 +22,9 @@ pub struct AttentionCtx {
     pub k: Tensor,             // (B, NKV, S, HD)
     pub v: Tensor,             // (B, NKV, S, HD)
     pub probs: Option<Tensor>, // (B, NKV, G·T, S)
+    /// Set when the forward ran in blocks of query rows (`blocked`, CPU f32 under a causal
+    /// mask): the backward then skips the same keys.
+    key_extents: Option<blocked::KeyExtents>,
 }
 
 /// q (B, NH, T, HD), k/v (B, NKV, S, HD), mask (B, 1, T, S) additive f32 or None
@@ -34,19 +39,29 @@ pub fn attention_forward(
 ) -> Result<(Tensor, AttentionCtx)> {
     let (b, nh, t, hd) = q.dims4()?;
     let s = k.dim(2)?;
-    // q·kᵀ and p·v per head
-    let _span = span_flops(
-        Kind::Attention,
-        2 * (b * nh) as u64 * matmul_flops(t, hd, s),
-    );
     let nkv = k.dim(1)?;
     if nh % nkv != 0 {
         candle_core::bail!("attention: {nh} query heads are not a multiple of {nkv} KV heads");
     }
     let g = nh / nkv;
     let q = q.contiguous()?.reshape((b, nkv, g * t, hd))?;
-    let probs = attention_probs(&q, k, mask, g, scale, mm_dtype)?;
-    let out = super::matmul_in(&probs, v, mm_dtype)?; // (B, NKV, G·T, HD)
+    let key_extents = match mask {
+        Some(m) => blocked::extents(&q, k, m, g, mm_dtype)?,
+        None => None,
+    };
+    // q·kᵀ and p·v per head, over the keys each query row multiplies against
+    let row_keys = key_extents.as_ref().map_or(b * t * s, |e| e.row_keys());
+    let _span = span_flops(
+        Kind::Attention,
+        2 * nh as u64 * matmul_flops(1, hd, row_keys),
+    );
+    let (out, probs) = match (&key_extents, mask) {
+        (Some(ext), Some(m)) => blocked::forward(&q, k, v, m, ext, g, scale)?,
+        _ => {
+            let probs = attention_probs(&q, k, mask, g, scale, mm_dtype)?;
+            (super::matmul_in(&probs, v, mm_dtype)?, probs) // (B, NKV, G·T, HD)
+        }
+    };
     let out = out.reshape((b, nh, t, hd))?;
     Ok((
         out,
@@ -55,6 +70,7 @@ pub fn attention_forward(
             k: k.clone(),
             v: v.clone(),
             probs: Some(probs),
+            key_extents,
         },
     ))
 }
@@ -317,17 +333,28 @@ pub fn attention_backward(
     let (b, nh, t, hd) = dout.dims4()?;
     let s = ctx.k.dim(2)?;
     let recompute = if ctx.probs.is_none() { 1 } else { 0 };
+    let nkv = ctx.k.dim(1)?;
+    let g = nh / nkv;
     // dV, dP, dQ, dK per head (and q·kᵀ again when the probabilities were dropped)
+    let row_keys = ctx.key_extents.as_ref().map_or(b * t * s, |e| e.row_keys());
     let _span = span_flops(
         Kind::Attention,
-        (4 + recompute) * (b * nh) as u64 * matmul_flops(t, hd, s),
+        (4 + recompute) * nh as u64 * matmul_flops(1, hd, row_keys),
     );
-    let nkv = ctx.k.dim(1)?;
+    let dout = dout.contiguous()?.reshape((b, nkv, g * t, hd))?; // (B, NKV, G·T, HD)
+    if let Some(ext) = &ctx.key_extents {
+        let probs = match (&ctx.probs, mask) {
+            (Some(p), _) => p.clone(),
+            (None, Some(m)) => blocked::probs(&ctx.q, &ctx.k, m, ext, g, scale)?,
+            (None, None) => candle_core::bail!("attention backward: recompute needs the mask"),
+        };
+        let (dq, dk, dv) = blocked::backward(&dout, &ctx.q, &ctx.k, &ctx.v, &probs, ext, g, scale)?;
+        return Ok((dq.reshape((b, nh, t, hd))?, dk, dv));
+    }
     let probs = match &ctx.probs {
         Some(p) => p.clone(),
-        None => attention_probs(&ctx.q, &ctx.k, mask, nh / nkv, scale, mm_dtype)?,
+        None => attention_probs(&ctx.q, &ctx.k, mask, g, scale, mm_dtype)?,
     };
-    let dout = dout.contiguous()?.reshape((b, nkv, nh / nkv * t, hd))?; // (B, NKV, G·T, HD)
     let dv = super::matmul_in(&probs.t()?, &dout, mm_dtype)?; // (B, NKV, S, HD)
     let dp = super::matmul_in(&dout, &ctx.v.t()?, mm_dtype)?; // (B, NKV, G·T, S)
     let ds = softmax_backward(&dp, &probs)?;
@@ -475,6 +502,88 @@ mod tests {
         ctx.probs = None;
         let (dq2, _, _) = attention_backward(&r, &ctx, Some(&mask), 0.7, DType::F64).unwrap();
         assert_close("dq recomputed", &dq2, &dq, 1e-12);
+    }
+
+    #[test]
+    fn blocked_attention_equals_the_whole_matrices() {
+        // f32 blocks of query rows against the f64 composed path (checked against finite
+        // differences above): GQA, T not a multiple of the block, right and left padding
+        // (left-padded rows see no key: uniform over all keys), and a KV-cache offset
+        // (S > T); forward, backward, and the backward recomputing dropped probabilities
+        let cases: [(usize, usize, Vec<Vec<bool>>); 3] = [
+            (
+                75,
+                75,
+                vec![vec![true; 75], (0..75).map(|j| j < 60).collect()],
+            ),
+            (
+                70,
+                70,
+                vec![(0..70).map(|j| j >= 40).collect(), vec![true; 70]],
+            ),
+            (
+                64,
+                100,
+                vec![vec![true; 100], (0..100).map(|j| j >= 3).collect()],
+            ),
+        ];
+        for (t, s, valid) in cases {
+            let (b, hd, scale) = (2, 8, 0.35);
+            let (q, k, v) = (
+                randn(&[b, 6, t, hd], 1),
+                randn(&[b, 2, s, hd], 2),
+                randn(&[b, 2, s, hd], 3),
+            );
+            let r = randn(&[b, 6, t, hd], 4);
+            let mask = causal_padding_mask(&valid, t, &Device::Cpu).unwrap();
+            let f32s = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let (out, mut ctx) = attention_forward(
+                &f32s(&q),
+                &f32s(&k),
+                &f32s(&v),
+                Some(&mask),
+                scale,
+                DType::F32,
+            )
+            .unwrap();
+            assert!(
+                ctx.key_extents.is_some(),
+                "t {t} s {s}: blocked path not taken"
+            );
+            let mask64 = mask.to_dtype(DType::F64).unwrap();
+            let (want, want_ctx) =
+                attention_forward(&q, &k, &v, Some(&mask64), scale, DType::F64).unwrap();
+            assert!(want_ctx.key_extents.is_none());
+            let case = format!("t {t} s {s}");
+            assert_close(&format!("{case} out"), &out, &want, 1e-5);
+            let probs = ctx.probs.clone().unwrap();
+            assert_close(
+                &format!("{case} probs"),
+                &probs,
+                want_ctx.probs.as_ref().unwrap(),
+                1e-6,
+            );
+            let grads =
+                attention_backward(&f32s(&r), &ctx, Some(&mask), scale, DType::F32).unwrap();
+            let want = attention_backward(&r, &want_ctx, Some(&mask64), scale, DType::F64).unwrap();
+            for (name, a, w) in [
+                ("dq", &grads.0, &want.0),
+                ("dk", &grads.1, &want.1),
+                ("dv", &grads.2, &want.2),
+            ] {
+                assert_close(&format!("{case} {name}"), a, w, 1e-5);
+            }
+            ctx.probs = None;
+            let again =
+                attention_backward(&f32s(&r), &ctx, Some(&mask), scale, DType::F32).unwrap();
+            assert_close(&format!("{case} dq recomputed"), &again.0, &grads.0, 1e-6);
+        }
+        // a mask that blocks nothing gains nothing from blocks: the whole products run
+        let q = randn(&[1, 2, 64, 8], 5).to_dtype(DType::F32).unwrap();
+        let k = randn(&[1, 2, 64, 8], 6).to_dtype(DType::F32).unwrap();
+        let open = Tensor::zeros((1, 1, 64, 64), DType::F32, &Device::Cpu).unwrap();
+        let (_, ctx) = attention_forward(&q, &k, &k, Some(&open), 0.3, DType::F32).unwrap();
+        assert!(ctx.key_extents.is_none());
     }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
