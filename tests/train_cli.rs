@@ -477,6 +477,14 @@ fn bench_profile_splits_a_step_by_op_kind() {
         "{sum} vs {median}"
     );
     assert!(p["peak_gflops"].as_f64().unwrap() > 0.0);
+    // the products' floor is their GFLOP at the measured peak
+    let gflop: f64 = rows.iter().map(|x| x["gflop"].as_f64().unwrap()).sum();
+    let floor = p["products_floor_s"].as_f64().unwrap();
+    let want = gflop / p["peak_gflops"].as_f64().unwrap();
+    assert!(
+        (floor - want).abs() <= 1e-9 * want.max(1.0),
+        "{floor} vs {want}"
+    );
 }
 
 /// `tests/fixtures/tiny-llava-tokenizer` (what tools/device-check.sh adds to tiny-llava to

@@ -213,4 +213,10 @@ fn print_profile(r: &StepTiming, p: &StepProfile) {
         p.other_s,
         100.0 * p.other_s / step
     );
+    println!(
+        "  the step's {:.1} GFLOP of products at the measured peak: {:.3} s ({:.0}% of this step)",
+        p.rows.iter().map(|x| x.gflop).sum::<f64>(),
+        p.products_floor_s,
+        100.0 * p.products_floor_s / step
+    );
 }

@@ -155,6 +155,10 @@ pub struct StepProfile {
     pub other_s: f64,
     pub peak_gflops: f64,
     pub peak_dtype: String,
+    /// seconds the step's products (every row's GFLOP) would take at the measured peak: a
+    /// floor on the step of any implementation that computes the same products here
+    #[serde(default)]
+    pub products_floor_s: f64,
 }
 
 /// GFLOP/s of `n`×`n` by `n`×`n` products as a training step runs them in `dtype` (an
@@ -292,11 +296,14 @@ pub fn time_steps(cfg: &TimingConfig, threads: Option<usize>, dev: &Device) -> R
             .collect();
         let mean_step = times.iter().sum::<f64>() / n;
         let dtype = args.dtype.dtype();
+        let peak_gflops = matmul_peak_gflops(1024, dtype, dev)?;
+        let gflop: f64 = rows.iter().map(|r| r.gflop).sum();
         Some(StepProfile {
             other_s: mean_step - rows.iter().map(|r| r.seconds).sum::<f64>(),
             rows,
-            peak_gflops: matmul_peak_gflops(1024, dtype, dev)?,
+            peak_gflops,
             peak_dtype: crate::ops::products_name(dtype, dev).into(),
+            products_floor_s: gflop / peak_gflops,
         })
     } else {
         None
