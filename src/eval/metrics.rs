@@ -278,17 +278,30 @@ pub fn pope_parse(text: &str) -> bool {
     !t.split(' ').any(|w| w == "No" || w == "not" || w == "no")
 }
 
+/// Undefined ratios are NaN, which JSON writes as null: read back as NaN, so that the
+/// scores of a run answering "no" to everything load again.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PopeMetrics {
     pub tp: usize,
     pub fp: usize,
     pub tn: usize,
     pub fn_: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub accuracy: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub precision: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub recall: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub f1: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub yes_ratio: f64,
+}
+
+/// An f64 that may be null (a NaN written by serde_json).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Metrics of predictions against labels (`label == "no"` is negative, anything else
@@ -689,4 +702,25 @@ pub fn cider_d(refs: &[Vec<String>], hyps: &[String]) -> (f64, Vec<f64>) {
     }
     let m = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
     (m, scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pope_metrics_of_an_all_no_run_survive_json() {
+        // never "yes": precision 0/0 and f1 undefined, written as null, read back as NaN
+        let m = pope_metrics(&["yes", "no", "yes", "no"], &[false; 4]);
+        assert!(m.precision.is_nan() && m.f1.is_nan());
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"precision\":null"), "{text}");
+        let back: PopeMetrics = serde_json::from_str(&text).unwrap();
+        assert_eq!((back.tp, back.tn, back.fn_), (0, 2, 2));
+        assert_eq!(
+            (back.accuracy, back.recall, back.yes_ratio),
+            (0.5, 0.0, 0.0)
+        );
+        assert!(back.precision.is_nan() && back.f1.is_nan());
+    }
 }
