@@ -13,7 +13,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::MASKED_HALF;
+use super::rows::{self, MASKED_HALF};
 use crate::ops::cpu::{vectorised, with_f32_slices};
 
 /// Query rows per block: smaller blocks skip more keys (the skipped share tends to half as
@@ -274,12 +274,12 @@ fn probs_and_out(
 
 #[inline(always)]
 fn masked_row(x: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
-    super::masked_softmax_row(x, mask, scale, out)
+    rows::masked_softmax_row(x, mask, scale, out)
 }
 
 #[inline(always)]
 fn softmax_backward_row(dp: &[f32], p: &[f32], out: &mut [f32]) {
-    super::softmax_backward_row(dp, p, out)
+    rows::softmax_backward_row(dp, p, out)
 }
 
 /// The attention output (B, NKV, G·T, HD) and probabilities (B, NKV, G·T, S) of grouped
