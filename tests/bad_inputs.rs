@@ -202,6 +202,32 @@ fn numeric_flags_out_of_range_are_named() {
             vec!["--seq"],
         ),
         (
+            // 5e-4 and 5.25e-4: one folder label `lr-5e-4` for two arms
+            strings(&[
+                "compare",
+                "--model",
+                &model,
+                "--data",
+                &data,
+                "--images",
+                &images,
+                "--methods",
+                "ln",
+                "--lr",
+                "ln=5e-4",
+                "--lr-sweep",
+                "--sweep-factors",
+                "1,1.05",
+                "--bench",
+                "shapes",
+                "--eval-data",
+                &t.path("data").display().to_string(),
+                "--out",
+                &t.path("c").display().to_string(),
+            ]),
+            vec!["--sweep-factors", "lr-5e-4", "5.25e-4"],
+        ),
+        (
             strings(&[
                 "demo",
                 "--image-size",
@@ -237,6 +263,7 @@ fn numeric_flags_out_of_range_are_named() {
     }
     // nothing was trained: no run files were left behind by a refused run
     assert!(!t.path("run/config.json").exists());
+    assert!(!t.path("c/runs").exists());
 }
 
 /// A copy of the tiny model whose config.json has `edit` applied.

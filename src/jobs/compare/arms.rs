@@ -32,9 +32,23 @@ pub struct Arm {
 /// The arms of one method: one rate, or the sweep's grid around it.
 pub type MethodArms = Vec<Arm>;
 
-/// The label of a swept rate (`lr-1e-3`).
+/// The label of a swept rate (`lr-1e-3`): one digit, so 1.25e-4 is `lr-1e-4` (the rate
+/// itself is in the arm's `run.json` and the report's lr column, see [`lr_text`]).
 pub fn lr_label(lr: f64) -> String {
     format!("lr-{lr:.0e}")
+}
+
+/// A learning rate as the report prints it: up to four significant digits, no trailing
+/// zeros (`1.25e-4`, `8e-5`).
+pub fn lr_text(lr: f64) -> String {
+    let s = format!("{lr:.3e}");
+    match s.split_once('e') {
+        Some((mantissa, exp)) if mantissa.contains('.') => {
+            let m = mantissa.trim_end_matches('0').trim_end_matches('.');
+            format!("{m}e{exp}")
+        }
+        _ => s,
+    }
 }
 
 /// The learning rate of `m`: the one given for it, else its default.
@@ -244,6 +258,15 @@ mod tests {
     use clap::ValueEnum;
 
     use super::*;
+
+    #[test]
+    fn rates_print_exactly_and_label_to_one_digit() {
+        assert_eq!(lr_text(5e-4 * 0.25), "1.25e-4");
+        assert_eq!(lr_text(2e-4 * 4.0), "8e-4");
+        assert_eq!(lr_text(1e-3), "1e-3");
+        assert_eq!(lr_label(5e-4 * 0.25), "lr-1e-4");
+        assert_eq!(lr_label(2e-5 * 0.25), "lr-5e-6");
+    }
 
     #[test]
     fn frozen_embed_head_holds_in_every_arm_tied_or_not() {

@@ -158,9 +158,30 @@ fn runs_of<'a>(r: &'a CompareReport, method: &str) -> Vec<&'a ArmResult> {
         .collect()
 }
 
+/// A measured value with the digits it carries: whole MiB for memory, four decimals in
+/// between, scientific notation for the small values (gradient variances are ~1e-6,
+/// which four decimals would print as zero).
+fn value_text(x: f64) -> String {
+    let a = x.abs();
+    if a == 0.0 || !a.is_finite() {
+        format!("{x}")
+    } else if a >= 100.0 {
+        format!("{x:.0}")
+    } else if a >= 0.01 {
+        format!("{x:.4}")
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
 fn values_text(name: &str, v: &[f64], unit: &str) -> String {
-    let list: Vec<String> = v.iter().map(|x| format!("{x:.4}")).collect();
-    format!("{name} {} {unit}", list.join(" / "))
+    let list: Vec<String> = v.iter().map(|&x| value_text(x)).collect();
+    let list = list.join(" / ");
+    if unit.is_empty() {
+        format!("{name} {list}")
+    } else {
+        format!("{name} {list} {unit}")
+    }
 }
 
 /// Judges every claim the comparison has numbers for.
@@ -402,6 +423,20 @@ mod tests {
         let mean = per_sample.iter().sum::<f64>() / per_sample.len() as f64;
         serde_json::json!({"matrix": [], "all_pairs": mean, "adjacent": mean,
             "samples": per_sample.len(), "per_sample_all_pairs": per_sample})
+    }
+
+    #[test]
+    fn evidence_keeps_the_digits_of_small_and_large_values() {
+        // gradient variances are ~1e-6: fixed decimals would print them as zero
+        assert_eq!(
+            values_text("ln", &[2.86e-6, 2.62e-6], ""),
+            "ln 2.860e-6 / 2.620e-6"
+        );
+        assert_eq!(
+            values_text("ln", &[1589.1172, 1590.7617], "MiB"),
+            "ln 1589 / 1591 MiB"
+        );
+        assert_eq!(values_text("full", &[0.91234, 0.0], ""), "full 0.9123 / 0");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::analyze::gradvar::{GradvarRun, gradvar_markdown};
 use crate::analyze::similarity::SimilarityReport;
 use crate::eval::benchmarks::scores::Scores;
+use crate::jobs::compare::arms::lr_text;
 use crate::train::run::RunSummary;
 use crate::util::files::{write_atomically, write_json};
 use crate::util::plot::{Chart, Series, trailing_mean};
@@ -235,7 +236,7 @@ fn methods_table(rows: &[ArmResult], with_lr: bool) -> String {
     for r in rows {
         s.push_str(&format!("| {} |", r.name));
         if with_lr {
-            s.push_str(&format!(" {:.0e} |", r.lr));
+            s.push_str(&format!(" {} |", lr_text(r.lr)));
         }
         s.push_str(&format!(
             " {} | {:.3} |",
@@ -310,9 +311,9 @@ fn efficiency_table(rows: &[ArmResult]) -> String {
     for r in rows {
         let m = &r.summary;
         s.push_str(&format!(
-            "| {} | {:.0e} | {:.0} | {:.2} | {:.0} | {:.4} | {} | {:.0} |\n",
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.4} | {} | {:.0} |\n",
             r.name,
-            r.lr,
+            lr_text(r.lr),
             m.peak_rss_mib,
             m.median_step_s,
             m.median_tokens_per_s,
