@@ -80,6 +80,36 @@ fn arm_method(m: Method, freeze_embed_head: bool) -> MethodConfig {
     mc
 }
 
+/// The rates `m` trains at: its rate, or the sweep's grid around it.
+fn rates_of(cfg: &CompareConfig, m: Method) -> Vec<f64> {
+    let base = lr_of(cfg, m);
+    if cfg.lr_sweep {
+        cfg.sweep_factors.iter().map(|f| base * f).collect()
+    } else {
+        vec![base]
+    }
+}
+
+/// Refuses sweep factors that give two of a method's rates one folder label (labels keep
+/// one digit: 5e-4 and 5.25e-4 are both `lr-5e-4`).
+pub fn check_rate_labels(cfg: &CompareConfig) -> Result<()> {
+    for &m in &cfg.methods {
+        let rates = rates_of(cfg, m);
+        for (i, &a) in rates.iter().enumerate() {
+            if let Some(&b) = rates[..i].iter().find(|&&b| lr_label(b) == lr_label(a)) {
+                bail!(
+                    "--sweep-factors: {} and {} give {} the same rate label `{}`; use factors further apart",
+                    lr_text(b),
+                    lr_text(a),
+                    m.name(),
+                    lr_label(a)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Per method, its arms (one, or one per swept rate) on the training data (`train`, with
 /// `val` held out for the sweep).
 pub fn method_arms(
@@ -90,13 +120,8 @@ pub fn method_arms(
     cfg.methods
         .iter()
         .map(|&m| {
-            let base = lr_of(cfg, m);
-            let lrs: Vec<f64> = if cfg.lr_sweep {
-                cfg.sweep_factors.iter().map(|f| base * f).collect()
-            } else {
-                vec![base]
-            };
-            lrs.iter()
+            rates_of(cfg, m)
+                .iter()
                 .map(|&lr| Arm {
                     table: "methods",
                     name: if cfg.lr_sweep {

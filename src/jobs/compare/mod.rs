@@ -61,24 +61,7 @@ pub fn run_compare(cfg: &CompareConfig) -> Result<String> {
         for &f in &cfg.sweep_factors {
             checks::finite_positive("--sweep-factors", f)?;
         }
-        // a swept arm's folder is named by its rate to one digit: two rates with one
-        // label would train into the same folder
-        for &m in &cfg.methods {
-            let base = arms::lr_of(cfg, m);
-            let mut seen: Vec<(f64, String)> = Vec::new();
-            for &f in &cfg.sweep_factors {
-                let label = arms::lr_label(base * f);
-                if let Some((g, _)) = seen.iter().find(|(_, l)| *l == label) {
-                    bail!(
-                        "--sweep-factors: {g} and {f} give {} the same rate label `{label}` ({} and {}); use factors further apart",
-                        m.name(),
-                        arms::lr_text(base * g),
-                        arms::lr_text(base * f)
-                    );
-                }
-                seen.push((f, label));
-            }
-        }
+        arms::check_rate_labels(cfg)?;
     }
     cfg.eval.validate()?;
     // every method's trainable set on the model's configs, before any arm runs (a LoRA rank
